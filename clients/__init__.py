@@ -1,0 +1,1 @@
+"""Sidemesh clients (under construction)."""

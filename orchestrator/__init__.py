@@ -1,0 +1,1 @@
+"""The Sidemesh orchestrator (under construction)."""

@@ -1,0 +1,1 @@
+"""Sidemesh plugins_sdk (under construction)."""

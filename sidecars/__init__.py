@@ -1,0 +1,1 @@
+"""Sidemesh sidecars (under construction)."""
