@@ -101,7 +101,9 @@ class MeshServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAgents(self, request, context):
-        """Lists the agents of ready plugins, optionally filtered.
+        """Lists the agents the mesh knows, optionally filtered. A plugin's agents
+        are known once one of its replicas has started; while it has no ready
+        replica they stay listed, and calls to them return `UNAVAILABLE`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,8 +117,9 @@ class MeshServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTools(self, request, context):
-        """Lists the tools of ready plugins, optionally filtered. (The same list as
-        `ToolService.ListTools` on the orchestrator, with more filters.)
+        """Lists the tools the mesh knows, optionally filtered, on the same terms as
+        `ListAgents`. (The same list as `ToolService.ListTools` on the
+        orchestrator, with more filters.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

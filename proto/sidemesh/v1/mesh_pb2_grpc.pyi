@@ -44,12 +44,16 @@ class MeshServiceStub:
     GetPlugin: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.GetPluginRequest, _mesh_pb2.GetPluginResponse]
     """One plugin's status."""
     ListAgents: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.ListAgentsRequest, _mesh_pb2.ListAgentsResponse]
-    """Lists the agents of ready plugins, optionally filtered."""
+    """Lists the agents the mesh knows, optionally filtered. A plugin's agents
+    are known once one of its replicas has started; while it has no ready
+    replica they stay listed, and calls to them return `UNAVAILABLE`.
+    """
     GetAgent: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.GetAgentRequest, _mesh_pb2.GetAgentResponse]
     """One agent's descriptor, by qualified or unique short name."""
     ListTools: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.MeshServiceListToolsRequest, _mesh_pb2.MeshServiceListToolsResponse]
-    """Lists the tools of ready plugins, optionally filtered. (The same list as
-    `ToolService.ListTools` on the orchestrator, with more filters.)
+    """Lists the tools the mesh knows, optionally filtered, on the same terms as
+    `ListAgents`. (The same list as `ToolService.ListTools` on the
+    orchestrator, with more filters.)
     """
     GetTool: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.GetToolRequest, _mesh_pb2.GetToolResponse]
     """One tool's descriptor, by qualified or unique short name."""
@@ -76,12 +80,16 @@ class MeshServiceAsyncStub(MeshServiceStub):
     GetPlugin: _aio.UnaryUnaryMultiCallable[_mesh_pb2.GetPluginRequest, _mesh_pb2.GetPluginResponse]  # type: ignore[assignment]
     """One plugin's status."""
     ListAgents: _aio.UnaryUnaryMultiCallable[_mesh_pb2.ListAgentsRequest, _mesh_pb2.ListAgentsResponse]  # type: ignore[assignment]
-    """Lists the agents of ready plugins, optionally filtered."""
+    """Lists the agents the mesh knows, optionally filtered. A plugin's agents
+    are known once one of its replicas has started; while it has no ready
+    replica they stay listed, and calls to them return `UNAVAILABLE`.
+    """
     GetAgent: _aio.UnaryUnaryMultiCallable[_mesh_pb2.GetAgentRequest, _mesh_pb2.GetAgentResponse]  # type: ignore[assignment]
     """One agent's descriptor, by qualified or unique short name."""
     ListTools: _aio.UnaryUnaryMultiCallable[_mesh_pb2.MeshServiceListToolsRequest, _mesh_pb2.MeshServiceListToolsResponse]  # type: ignore[assignment]
-    """Lists the tools of ready plugins, optionally filtered. (The same list as
-    `ToolService.ListTools` on the orchestrator, with more filters.)
+    """Lists the tools the mesh knows, optionally filtered, on the same terms as
+    `ListAgents`. (The same list as `ToolService.ListTools` on the
+    orchestrator, with more filters.)
     """
     GetTool: _aio.UnaryUnaryMultiCallable[_mesh_pb2.GetToolRequest, _mesh_pb2.GetToolResponse]  # type: ignore[assignment]
     """One tool's descriptor, by qualified or unique short name."""
@@ -123,7 +131,10 @@ class MeshServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _mesh_pb2.ListAgentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mesh_pb2.ListAgentsResponse, _abc.Awaitable[_mesh_pb2.ListAgentsResponse]]:
-        """Lists the agents of ready plugins, optionally filtered."""
+        """Lists the agents the mesh knows, optionally filtered. A plugin's agents
+        are known once one of its replicas has started; while it has no ready
+        replica they stay listed, and calls to them return `UNAVAILABLE`.
+        """
 
     @_abc_1.abstractmethod
     def GetAgent(
@@ -139,8 +150,9 @@ class MeshServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _mesh_pb2.MeshServiceListToolsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mesh_pb2.MeshServiceListToolsResponse, _abc.Awaitable[_mesh_pb2.MeshServiceListToolsResponse]]:
-        """Lists the tools of ready plugins, optionally filtered. (The same list as
-        `ToolService.ListTools` on the orchestrator, with more filters.)
+        """Lists the tools the mesh knows, optionally filtered, on the same terms as
+        `ListAgents`. (The same list as `ToolService.ListTools` on the
+        orchestrator, with more filters.)
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,155 @@
+"""The orchestrator's configuration, ``sidemesh.yaml``. Every field has a working default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from clients import DEFAULT_TCP_ADDRESS, normalize_address
+from orchestrator._yaml_models import load_yaml_model, validate_model
+
+#: The example plugins that ship with Sidemesh (used when no plugin_dirs are configured).
+BUNDLED_PLUGINS_DIR = Path(__file__).resolve().parent.parent / "examples" / "plugins"
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/sidemesh``, else ``~/.local/state/sidemesh``."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "sidemesh"
+
+
+def default_runtime_dir() -> Path:
+    """A short path for Unix sockets: ``$XDG_RUNTIME_DIR/sidemesh``, else ``/tmp/sidemesh-UID``."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(base) / "sidemesh" if base else Path(f"/tmp/sidemesh-{os.getuid()}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PluginOverride(_Strict):
+    """The operator's settings for one plugin, under ``plugins.<name>``."""
+
+    enabled: bool = Field(True, description="false keeps the plugin from starting")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="values for the plugin's config schema"
+    )
+    replicas: int | None = Field(None, ge=1, le=64, description="replica count, 1 to 64")
+    routing: Literal["round_robin", "least_loaded"] | None = Field(
+        None, description="round_robin or least_loaded"
+    )
+    startup_timeout: float | None = Field(
+        None, gt=0, le=600, description="seconds a replica has to become ready"
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="values for environment variables the manifest declares in sandbox.env",
+    )
+
+
+class Limits(_Strict):
+    """Limits that protect the mesh from its clients and plugins."""
+
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest gRPC message in bytes, e.g. 16777216"
+    )
+    max_concurrent_calls: int = Field(
+        10_000, ge=1, description="calls in flight at once before RESOURCE_EXHAUSTED"
+    )
+
+
+class SupervisorSettings(_Strict):
+    """How the orchestrator watches over and restarts sidecars."""
+
+    health_interval: float = Field(5.0, gt=0, description="seconds between health checks")
+    health_timeout: float = Field(2.0, gt=0, description="seconds a health check may take")
+    health_failures: int = Field(
+        3, ge=1, description="failed checks in a row before a replica is replaced"
+    )
+    backoff_initial: float = Field(0.5, gt=0, description="first restart delay in seconds")
+    backoff_max: float = Field(30.0, gt=0, description="longest restart delay in seconds")
+    crash_loop_after: int = Field(
+        3, ge=1, description="quick crashes in a row that make a crash loop"
+    )
+    min_uptime: float = Field(
+        10.0, gt=0, description="seconds a replica must live for a crash not to count as quick"
+    )
+    shutdown_grace: float = Field(
+        10.0, ge=0, description="seconds calls in flight get to finish on shutdown"
+    )
+
+
+class MeshConfig(_Strict):
+    """``sidemesh.yaml``. Relative paths are relative to the file's directory."""
+
+    listen: list[str] | None = Field(
+        None,
+        description="addresses to serve on: host:port and/or unix:/path "
+        f"(default: unix:<runtime_dir>/sidemesh.sock and {DEFAULT_TCP_ADDRESS})",
+    )
+    plugin_dirs: list[Path] = Field(
+        default_factory=lambda: [BUNDLED_PLUGINS_DIR],
+        description="directories holding plugin directories (each with a plugin.yaml)",
+    )
+    entry_points: bool = Field(
+        True, description="also load plugins registered under the 'sidemesh.plugins' entry point"
+    )
+    plugins: dict[str, PluginOverride] = Field(
+        default_factory=dict, description="per-plugin settings, keyed by plugin name"
+    )
+    limits: Limits = Field(default_factory=Limits, description="message size and call limits")
+    supervisor: SupervisorSettings = Field(
+        default_factory=SupervisorSettings, description="health checks, restarts, shutdown"
+    )
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        description="where the mesh keeps its state (endpoints, traces)",
+    )
+    runtime_dir: Path = Field(
+        default_factory=default_runtime_dir,
+        description="short path for the mesh's Unix sockets, e.g. /run/sidemesh",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _addresses(cls, addresses: list[str] | None) -> list[str] | None:
+        if addresses is None:
+            return None
+        if not addresses:
+            raise ValueError("give at least one address, e.g. ['127.0.0.1:50051']")
+        return [normalize_address(a) for a in addresses]
+
+    @field_validator("plugin_dirs", "state_dir", "runtime_dir")
+    @classmethod
+    def _relative_to_file(cls, value: Any, info: ValidationInfo) -> Any:
+        base = (info.context or {}).get("base_dir")
+        if base is None:
+            return value
+        if isinstance(value, list):
+            return [Path(base, p).resolve() for p in value]
+        return Path(base, value).resolve()
+
+    def listen_addresses(self) -> list[str]:
+        """The configured addresses, or the defaults."""
+        if self.listen is not None:
+            return list(self.listen)
+        return [f"unix:{self.runtime_dir / 'sidemesh.sock'}", DEFAULT_TCP_ADDRESS]
+
+    def override(self, plugin: str) -> PluginOverride:
+        """The operator's settings for ``plugin`` (defaults when it has none)."""
+        return self.plugins.get(plugin) or PluginOverride()
+
+
+def load_config(path: Path | None) -> MeshConfig:
+    """Loads ``path``, or the defaults when ``path`` is None; raises ``ConfigError``."""
+    if path is None:
+        return validate_model({}, MeshConfig, "<defaults>", "Sidemesh config")
+    path = path.resolve()
+    return load_yaml_model(path, MeshConfig, "Sidemesh config", context={"base_dir": path.parent})

@@ -1,0 +1,33 @@
+"""Log format of the orchestrator: one line per record, tagged with who said it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+class _Formatter(logging.Formatter):
+    """``12:00:00.123 INFO  tools-demo[0]: message``; sidecar lines carry their plugin tag."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        name = record.name
+        if name.startswith("plugin."):
+            record.tag = name[len("plugin.") :]
+        elif name.startswith("sidemesh."):
+            record.tag = name[len("sidemesh.") :]
+        else:
+            record.tag = name
+        return super().format(record)
+
+
+def configure_logging(level: str) -> None:
+    """Sends every log record to stderr in the orchestrator's format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _Formatter("%(asctime)s.%(msecs)03d %(levelname)-5s %(tag)s: %(message)s", "%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Sidecar output is logged at the sidecar's own level; keep it at INFO and up by default.
+    logging.getLogger("plugin").setLevel(min(logging.INFO, logging.getLevelName(level)))

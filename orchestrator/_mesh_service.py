@@ -1,0 +1,102 @@
+"""MeshService: what the mesh offers and what happens in it, for clients and operators."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import grpc
+
+from clients import NotFoundError, SidemeshError
+from orchestrator._catalog import Catalog
+from orchestrator._events import EventBus
+from orchestrator._plugin import PluginRuntime
+from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class MeshService(mesh_pb2_grpc.MeshServiceServicer):
+    """Answers from the orchestrator's own state; never calls a sidecar."""
+
+    def __init__(
+        self, catalog: Catalog, plugins: Mapping[str, PluginRuntime], events: EventBus
+    ) -> None:
+        self._catalog = catalog
+        self._plugins = plugins
+        self._events = events
+
+    def plugin_status(self, plugin: PluginRuntime) -> mesh_pb2.PluginStatus:
+        """The status of one plugin."""
+        agents, tools = self._catalog.names_of(plugin.name)
+        return plugin.status(agents, tools)
+
+    async def ListPlugins(
+        self, request: mesh_pb2.ListPluginsRequest, context: Context
+    ) -> mesh_pb2.ListPluginsResponse:
+        """Every plugin, by name."""
+        plugins = [self.plugin_status(self._plugins[n]) for n in sorted(self._plugins)]
+        return mesh_pb2.ListPluginsResponse(plugins=plugins)
+
+    async def GetPlugin(
+        self, request: mesh_pb2.GetPluginRequest, context: Context
+    ) -> mesh_pb2.GetPluginResponse:
+        """One plugin; ``NOT_FOUND`` naming the closest names."""
+        plugin = self._plugins.get(request.name)
+        if plugin is None:
+            close = difflib.get_close_matches(request.name, list(self._plugins), n=3, cutoff=0.4)
+            hint = (
+                f"did you mean {', '.join(map(repr, close))}?"
+                if close
+                else (f"known plugins: {', '.join(sorted(self._plugins)) or 'none'}")
+            )
+            await NotFoundError(
+                f"no plugin named {request.name!r}; {hint}", reason="TARGET_NOT_FOUND"
+            ).abort(context)
+        return mesh_pb2.GetPluginResponse(plugin=self.plugin_status(plugin))
+
+    async def ListAgents(
+        self, request: mesh_pb2.ListAgentsRequest, context: Context
+    ) -> mesh_pb2.ListAgentsResponse:
+        """Agents, filtered by plugin and capability."""
+        return mesh_pb2.ListAgentsResponse(
+            agents=self._catalog.agents(request.plugin, request.capability)
+        )
+
+    async def GetAgent(
+        self, request: mesh_pb2.GetAgentRequest, context: Context
+    ) -> mesh_pb2.GetAgentResponse:
+        """One agent by qualified or unique short name."""
+        try:
+            entry = self._catalog.agent(request.name)
+        except SidemeshError as err:
+            await err.abort(context)
+        return mesh_pb2.GetAgentResponse(agent=entry.descriptor)
+
+    async def ListTools(
+        self, request: mesh_pb2.MeshServiceListToolsRequest, context: Context
+    ) -> mesh_pb2.MeshServiceListToolsResponse:
+        """Tools, filtered by plugin and a text query."""
+        return mesh_pb2.MeshServiceListToolsResponse(
+            tools=self._catalog.tools(request.plugin, request.query)
+        )
+
+    async def GetTool(
+        self, request: mesh_pb2.GetToolRequest, context: Context
+    ) -> mesh_pb2.GetToolResponse:
+        """One tool by qualified or unique short name."""
+        try:
+            entry = self._catalog.tool(request.name)
+        except SidemeshError as err:
+            await err.abort(context)
+        return mesh_pb2.GetToolResponse(tool=entry.descriptor)
+
+    async def WatchEvents(
+        self, request: mesh_pb2.WatchEventsRequest, context: Context
+    ) -> AsyncIterator[mesh_pb2.WatchEventsResponse]:
+        """The event stream, until the client leaves or the orchestrator stops."""
+        async for event in self._events.subscribe(
+            plugin=request.plugin, lifecycle_only=request.lifecycle_only, replay=request.replay
+        ):
+            yield event

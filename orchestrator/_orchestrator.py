@@ -1,0 +1,265 @@
+"""The orchestrator: discovers plugins, supervises their sidecars, serves and routes the mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orchestrator._catalog import Catalog
+from orchestrator._config import MeshConfig
+from orchestrator._discovery import DiscoveredPlugin, discover
+from orchestrator._events import EventBus
+from orchestrator._launch import (
+    Launcher,
+    PluginPaths,
+    ProcessLauncher,
+    ensure_private_dir,
+    undeclared_env,
+)
+from orchestrator._mesh_service import MeshService
+from orchestrator._plugin import PluginRuntime
+from orchestrator._router import AGENT_SERVICE, MCP_SERVICE, TOOL_SERVICE, Admission, Router
+from orchestrator._supervisor import Supervisor
+from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+log = logging.getLogger("sidemesh.orchestrator")
+
+MESH_SERVICE = "sidemesh.v1.MeshService"
+ENDPOINTS_FILE = "endpoints.json"
+
+
+class Orchestrator:
+    """One mesh on one machine. ``await start()``, then ``await stop()``."""
+
+    def __init__(self, config: MeshConfig, *, launcher: Launcher | None = None) -> None:
+        self.config = config
+        self.catalog = Catalog()
+        self.events = EventBus()
+        self.plugins: dict[str, PluginRuntime] = {}
+        self._launcher = launcher or ProcessLauncher()
+        self.supervisor = Supervisor(
+            config.supervisor, self.catalog, self.events, self._launcher, config.log_level
+        )
+        self._admission = Admission(config.limits.max_concurrent_calls)
+        self._server: grpc.aio.Server | None = None
+        self._callback_servers: list[grpc.aio.Server] = []
+        self._health = health.aio.HealthServicer()
+        self._run_dir: Path | None = None
+        #: The addresses actually bound (TCP port 0 replaced by the real port).
+        self.addresses: list[str] = []
+
+    # -- start ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Binds the listeners, then starts every plugin (without waiting for them)."""
+        config = self.config
+        ensure_private_dir(config.state_dir)
+        self._run_dir = _make_run_dir(config.runtime_dir)
+        for found in discover(config):
+            self._add_plugin(found)
+        for name in sorted(set(config.plugins) - set(self.plugins)):
+            log.warning(
+                "the config has settings for plugin %r, but no plugin of that name was found "
+                "in plugin_dirs %s",
+                name,
+                [str(d) for d in config.plugin_dirs],
+            )
+        self._server = self._new_server(caller=None)
+        for address in config.listen_addresses():
+            self.addresses.append(_bind(self._server, address))
+        await self._server.start()
+        for plugin in self.plugins.values():
+            if plugin.paths is not None:
+                server = self._new_server(caller=plugin)
+                _bind(server, f"unix:{plugin.paths.mesh_socket}")
+                await server.start()
+                self._callback_servers.append(server)
+                self.supervisor.start(plugin)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._write_endpoints()
+        log.info("serving on %s", ", ".join(self.addresses))
+
+    def _add_plugin(self, found: DiscoveredPlugin) -> None:
+        manifest = found.manifest
+        name = found.name
+        override = self.config.override(name)
+        paths = None
+        if manifest is not None and override.enabled:
+            assert self._run_dir is not None
+            index = len(self.plugins)
+            paths = PluginPaths(
+                ensure_private_dir(self._run_dir / f"p{index}"),
+                ensure_private_dir(self.config.state_dir / "data" / name),
+            )
+        plugin = PluginRuntime(name, manifest, override, self.config, paths, str(found.directory))
+        if found.error is not None:
+            plugin.error = str(found.error)
+            log.error("plugin in %s cannot be loaded:\n%s", found.directory, found.error)
+        elif manifest is not None and override.enabled:
+            try:
+                plugin.config = plugin.effective_config()
+            except ValueError as exc:
+                plugin.error = str(exc)
+                plugin.paths = None  # not started
+                plugin.replicas = []
+                log.error("plugin %s: %s", name, exc)
+            missing, extra = undeclared_env(manifest, override)
+            if missing:
+                log.warning(
+                    "plugin %s declares env %s but the config gives no value", name, missing
+                )
+            if extra:
+                log.warning(
+                    "plugin %s: plugins.%s.env sets %s, which its manifest does not declare in "
+                    "sandbox.env; they are not passed on",
+                    name,
+                    name,
+                    extra,
+                )
+        self.plugins[name] = plugin
+        self.supervisor.add(plugin)
+
+    def _new_server(self, caller: PluginRuntime | None) -> grpc.aio.Server:
+        limit = self.config.limits.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                # Refuse a port another process holds, rather than silently sharing it.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        Router(self.catalog, self.plugins, self.events, self._admission, caller=caller).register(
+            server
+        )
+        mesh_pb2_grpc.add_MeshServiceServicer_to_server(
+            MeshService(self.catalog, self.plugins, self.events), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        if caller is None:
+            reflection.enable_server_reflection(
+                (
+                    AGENT_SERVICE,
+                    TOOL_SERVICE,
+                    MCP_SERVICE,
+                    MESH_SERVICE,
+                    health.SERVICE_NAME,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
+            )
+        return server
+
+    def _write_endpoints(self) -> None:
+        path = self.config.state_dir / ENDPOINTS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "addresses": self.addresses}))
+        tmp.replace(path)
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Waits for the plugins to leave STARTING; True when every enabled one is READY."""
+        return await self.supervisor.wait_ready(timeout)
+
+    def plugin_states(self) -> dict[str, str]:
+        """Plugin name -> state name, for logs and the demo."""
+        return {
+            n: mesh_pb2.PluginState.Name(p.state).removeprefix("PLUGIN_STATE_")  # type: ignore[arg-type]
+            for n, p in self.plugins.items()
+        }
+
+    # -- stop ----------------------------------------------------------------
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops accepting calls, lets calls in flight finish within ``grace``, stops sidecars."""
+        grace = self.config.supervisor.shutdown_grace if grace is None else grace
+        log.info("shutting down: draining calls in flight (grace %.1fs)", grace)
+        await self._health.enter_graceful_shutdown()
+        self.events.close()  # event streams never end by themselves: end them now
+        if self._server is not None:
+            await self._server.stop(grace)
+        # Callbacks made by calls that are still finishing were served until now.
+        await asyncio.gather(*(s.stop(1.0) for s in self._callback_servers))
+        await self.supervisor.stop(grace)
+        with contextlib.suppress(FileNotFoundError):
+            (self.config.state_dir / ENDPOINTS_FILE).unlink()
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+        for address in self.addresses:
+            if address.startswith("unix:"):
+                _remove(Path(address[len("unix:") :]))
+        log.info("stopped")
+
+
+def _bind(server: grpc.aio.Server, address: str) -> str:
+    """Binds ``address``; returns it with the real port. Raises ``OSError`` with the fix."""
+    if address.startswith("unix:"):
+        path = Path(address[len("unix:") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            if _someone_listens(path):
+                raise OSError(f"another process is already serving on {address}")
+            path.unlink()  # a stale socket from a mesh that died
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}; is another mesh running?") from None
+    if not address.startswith("unix:"):
+        host = address.rpartition(":")[0]
+        address = f"{host}:{port}"
+    return address
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _someone_listens(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+def _make_run_dir(runtime_dir: Path) -> Path:
+    """A fresh directory for this mesh's sockets; removes those of meshes that died."""
+    ensure_private_dir(runtime_dir)
+    for old in runtime_dir.glob("m*"):
+        pid = old.name[1:]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    run_dir = runtime_dir / f"m{os.getpid()}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return ensure_private_dir(run_dir)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def endpoints(state_dir: Path) -> dict[str, Any] | None:
+    """What a running mesh wrote to ``state_dir``: its pid and addresses."""
+    try:
+        data: dict[str, Any] = json.loads((state_dir / ENDPOINTS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if _alive(int(data.get("pid", 0))) else None

@@ -1,0 +1,200 @@
+"""A plugin as the orchestrator manages it: manifest, settings, replicas, overall state."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import jsonschema
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from clients import UnavailableError
+from orchestrator._config import MeshConfig, PluginOverride
+from orchestrator._launch import PluginPaths
+from orchestrator._manifest import PluginManifest
+from orchestrator._process import describe_exit
+from orchestrator._replica import Replica
+from sidemesh.v1 import mesh_pb2
+
+S = mesh_pb2
+
+
+class PluginRuntime:
+    """Everything the orchestrator knows about one plugin while the mesh runs."""
+
+    def __init__(
+        self,
+        name: str,
+        manifest: PluginManifest | None,
+        override: PluginOverride,
+        config: MeshConfig,
+        paths: PluginPaths | None,
+        directory: str,
+    ) -> None:
+        self.name = name
+        self.manifest = manifest
+        self.override = override
+        self.paths = paths
+        self.directory = directory
+        self.state: int = S.PLUGIN_STATE_STARTING
+        self.error = ""
+        self.crash_loop = False
+        self.stopping = False
+        self.routing = override.routing or (manifest.routing if manifest else "round_robin")
+        count = override.replicas or (manifest.replicas if manifest else 1)
+        self.replicas = [
+            Replica(name, i, config.limits.max_message_bytes)
+            for i in range(count if manifest else 0)
+        ]
+        self.startup_timeout = override.startup_timeout or (
+            manifest.startup_timeout if manifest else 30.0
+        )
+        #: Replicas that take calls, kept current by :meth:`refresh_ready`.
+        self.ready: list[Replica] = []
+        self._rr = itertools.count()
+        self.config: dict[str, Any] = {}
+        self.sandbox_layers: list[mesh_pb2.SandboxLayer] = []
+
+    # -- configuration -------------------------------------------------------
+
+    def effective_config(self) -> dict[str, Any]:
+        """Schema defaults overlaid with the operator's values; raises ``ValueError`` if invalid."""
+        assert self.manifest is not None
+        config = {**self.manifest.default_config(), **self.override.config}
+        schema = self.manifest.config_schema
+        if schema is not None:
+            errors = list(jsonschema.Draft202012Validator(schema).iter_errors(config))
+            if errors:
+                where = [
+                    "plugins."
+                    + ".".join([self.name, "config", *map(str, e.absolute_path)])
+                    + f": {e.message}"
+                    for e in errors[:5]
+                ]
+                raise ValueError(
+                    "the config does not match the plugin's config_schema: "
+                    + "; ".join(where)
+                    + " (fix the values under plugins."
+                    + f"{self.name}.config in the Sidemesh config)"
+                )
+        return config
+
+    # -- routing -------------------------------------------------------------
+
+    def refresh_ready(self) -> None:
+        """Recomputes the list of replicas that take calls."""
+        self.ready = [r for r in self.replicas if r.state == S.REPLICA_STATE_READY]
+
+    def pick(self) -> Replica:
+        """The replica for the next call; ``UNAVAILABLE`` when none is ready."""
+        ready = self.ready
+        if not ready:
+            raise self.unavailable()
+        if len(ready) == 1:
+            return ready[0]
+        if self.routing == "least_loaded":
+            return min(ready, key=lambda r: r.in_flight)
+        return ready[next(self._rr) % len(ready)]
+
+    def unavailable(self) -> UnavailableError:
+        """The error for a call when no replica is ready, saying why."""
+        state = S.PluginState.Name(self.state).removeprefix("PLUGIN_STATE_")  # type: ignore[arg-type]
+        why = f" (last error: {self.error.splitlines()[0]})" if self.error else ""
+        return UnavailableError(
+            f"plugin {self.name!r} has no ready replica: it is {state}{why}",
+            reason="NO_READY_REPLICA",
+            metadata={"plugin": self.name, "state": state},
+            retry_delay=1.0,
+        )
+
+    # -- state ---------------------------------------------------------------
+
+    def compute_state(self) -> int:
+        """The overall state that follows from the replicas' states."""
+        if self.manifest is None:
+            return S.PLUGIN_STATE_FAILED
+        if not self.override.enabled:
+            return S.PLUGIN_STATE_DISABLED
+        states = [r.state for r in self.replicas]
+        if self.stopping:
+            done = all(s in (S.REPLICA_STATE_STOPPED, S.REPLICA_STATE_FAILED) for s in states)
+            return S.PLUGIN_STATE_STOPPED if done else S.PLUGIN_STATE_STOPPING
+        ready = states.count(S.REPLICA_STATE_READY)
+        if ready == len(states):
+            return S.PLUGIN_STATE_READY
+        if ready:
+            return S.PLUGIN_STATE_DEGRADED
+        if self.crash_loop:
+            return S.PLUGIN_STATE_CRASH_LOOP
+        if S.REPLICA_STATE_FAILED in states:
+            return S.PLUGIN_STATE_FAILED
+        return S.PLUGIN_STATE_STARTING
+
+    def status(self, agents: list[str], tools: list[str]) -> mesh_pb2.PluginStatus:
+        """The plugin's status as ``MeshService`` reports it."""
+        manifest = self.manifest
+        status = mesh_pb2.PluginStatus(
+            name=self.name,
+            version=manifest.version if manifest else "",
+            description=manifest.description if manifest else "",
+            state=self.state,  # type: ignore[arg-type]
+            error=self.error,
+            restarts=sum(r.restarts for r in self.replicas),
+            agents=agents,
+            tools=tools,
+            mcp=bool(manifest and manifest.provides.mcp),
+            directory=self.directory,
+            sandbox=self.sandbox_layers,
+            routing=self.routing,
+        )
+        for r in self.replicas:
+            replica = status.replicas.add(
+                index=r.index,
+                state=r.state,
+                pid=r.pid,
+                restarts=r.restarts,
+                in_flight=r.in_flight,
+                last_exit=r.last_exit,
+                rss_bytes=_rss_bytes(r.pid),
+            )
+            if r.pid:
+                replica.started_at.CopyFrom(_timestamp(r.started_at))
+            if r.state == S.REPLICA_STATE_READY:
+                replica.startup_duration.CopyFrom(_duration(r.startup_duration))
+        return status
+
+
+def exit_reason(returncode: int | None) -> str:
+    """Why a sidecar's process ended, in words."""
+    return describe_exit(returncode)
+
+
+def _rss_bytes(pid: int) -> int:
+    if not pid:
+        return 0
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _timestamp(t: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def now() -> float:
+    """Monotonic seconds."""
+    return time.monotonic()

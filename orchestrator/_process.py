@@ -1,0 +1,153 @@
+"""A sidecar's operating-system process: spawn, log forwarding, exit, and no orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+log = logging.getLogger("sidemesh.process")
+
+_STDERR_TAIL_LINES = 30
+_LEVELS = {
+    name: getattr(logging, name) for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+}
+_MAX_LINE = 8192
+
+#: Prefix that makes the kernel SIGKILL the child when the orchestrator dies,
+#: however it dies (PR_SET_PDEATHSIG, via util-linux's setpriv).
+_SETPRIV = shutil.which("setpriv")
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``exit code 1``, ``killed by SIGKILL``, or ``running``."""
+    if returncode is None:
+        return "running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exit code {returncode}"
+
+
+class SidecarProcess:
+    """One running sidecar. Its stdout/stderr lines go to the log, tagged with its name."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, tag: str) -> None:
+        self._proc = proc
+        self.tag = tag
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        self._logger = logging.getLogger(f"plugin.{tag}")
+        self._pumps = [
+            asyncio.create_task(self._pump(proc.stdout, logging.INFO, keep=False)),
+            asyncio.create_task(self._pump(proc.stderr, logging.INFO, keep=True)),
+        ]
+        self._exited = asyncio.create_task(self._wait())
+
+    @classmethod
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: Path,
+        tag: str,
+        die_with_parent: bool = True,
+    ) -> SidecarProcess:
+        """Starts ``argv`` in its own session, with exactly ``env`` as its environment.
+
+        With ``die_with_parent`` the process is killed by the kernel if the
+        orchestrator dies (a launcher that does this itself, such as bubblewrap's
+        ``--die-with-parent``, passes False).
+        """
+        command = list(argv)
+        if die_with_parent:
+            if _SETPRIV is None:
+                raise RuntimeError(
+                    "setpriv (util-linux) is missing: it keeps sidecars from outliving the "
+                    "orchestrator; install util-linux"
+                )
+            command = [_SETPRIV, "--pdeathsig", "KILL", "--", *command]
+        proc = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
+            env=dict(env),
+            start_new_session=True,
+            limit=_MAX_LINE * 4,
+        )
+        return cls(proc, tag)
+
+    @property
+    def pid(self) -> int:
+        """The host process id."""
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status (negative: killed by that signal), or None while running."""
+        return self._proc.returncode
+
+    def stderr_tail(self) -> str:
+        """The last lines the process wrote to stderr."""
+        return "\n".join(self._stderr_tail)
+
+    async def wait(self) -> int:
+        """Waits for the process to exit (and its output to be logged); returns its status."""
+        return await asyncio.shield(self._exited)
+
+    async def _wait(self) -> int:
+        code = await self._proc.wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self._pumps), 2.0)
+        return code
+
+    def kill_group(self, sig: signal.Signals) -> None:
+        """Sends ``sig`` to the process and everything in its session."""
+        if self._proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
+
+    async def terminate(self, grace: float) -> int:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit status."""
+        if self._proc.returncode is None:
+            self.kill_group(signal.SIGTERM)
+            try:
+                return await asyncio.wait_for(self.wait(), grace)
+            except TimeoutError:
+                self.kill_group(signal.SIGKILL)
+        return await self.wait()
+
+    async def _pump(self, stream: asyncio.StreamReader | None, level: int, *, keep: bool) -> None:
+        if stream is None:
+            return
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the buffer: take what is there
+                raw = await stream.read(_MAX_LINE)
+            if not raw:
+                return
+            line = raw[:_MAX_LINE].decode("utf-8", "replace").rstrip()
+            if not line:
+                continue
+            if keep:
+                self._stderr_tail.append(line)
+            # Sidecars log "LEVEL logger: message"; keep their level.
+            word, _, rest = line.partition(" ")
+            line_level = _LEVELS.get(word)
+            if line_level is not None and rest:
+                self._logger.log(line_level, "%s", rest)
+            else:
+                self._logger.log(level, "%s", line)

@@ -1,0 +1,247 @@
+"""One replica of a plugin: a sidecar process, its channel, its readiness and health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from orchestrator._process import SidecarProcess, describe_exit
+from sidemesh.v1 import mesh_pb2, plugin_pb2, plugin_pb2_grpc
+
+log = logging.getLogger("sidemesh.supervisor")
+
+_POLL = 0.01
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How to start one sidecar process."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    #: The socket the sidecar serves on, as the orchestrator sees it.
+    socket_path: Path
+    #: False when the launcher itself ties the sidecar's life to ours.
+    die_with_parent: bool = True
+    #: Files to remove when the process is gone.
+    cleanup: list[Path] = field(default_factory=list)
+
+
+class ReplicaStartError(Exception):
+    """The replica did not become ready; the message says why, with its stderr tail."""
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Options of the orchestrator's channels to its sidecars."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # The sidecar's socket appears moments after the process starts: retry fast.
+        ("grpc.initial_reconnect_backoff_ms", 20),
+        ("grpc.min_reconnect_backoff_ms", 20),
+        ("grpc.max_reconnect_backoff_ms", 250),
+        # Never share a subchannel with another replica's channel.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+
+
+class Replica:
+    """A sidecar process and the channel the router uses to reach it."""
+
+    def __init__(self, plugin: str, index: int, max_message_bytes: int) -> None:
+        self.plugin = plugin
+        self.index = index
+        self.tag = f"{plugin}[{index}]"
+        self.state: int = mesh_pb2.REPLICA_STATE_STARTING
+        self.process: SidecarProcess | None = None
+        self.channel: grpc.aio.Channel | None = None
+        self.describe: plugin_pb2.DescribeResponse | None = None
+        self.in_flight = 0
+        self.restarts = 0
+        self.started_at = 0.0
+        self.startup_duration = 0.0
+        self.last_exit = ""
+        self._max_message_bytes = max_message_bytes
+        self._methods: dict[str, Any] = {}
+        self._spec: LaunchSpec | None = None
+
+    @property
+    def pid(self) -> int:
+        """The sidecar's host pid, or 0."""
+        return self.process.pid if self.process and self.process.returncode is None else 0
+
+    # -- start ---------------------------------------------------------------
+
+    async def start(
+        self,
+        spec: LaunchSpec,
+        config: dict[str, Any],
+        timeout: float,
+        on_spawn: Callable[[int], None] | None = None,
+    ) -> plugin_pb2.DescribeResponse:
+        """Spawns the sidecar and waits until it is ready; raises :class:`ReplicaStartError`.
+
+        ``on_spawn`` is called with the pid as soon as the process exists.
+        """
+        self._spec = spec
+        self._methods = {}
+        with contextlib.suppress(FileNotFoundError):
+            spec.socket_path.unlink()
+        self.started_at = time.time()
+        t0 = time.monotonic()
+        self.process = await SidecarProcess.spawn(
+            spec.argv, env=spec.env, cwd=spec.cwd, tag=self.tag,
+            die_with_parent=spec.die_with_parent,
+        )  # fmt: skip
+        process = self.process
+        if on_spawn is not None:
+            on_spawn(process.pid)
+        handshake = asyncio.create_task(self._handshake(spec, config))
+        exited = asyncio.create_task(process.wait())
+        try:
+            done, _ = await asyncio.wait({handshake, exited}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            if handshake in done:
+                describe: plugin_pb2.DescribeResponse = handshake.result()  # may raise
+                self.describe = describe
+                self.startup_duration = time.monotonic() - t0
+                return describe
+            if exited in done:
+                raise ReplicaStartError(
+                    f"sidecar exited before it was ready ({describe_exit(process.returncode)})"
+                    + _tail(process)
+                )
+            raise ReplicaStartError(
+                f"sidecar was not ready within its startup timeout of {timeout:g}s"
+                + _waiting_for(spec)
+                + _tail(process)
+            )
+        except BaseException:
+            handshake.cancel()
+            await self.kill()
+            raise
+        finally:
+            exited.cancel()
+
+    async def _handshake(
+        self, spec: LaunchSpec, config: dict[str, Any]
+    ) -> plugin_pb2.DescribeResponse:
+        while not spec.socket_path.exists():
+            await asyncio.sleep(_POLL)
+        self.channel = grpc.aio.insecure_channel(
+            f"unix:{spec.socket_path}", options=channel_options(self._max_message_bytes)
+        )
+        stub = plugin_pb2_grpc.PluginServiceStub(self.channel)
+        describe: plugin_pb2.DescribeResponse = await _checked(
+            "PluginService.Describe",
+            stub.Describe(plugin_pb2.DescribeRequest(), wait_for_ready=True),
+        )
+        if describe.plugin.name != self.plugin:
+            raise ReplicaStartError(
+                f"the sidecar says it is plugin {describe.plugin.name!r}, but its manifest "
+                f"names it {self.plugin!r}: make the names match"
+            )
+        request = plugin_pb2.ConfigureRequest()
+        json_format.ParseDict(config, request.config)
+        await _checked("PluginService.Configure", stub.Configure(request, wait_for_ready=True))
+        health = health_pb2_grpc.HealthStub(self.channel)
+        while True:
+            reply = await _checked(
+                "grpc.health.v1.Health/Check",
+                health.Check(health_pb2.HealthCheckRequest(service="")),
+            )
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return describe
+            await asyncio.sleep(_POLL * 5)
+
+    # -- while running -------------------------------------------------------
+
+    async def healthy(self, timeout: float) -> bool:
+        """One health check: True when the sidecar answers SERVING within ``timeout``."""
+        if self.channel is None:
+            return False
+        try:
+            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def method(self, path: str, kind: str) -> Any:
+        """A cached raw-bytes multicallable for ``path`` on this replica's channel.
+
+        ``kind`` is ``unary_unary``, ``unary_stream`` or ``stream_stream``; no
+        serializers, so payloads pass through as the bytes they arrived as.
+        """
+        key = kind + path
+        callable_ = self._methods.get(key)
+        if callable_ is None:
+            assert self.channel is not None
+            callable_ = getattr(self.channel, kind)(path)
+            self._methods[key] = callable_
+        return callable_
+
+    # -- stop ----------------------------------------------------------------
+
+    async def stop(self, grace: float) -> None:
+        """Graceful stop: ``Shutdown``, wait up to ``grace``, then SIGTERM/SIGKILL."""
+        process = self.process
+        if process is not None and process.returncode is None and self.channel is not None:
+            request = plugin_pb2.ShutdownRequest(
+                grace_period=duration_pb2.Duration(seconds=int(grace), nanos=int(grace % 1 * 1e9))
+            )
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+                await plugin_pb2_grpc.PluginServiceStub(self.channel).Shutdown(request, timeout=1.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(process.wait(), grace + 1.0)
+        if process is not None:
+            await process.terminate(2.0)
+        await self._release()
+
+    async def kill(self) -> None:
+        """Immediate stop (SIGKILL to the sidecar's session)."""
+        if self.process is not None:
+            await self.process.terminate(0.0)
+        await self._release()
+
+    async def _release(self) -> None:
+        channel, self.channel = self.channel, None
+        self._methods = {}
+        if channel is not None:
+            await channel.close()
+        if self._spec is not None:
+            for path in (self._spec.socket_path, *self._spec.cleanup):
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    path.unlink()
+
+
+async def _checked(what: str, call: Any) -> Any:
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        raise ReplicaStartError(f"{what} failed: {exc.code().name}: {exc.details()}") from None
+
+
+def _tail(process: SidecarProcess) -> str:
+    tail = process.stderr_tail()
+    return (
+        f"\n--- last lines of its stderr ---\n{tail}" if tail else "\n(it wrote nothing to stderr)"
+    )
+
+
+def _waiting_for(spec: LaunchSpec) -> str:
+    if not spec.socket_path.exists():
+        return f"; it never listened on {spec.socket_path} (SIDEMESH_LISTEN)"
+    return "; it listened but did not report SERVING on grpc.health.v1"

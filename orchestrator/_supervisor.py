@@ -1,0 +1,301 @@
+"""The supervisor: starts every replica, watches its health, restarts it with backoff, stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from google.protobuf import duration_pb2
+
+from orchestrator._catalog import Catalog
+from orchestrator._config import SupervisorSettings
+from orchestrator._events import EventBus
+from orchestrator._launch import Launcher
+from orchestrator._plugin import PluginRuntime
+from orchestrator._process import describe_exit
+from orchestrator._replica import Replica, ReplicaStartError
+from sidemesh.v1 import mesh_pb2
+
+S = mesh_pb2
+log = logging.getLogger("sidemesh.supervisor")
+
+
+class Supervisor:
+    """Runs each plugin's replicas until :meth:`stop`."""
+
+    def __init__(
+        self,
+        settings: SupervisorSettings,
+        catalog: Catalog,
+        events: EventBus,
+        launcher: Launcher,
+        log_level: str,
+    ) -> None:
+        self._settings = settings
+        self._catalog = catalog
+        self._events = events
+        self._launcher = launcher
+        self._log_level = log_level
+        self.plugins: dict[str, PluginRuntime] = {}
+        self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._stopping = False
+
+    def add(self, plugin: PluginRuntime) -> None:
+        """Registers ``plugin``; :meth:`start` runs it."""
+        self.plugins[plugin.name] = plugin
+        plugin.state = plugin.compute_state()
+
+    def start(self, plugin: PluginRuntime) -> None:
+        """Starts a task per replica of ``plugin``."""
+        for replica in plugin.replicas:
+            key = (plugin.name, replica.index)
+            self._tasks[key] = asyncio.create_task(
+                self._run_replica(plugin, replica), name=f"replica {replica.tag}"
+            )
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Waits until no plugin is STARTING (or ``timeout``); True if all enabled are READY."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(p.state != S.PLUGIN_STATE_STARTING for p in self.plugins.values()):
+                break
+            await asyncio.sleep(0.05)
+        return all(
+            p.state in (S.PLUGIN_STATE_READY, S.PLUGIN_STATE_DISABLED)
+            for p in self.plugins.values()
+            if p.manifest is not None
+        )
+
+    # -- one replica's life --------------------------------------------------
+
+    async def _run_replica(self, plugin: PluginRuntime, replica: Replica) -> None:
+        quick_failures = 0
+        settings = self._settings
+        try:
+            while not self._stopping:
+                t0 = time.monotonic()
+                ready = await self._start_once(plugin, replica)
+                reason = ""
+                if ready:
+                    reason = await self._watch(plugin, replica)
+                    if self._stopping:
+                        return
+                if time.monotonic() - t0 < settings.min_uptime:
+                    quick_failures += 1
+                else:  # it ran a good while: a fresh failure, not a loop
+                    quick_failures = 1
+                    plugin.crash_loop = False
+                if quick_failures >= settings.crash_loop_after:
+                    plugin.crash_loop = True
+                delay = min(
+                    settings.backoff_initial * 2 ** (quick_failures - 1), settings.backoff_max
+                )
+                if ready:
+                    replica.last_exit = reason
+                    plugin.error = f"replica {replica.index} {reason}" + _tail(replica)
+                self._set_replica(
+                    plugin, replica, S.REPLICA_STATE_BACKOFF if ready else S.REPLICA_STATE_FAILED
+                )
+                if ready:
+                    self._events.emit(
+                        plugin.name,
+                        "replica_exited",
+                        _exited(replica, reason, will_restart=True, delay=delay),
+                    )
+                log.warning("%s: restarting in %.1fs", replica.tag, delay)
+                await asyncio.sleep(delay)
+                replica.restarts += 1
+        except asyncio.CancelledError:
+            await replica.kill()
+            raise
+
+    async def _start_once(self, plugin: PluginRuntime, replica: Replica) -> bool:
+        """Spawns the replica and waits for it to be ready; False (and error recorded) if not."""
+        assert plugin.manifest is not None and plugin.paths is not None
+        self._set_replica(plugin, replica, S.REPLICA_STATE_STARTING)
+        spec = self._launcher.launch_spec(
+            plugin.manifest, plugin.override, plugin.paths, replica.index, self._log_level
+        )
+
+        def spawned(pid: int) -> None:
+            self._events.emit(
+                plugin.name, "replica_started", S.ReplicaStarted(replica=replica.index, pid=pid)
+            )
+
+        try:
+            describe = await replica.start(
+                spec, plugin.config, plugin.startup_timeout, on_spawn=spawned
+            )
+            _check_provides(plugin, describe)
+        except (ReplicaStartError, OSError, RuntimeError) as exc:
+            await replica.kill()
+            message = f"replica {replica.index} failed to start: {exc}"
+            log.error("%s: %s", plugin.name, message)
+            plugin.error = message
+            exit_text = describe_exit(replica.process.returncode) if replica.process else ""
+            replica.last_exit = exit_text
+            self._events.emit(
+                plugin.name,
+                "replica_exited",
+                _exited(replica, f"failed to start: {str(exc).splitlines()[0]}", True, 0.0),
+            )
+            return False
+        self._catalog.set_plugin(
+            plugin.name,
+            describe.agents,
+            describe.tools,
+            describe.mcp_server if describe.HasField("mcp_server") else None,
+        )
+        plugin.error = ""
+        self._set_replica(plugin, replica, S.REPLICA_STATE_READY)
+        log.info("%s: ready in %.2fs (pid %d)", replica.tag, replica.startup_duration, replica.pid)
+        self._events.emit(
+            plugin.name,
+            "replica_ready",
+            S.ReplicaReady(
+                replica=replica.index, startup_duration=_duration(replica.startup_duration)
+            ),
+        )
+        return True
+
+    async def _watch(self, plugin: PluginRuntime, replica: Replica) -> str:
+        """Waits while the replica serves; returns why it stopped serving."""
+        assert replica.process is not None
+        settings = self._settings
+        exited = asyncio.create_task(replica.process.wait())
+        failures = 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({exited}, timeout=settings.health_interval)
+                if done:
+                    if self._stopping:
+                        return "stopped"
+                    code = exited.result()
+                    reason = f"exited: {describe_exit(code)}"
+                    log.error("%s: %s", replica.tag, reason)
+                    await replica.kill()
+                    return reason
+                if self._stopping:
+                    return "stopped"
+                if await replica.healthy(settings.health_timeout):
+                    failures = 0
+                    continue
+                failures += 1
+                log.warning(
+                    "%s: health check failed (%d/%d)",
+                    replica.tag,
+                    failures,
+                    settings.health_failures,
+                )
+                if failures >= settings.health_failures:
+                    self._set_replica(plugin, replica, S.REPLICA_STATE_UNHEALTHY)
+                    await replica.kill()
+                    return f"was unhealthy: {failures} health checks failed; replaced"
+        finally:
+            exited.cancel()
+
+    # -- state ---------------------------------------------------------------
+
+    def _set_replica(self, plugin: PluginRuntime, replica: Replica, state: int) -> None:
+        replica.state = state
+        plugin.refresh_ready()
+        self.update_state(plugin)
+
+    def update_state(self, plugin: PluginRuntime, reason: str = "") -> None:
+        """Recomputes ``plugin``'s state and announces a change."""
+        new = plugin.compute_state()
+        if new == plugin.state:
+            return
+        old, plugin.state = plugin.state, new
+        why = reason or (plugin.error.splitlines()[0] if plugin.error else "")
+        log.info(
+            "plugin %s: %s -> %s%s",
+            plugin.name,
+            _state_name(old),
+            _state_name(new),
+            f" ({why})" if why else "",
+        )
+        self._events.emit(
+            plugin.name,
+            "plugin_state_changed",
+            S.PluginStateChanged(state=new, previous=old, reason=why),  # type: ignore[arg-type]
+        )
+
+    # -- stop ----------------------------------------------------------------
+
+    async def stop(self, grace: float) -> None:
+        """Drains and stops every replica: ``Shutdown``, then SIGTERM/SIGKILL."""
+        self._stopping = True
+        for plugin in self.plugins.values():
+            plugin.stopping = True
+            self.update_state(plugin)
+
+        async def stop_replica(plugin: PluginRuntime, replica: Replica) -> None:
+            task = self._tasks.get((plugin.name, replica.index))
+            if replica.state == S.REPLICA_STATE_READY:
+                self._set_replica(plugin, replica, S.REPLICA_STATE_STOPPING)
+                await replica.stop(grace)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await replica.kill()
+            self._events.emit(
+                plugin.name, "replica_exited", _exited(replica, "stopped", False, 0.0)
+            )
+            self._set_replica(plugin, replica, S.REPLICA_STATE_STOPPED)
+
+        await asyncio.gather(
+            *(stop_replica(p, r) for p in self.plugins.values() for r in p.replicas)
+        )
+
+
+def _check_provides(plugin: PluginRuntime, describe: object) -> None:
+    from sidemesh.v1 import plugin_pb2
+
+    assert plugin.manifest is not None and isinstance(describe, plugin_pb2.DescribeResponse)
+    declared = plugin.manifest.provides
+    agents = {a.name for a in describe.agents}
+    tools = {t.name for t in describe.tools}
+    missing = [f"agent {a!r}" for a in declared.agents if a not in agents]
+    missing += [f"tool {t!r}" for t in declared.tools if t not in tools]
+    if declared.mcp and not describe.HasField("mcp_server"):
+        missing.append("an MCP server")
+    if missing:
+        raise ReplicaStartError(
+            f"the manifest's 'provides' lists {', '.join(missing)}, but the plugin does not "
+            f"provide it (it provides agents {sorted(agents)} and tools {sorted(tools)}): "
+            "fix plugin.yaml or the plugin"
+        )
+
+
+def _exited(
+    replica: Replica, reason: str, will_restart: bool, delay: float
+) -> mesh_pb2.ReplicaExited:
+    code = replica.process.returncode if replica.process else None
+    return S.ReplicaExited(
+        replica=replica.index,
+        pid=replica.process.pid if replica.process else 0,
+        exit_code=code if code is not None and code >= 0 else -1,
+        signal=-code if code is not None and code < 0 else 0,
+        reason=reason,
+        will_restart=will_restart,
+        restart_delay=_duration(delay),
+    )
+
+
+def _tail(replica: Replica) -> str:
+    tail = replica.process.stderr_tail() if replica.process else ""
+    return f"\n--- last lines of its stderr ---\n{tail}" if tail else ""
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def _state_name(state: int) -> str:
+    return S.PluginState.Name(state).removeprefix("PLUGIN_STATE_")  # type: ignore[arg-type]

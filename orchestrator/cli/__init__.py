@@ -1,0 +1,31 @@
+"""The ``sidemesh`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from orchestrator.cli import _serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sidemesh`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="sidemesh",
+        description="Sidemesh: a gRPC service mesh for AI agents, tools and MCP servers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _serve.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
