@@ -1,1 +1,39 @@
-"""Sidemesh plugins_sdk (under construction)."""
+"""The Sidemesh plugin SDK: write tools and agents as decorated Python functions.
+
+```python
+from plugins_sdk import Plugin, ToolContext
+
+app = Plugin("tools-demo", version="0.1.0")
+
+@app.tool(read_only=True)
+async def add(a: int, b: int) -> int:
+    \"\"\"Adds two integers.\"\"\"
+    return a + b
+```
+
+The sidecar runtime (``python -m sidecars.python module:app``) serves the app
+in the mesh; ``plugins_sdk.testing.PluginHarness`` serves it in tests. See
+``docs/plugin-guide.md``.
+"""
+
+from plugins_sdk._context import AgentContext, CallContext, ToolContext
+from plugins_sdk._events import AgentInput, Log, Progress, Result
+from plugins_sdk._plugin import Plugin
+from plugins_sdk._results import Blob, ToolError, ToolResult
+from plugins_sdk._runner import run, serve
+
+__all__ = [
+    "AgentContext",
+    "AgentInput",
+    "Blob",
+    "CallContext",
+    "Log",
+    "Plugin",
+    "Progress",
+    "Result",
+    "ToolContext",
+    "ToolError",
+    "ToolResult",
+    "run",
+    "serve",
+]

@@ -1,0 +1,122 @@
+"""Serving a plugin: ``serve`` (async, until shutdown) and ``run`` (a process's main)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from clients import normalize_address
+from plugins_sdk._agent_service import AgentServicer
+from plugins_sdk._plugin import Plugin
+from plugins_sdk._plugin_service import PluginServicer
+from plugins_sdk._runtime import PluginRuntime
+from plugins_sdk._tool_service import ToolServicer
+from sidemesh.v1 import agent_pb2_grpc, plugin_pb2_grpc, tool_pb2_grpc
+
+log = logging.getLogger("plugins_sdk")
+
+LISTEN_ENV = "SIDEMESH_LISTEN"
+MESH_ADDRESS_ENV = "SIDEMESH_MESH_ADDRESS"
+#: Seconds calls in flight get after SIGTERM or SIGINT. The orchestrator sends
+#: SIGTERM only once its own grace period is over, so this one is short.
+SIGNAL_GRACE = 3.0
+#: Largest message the sidecar sends or receives (the orchestrator's limit applies first).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def build_server(runtime: PluginRuntime) -> grpc.aio.Server:
+    """A gRPC server with every service a sidecar serves, for ``runtime``."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    plugin_pb2_grpc.add_PluginServiceServicer_to_server(PluginServicer(runtime), server)
+    health_pb2_grpc.add_HealthServicer_to_server(runtime.health, server)
+    tool_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(runtime), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(runtime), server)
+    return server
+
+
+async def serve(app: Plugin, address: str, *, mesh_address: str | None = None) -> None:
+    """Serves ``app`` on ``address`` until ``PluginService.Shutdown`` (or cancellation).
+
+    ``mesh_address`` is where callbacks go (``ctx.mesh``); without one, they
+    fail with ``FAILED_PRECONDITION``.
+    """
+    await serve_runtime(PluginRuntime(app, mesh_address=mesh_address), address)
+
+
+async def serve_runtime(
+    runtime: PluginRuntime,
+    address: str,
+    *,
+    extra: Callable[[grpc.aio.Server], None] | None = None,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Serves ``runtime`` on ``address`` until a stop is requested, then drains.
+
+    ``extra`` adds more services to the server; ``ready`` is set once it serves.
+    """
+    address = normalize_address(address)
+    server = build_server(runtime)
+    if extra is not None:
+        extra(server)
+    server.add_insecure_port(address)
+    await server.start()
+    try:
+        await runtime.start()
+        if ready is not None:
+            ready.set()
+        log.info(
+            "plugin %s %s serving %d tools and %d agents on %s",
+            runtime.app.name,
+            runtime.app.version,
+            len(runtime.app.tools),
+            len(runtime.app.agents),
+            address,
+        )
+        grace = await runtime.wait_stop_requested()
+        log.info("plugin %s stopping (grace %s s)", runtime.app.name, grace)
+        await server.stop(grace)
+    finally:
+        await server.stop(None)
+        await runtime.close()
+
+
+def run(app: Plugin) -> None:
+    """Serves ``app`` as a sidecar: on ``$SIDEMESH_LISTEN``, until Shutdown, SIGTERM or SIGINT.
+
+    Callbacks go to ``$SIDEMESH_MESH_ADDRESS``. Returns once the server has
+    drained, so the process can exit 0.
+    """
+    address = os.environ.get(LISTEN_ENV, "")
+    if not address:
+        sys.exit(f"{LISTEN_ENV} is not set: the address to serve on, e.g. unix:/tmp/plugin.sock")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    runtime = PluginRuntime(app, mesh_address=os.environ.get(MESH_ADDRESS_ENV) or None)
+    asyncio.run(_main(runtime, address))
+
+
+async def _main(runtime: PluginRuntime, address: str) -> None:
+    loop = asyncio.get_running_loop()
+    stopping: set[asyncio.Task[None]] = set()
+
+    def on_signal(signum: int) -> None:
+        log.info("plugin %s got %s", runtime.app.name, signal.Signals(signum).name)
+        task = loop.create_task(runtime.request_stop(SIGNAL_GRACE))
+        stopping.add(task)
+        task.add_done_callback(stopping.discard)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await serve_runtime(runtime, address)

@@ -1,0 +1,76 @@
+"""``ToolService`` of a sidecar: lists the plugin's tools and runs tool calls."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import grpc
+
+from plugins_sdk._context import CallInfo, ToolContext, mark_cancelled, response
+from plugins_sdk._failures import end_call
+from plugins_sdk._pump import EventPump
+from plugins_sdk._runtime import PluginRuntime
+from plugins_sdk._structs import struct_to_dict
+from plugins_sdk._tools import ToolSpec
+from sidemesh.v1 import tool_pb2, tool_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
+    """Serves one plugin's tools."""
+
+    def __init__(self, runtime: PluginRuntime) -> None:
+        self._runtime = runtime
+        self._list = tool_pb2.ListToolsResponse(
+            tools=sorted(
+                (spec.descriptor for spec in runtime.app.tools.values()), key=lambda d: d.name
+            )
+        )
+
+    async def ListTools(
+        self, request: tool_pb2.ListToolsRequest, context: Context
+    ) -> tool_pb2.ListToolsResponse:
+        """The plugin's tools, by name; none when the request names another plugin."""
+        if request.plugin and request.plugin != self._runtime.app.name:
+            return tool_pb2.ListToolsResponse()
+        return self._list
+
+    async def CallTool(
+        self, request: tool_pb2.CallToolRequest, context: Context
+    ) -> AsyncIterator[tool_pb2.CallToolResponse]:
+        """Validates the arguments, runs the tool, streams progress and logs, then the result."""
+        info = CallInfo.from_grpc(context)
+        try:
+            async with aclosing(self.call(request, info)) as events:
+                async for response in events:
+                    yield response
+        except Exception as error:
+            await end_call(context, error, f"tool {request.tool!r}", info.call_id)
+
+    async def call(
+        self, request: tool_pb2.CallToolRequest, info: CallInfo
+    ) -> AsyncGenerator[tool_pb2.CallToolResponse, None]:
+        """The events of one call; raises ``SidemeshError`` or what the tool raised."""
+        spec = self._runtime.tool(request.tool)
+        kwargs = spec.bind(struct_to_dict(request.arguments))
+        if not spec.takes_context:
+            # No context, no events: run it in the call's own task, cheapest path.
+            yield tool_pb2.CallToolResponse(result=await spec.run(kwargs, None))
+            return
+        pump = EventPump()
+        ctx = ToolContext(self._runtime, spec.name, info, spec.logger, pump.emit)
+        pump.start(_result_event(spec, kwargs, ctx), on_cancel=lambda: mark_cancelled(ctx))
+        try:
+            while (event := await pump.next()) is not None:
+                yield response(tool_pb2.CallToolResponse, event)
+        finally:
+            await pump.close()
+
+
+async def _result_event(
+    spec: ToolSpec, kwargs: dict[str, Any], ctx: ToolContext
+) -> tuple[str, tool_pb2.ToolResult]:
+    return ("result", await spec.run(kwargs, ctx))

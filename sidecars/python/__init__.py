@@ -1,0 +1,12 @@
+"""The Python sidecar runtime: ``python -m sidecars.python MODULE:ATTR``.
+
+Run with the working directory set to the plugin's directory, it imports the
+``plugins_sdk.Plugin`` at ``MODULE:ATTR`` from there, logs to stderr, and
+serves it on ``$SIDEMESH_LISTEN`` until ``PluginService.Shutdown`` or SIGTERM.
+A target that cannot be loaded exits with status 2 and says why on stderr,
+which the orchestrator shows to the operator.
+"""
+
+from sidecars.python._main import main
+
+__all__ = ["main"]

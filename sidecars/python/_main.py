@@ -1,0 +1,85 @@
+"""Loads the plugin app named on the command line and serves it."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from plugins_sdk import Plugin, run
+from plugins_sdk._plugin import PLUGIN_ENV
+from plugins_sdk._runner import LISTEN_ENV
+from sidecars.python._logging import LOG_LEVEL_ENV, configure_logging
+
+log = logging.getLogger("sidecars.python")
+
+#: Exit status when the sidecar cannot start: bad usage, or an app that cannot be loaded.
+EXIT_UNUSABLE = 2
+_USAGE = "usage: python -m sidecars.python MODULE:ATTR  (run in the plugin's directory)"
+
+
+class LoadError(Exception):
+    """The app named ``MODULE:ATTR`` cannot be loaded; the message says why and what to do."""
+
+
+def load_app(target: str, directory: str) -> Plugin:
+    """Imports ``MODULE:ATTR`` from ``directory`` and returns the ``Plugin`` found there."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise LoadError(f"{target!r} is not MODULE:ATTR, e.g. tools_demo:app")
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise LoadError(
+                f"cannot import {module_name!r}: no such module in {directory} "
+                f"(is 'app' in plugin.yaml right, and the working directory the plugin's?)"
+            ) from None
+        raise LoadError(_import_failed(module_name, exc)) from None
+    except Exception as exc:
+        raise LoadError(_import_failed(module_name, exc)) from None
+    try:
+        app = getattr(module, attr)
+    except AttributeError:
+        found = [name for name, value in vars(module).items() if isinstance(value, Plugin)]
+        hint = f"; its Plugin objects: {', '.join(found)}" if found else ""
+        raise LoadError(f"module {module_name!r} has no attribute {attr!r}{hint}") from None
+    if not isinstance(app, Plugin):
+        raise LoadError(
+            f"{target} is a {type(app).__name__}, not a plugins_sdk.Plugin; "
+            "point 'app' in plugin.yaml at the object made with Plugin(...)"
+        )
+    return app
+
+
+def _import_failed(module_name: str, exc: BaseException) -> str:
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" at {where.filename}:{where.lineno}" if where else ""
+    return f"importing {module_name!r} raised {type(exc).__name__}: {exc}{at}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the sidecar; returns the process's exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    configure_logging(os.environ.get(LOG_LEVEL_ENV))
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(_USAGE, file=sys.stderr)
+        return EXIT_UNUSABLE
+    if not os.environ.get(LISTEN_ENV):
+        print(f"sidecar: {LISTEN_ENV} is not set (e.g. unix:/tmp/plugin.sock)", file=sys.stderr)
+        return EXIT_UNUSABLE
+    try:
+        app = load_app(args[0], os.getcwd())
+    except LoadError as exc:
+        print(f"sidecar: cannot load the plugin app: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    expected = os.environ.get(PLUGIN_ENV)
+    if expected and expected != app.name:
+        log.warning("the app is named %r but %s is %r", app.name, PLUGIN_ENV, expected)
+    run(app)
+    return 0
