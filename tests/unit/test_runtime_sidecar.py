@@ -1,0 +1,186 @@
+"""sidecars.python as the orchestrator runs it: a real process on a temp Unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients import AsyncMeshClient, UnknownError
+from sidemesh.v1 import plugin_pb2, plugin_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS_DEMO = ROOT / "examples" / "plugins" / "tools-demo"
+
+
+@dataclass
+class Sidecar:
+    process: asyncio.subprocess.Process
+    address: str
+    started: float
+
+    async def stderr(self) -> str:
+        assert self.process.stderr is not None
+        return (await self.process.stderr.read()).decode()
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[str]:
+    directory = tempfile.mkdtemp(prefix="sm", dir="/tmp")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def sidecar_env(address: str, plugin: str) -> dict[str, str]:
+    """The environment the orchestrator gives a sidecar: only the contract's variables."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": "/tmp",
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+        "SIDEMESH_LISTEN": address,
+        "SIDEMESH_MESH_ADDRESS": address.replace("p.sock", "mesh.sock"),
+        "SIDEMESH_PLUGIN": plugin,
+        "SIDEMESH_REPLICA": "0",
+        "SIDEMESH_LOG_LEVEL": "INFO",
+    }
+
+
+async def start(target: str, cwd: Path, socket_dir: str, plugin: str = "tools-demo") -> Sidecar:
+    address = f"unix:{socket_dir}/p.sock"
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecars.python",
+        target,
+        cwd=cwd,
+        env=sidecar_env(address, plugin),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    return Sidecar(process, address, started)
+
+
+async def wait_serving(sidecar: Sidecar, timeout: float = 15) -> float:
+    """Polls health like the orchestrator; returns seconds from process start to SERVING."""
+    fast_reconnect = [
+        ("grpc.initial_reconnect_backoff_ms", 20),
+        ("grpc.min_reconnect_backoff_ms", 20),
+        ("grpc.max_reconnect_backoff_ms", 100),
+    ]
+    async with grpc.aio.insecure_channel(sidecar.address, options=fast_reconnect) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert sidecar.process.returncode is None, await sidecar.stderr()
+            try:
+                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.monotonic() - sidecar.started
+            except grpc.RpcError:
+                pass
+            await asyncio.sleep(0.02)
+    raise AssertionError("the sidecar did not report SERVING")
+
+
+@pytest.fixture
+async def tools_demo(socket_dir: str) -> AsyncIterator[Sidecar]:
+    sidecar = await start("tools_demo:app", TOOLS_DEMO, socket_dir)
+    try:
+        yield sidecar
+    finally:
+        if sidecar.process.returncode is None:
+            sidecar.process.kill()
+            await sidecar.process.wait()
+
+
+async def test_serves_then_exits_0_on_sigterm(tools_demo: Sidecar) -> None:
+    await wait_serving(tools_demo)
+    async with AsyncMeshClient(tools_demo.address) as client:
+        assert (await client.call_tool("add", a=2, b=3)).structured == {"result": 5}
+    tools_demo.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(tools_demo.process.wait(), 10) == 0
+    stderr = await tools_demo.stderr()
+    assert "INFO plugins_sdk: plugin tools-demo 0.1.0 serving 4 tools and 0 agents" in stderr
+    assert "got SIGTERM" in stderr
+
+
+async def test_shutdown_rpc_makes_the_process_exit_0(tools_demo: Sidecar) -> None:
+    await wait_serving(tools_demo)
+    async with grpc.aio.insecure_channel(tools_demo.address) as channel:
+        stub = plugin_pb2_grpc.PluginServiceStub(channel)
+        described = await stub.Describe(plugin_pb2.DescribeRequest())
+        assert described.plugin.name == "tools-demo"
+        await stub.Configure(plugin_pb2.ConfigureRequest())
+        await stub.Shutdown(
+            plugin_pb2.ShutdownRequest(grace_period=duration_pb2.Duration(seconds=2))
+        )
+    assert await asyncio.wait_for(tools_demo.process.wait(), 10) == 0
+
+
+@pytest.mark.parametrize(
+    ("target", "files", "message"),
+    [
+        ("nope:app", {}, "cannot import 'nope': no such module in"),
+        ("plug:missing", {"plug.py": "from plugins_sdk import Plugin\napp = Plugin('p')\n"},
+         "module 'plug' has no attribute 'missing'; its Plugin objects: app"),
+        ("plug:app", {"plug.py": "app = 42\n"}, "plug:app is a int, not a plugins_sdk.Plugin"),
+        ("plug:app", {"plug.py": "import missing_dependency\n"},
+         "importing 'plug' raised ModuleNotFoundError: No module named 'missing_dependency'"),
+        ("plug:app", {"plug.py": "raise RuntimeError('bad config file')\n"},
+         "importing 'plug' raised RuntimeError: bad config file at"),
+        ("no-colon", {}, "'no-colon' is not MODULE:ATTR"),
+    ],
+)  # fmt: skip
+async def test_an_app_that_cannot_load_exits_2_and_says_why(
+    tmp_path: Path, socket_dir: str, target: str, files: dict[str, str], message: str
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    sidecar = await start(target, tmp_path, socket_dir, plugin="p")
+    assert await asyncio.wait_for(sidecar.process.wait(), 15) == 2
+    stderr = await sidecar.stderr()
+    assert "sidecar: cannot load the plugin app: " + message in stderr
+
+
+async def test_plugin_logs_go_to_stderr_one_line_per_record(
+    tmp_path: Path, socket_dir: str
+) -> None:
+    (tmp_path / "plug.py").write_text(
+        "import logging\n"
+        "from plugins_sdk import Plugin\n"
+        "app = Plugin('p')\n"
+        "@app.tool()\n"
+        "async def boom() -> str:\n"
+        "    logging.getLogger('p.boom').warning('about to fail')\n"
+        "    raise ValueError('x')\n"
+    )
+    sidecar = await start("plug:app", tmp_path, socket_dir, plugin="p")
+    try:
+        await wait_serving(sidecar)
+        async with AsyncMeshClient(sidecar.address) as client:
+            with pytest.raises(UnknownError, match="ValueError"):
+                await client.call_tool("boom")
+        sidecar.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(sidecar.process.wait(), 10) == 0
+    finally:
+        if sidecar.process.returncode is None:
+            sidecar.process.kill()
+    lines = (await sidecar.stderr()).splitlines()
+    assert "WARNING p.boom: about to fail" in lines
+    failure = [line for line in lines if line.startswith("ERROR plugins_sdk: tool 'boom' failed")]
+    assert len(failure) == 1
+    assert "Traceback" in failure[0] and "ValueError: x" in failure[0]
