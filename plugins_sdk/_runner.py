@@ -65,12 +65,16 @@ async def serve_runtime(
     """Serves ``runtime`` on ``address`` until a stop is requested, then drains.
 
     ``extra`` adds more services to the server; ``ready`` is set once it serves.
+    Raises ``OSError`` when it cannot listen on ``address``.
     """
     address = normalize_address(address)
     server = build_server(runtime)
     if extra is not None:
         extra(server)
-    server.add_insecure_port(address)
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError:
+        raise OSError(f"cannot listen on {address}: is its directory there and writable?") from None
     await server.start()
     try:
         await runtime.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,8 +18,6 @@ from clients import (
 from plugins_sdk._agents import AgentSpec
 from plugins_sdk._plugin import Plugin
 from plugins_sdk._tools import ToolSpec
-
-log = logging.getLogger("plugins_sdk")
 
 #: Config not given yet and the config model has required fields.
 _UNCONFIGURED: Any = object()

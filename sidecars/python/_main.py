@@ -9,6 +9,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from clients import normalize_address
 from plugins_sdk import Plugin, run
 from plugins_sdk._plugin import PLUGIN_ENV
 from plugins_sdk._runner import LISTEN_ENV
@@ -70,8 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1 or args[0] in ("-h", "--help"):
         print(_USAGE, file=sys.stderr)
         return EXIT_UNUSABLE
-    if not os.environ.get(LISTEN_ENV):
-        print(f"sidecar: {LISTEN_ENV} is not set (e.g. unix:/tmp/plugin.sock)", file=sys.stderr)
+    try:
+        normalize_address(os.environ.get(LISTEN_ENV, ""))
+    except ValueError as exc:
+        print(f"sidecar: {LISTEN_ENV} is unusable: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     try:
         app = load_app(args[0], os.getcwd())
@@ -81,5 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     expected = os.environ.get(PLUGIN_ENV)
     if expected and expected != app.name:
         log.warning("the app is named %r but %s is %r", app.name, PLUGIN_ENV, expected)
-    run(app)
+    try:
+        run(app)
+    except OSError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
     return 0

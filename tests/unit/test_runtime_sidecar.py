@@ -184,3 +184,27 @@ async def test_plugin_logs_go_to_stderr_one_line_per_record(
     failure = [line for line in lines if line.startswith("ERROR plugins_sdk: tool 'boom' failed")]
     assert len(failure) == 1
     assert "Traceback" in failure[0] and "ValueError: x" in failure[0]
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("", "SIDEMESH_LISTEN is unusable: empty address"),
+        ("unix:/nonexistent-dir/p.sock", "cannot listen on unix:/nonexistent-dir/p.sock"),
+    ],
+)
+async def test_an_unusable_listen_address_exits_2(listen: str, message: str) -> None:
+    env = sidecar_env("unix:/unused/p.sock", "tools-demo") | {"SIDEMESH_LISTEN": listen}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecars.python",
+        "tools_demo:app",
+        cwd=TOOLS_DEMO,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 15)
+    assert process.returncode == 2
+    assert f"sidecar: {message}" in stderr.decode()

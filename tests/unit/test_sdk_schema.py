@@ -238,3 +238,9 @@ def test_agents_must_be_async() -> None:
         app.agent()(sync_agent)
     with pytest.raises(TypeError, match="capabilities is a list"):
         app.agent(capabilities="chat")
+
+
+def test_testing_module_exports_the_harness() -> None:
+    import plugins_sdk.testing
+
+    assert plugins_sdk.testing.__all__ == ["PluginHarness"]
