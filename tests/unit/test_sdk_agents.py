@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
@@ -269,5 +270,6 @@ async def test_without_a_mesh_callbacks_fail_clearly() -> None:
         server.cancel()
         with pytest.raises(asyncio.CancelledError):
             await server
+        shutil.rmtree(directory, ignore_errors=True)
     assert isinstance(info.value, FailedPreconditionError)
     assert "no mesh address" in info.value.message

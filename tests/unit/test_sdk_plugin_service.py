@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
@@ -114,6 +115,7 @@ async def serving(plugin: Plugin) -> AsyncIterator[tuple[str, asyncio.Task[None]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def test_health_serves_once_the_plugin_is_configured() -> None:
