@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from orchestrator.cli import _serve
+from orchestrator.cli import _call, _inspect, _serve, _validate
+from orchestrator.cli._common import EXIT_CODES_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,9 +15,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sidemesh",
         description="Sidemesh: a gRPC service mesh for AI agents, tools and MCP servers.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve.add_parser(sub)
+    _inspect.add_parsers(sub)
+    _call.add_parsers(sub)
+    _validate.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,104 @@
+"""What every client command shares: finding the mesh, running a call, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from clients import DEFAULT_TCP_ADDRESS, AsyncMeshClient, SidemeshError
+from orchestrator._config import load_config
+from orchestrator._orchestrator import endpoints
+from orchestrator._yaml_models import ConfigError
+
+#: Exit codes scripts can rely on.
+EXIT_OK = 0
+EXIT_CALL_FAILED = 1  # the call ended with a gRPC error (the message says which)
+EXIT_USAGE = 2  # bad command line or bad input file
+EXIT_TASK_FAILED = 3  # the tool returned is_error, or the agent's result is FAILED
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+EXIT_CODES_HELP = """exit codes:
+  0    success
+  1    the call failed (gRPC status and message on stderr)
+  2    usage error, or an invalid manifest/config
+  3    the tool reported an error (is_error) or the agent's turn FAILED
+  130  interrupted
+"""
+
+
+def add_mesh_options(parser: argparse.ArgumentParser) -> None:
+    """``--address``, ``--config``, ``--timeout`` and ``--output`` for a client command."""
+    parser.add_argument(
+        "--address",
+        "-a",
+        help="the mesh's address, host:port or unix:/path (default: $SIDEMESH_ADDRESS, "
+        "else the mesh running from the default state dir, else " + DEFAULT_TCP_ADDRESS + ")",
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        help="find the mesh running with this sidemesh.yaml (its state_dir)",
+    )
+    parser.add_argument("--timeout", type=float, help="deadline of the call in seconds")
+    parser.add_argument(
+        "--output", "-o", choices=("text", "json"), default="text", help="output format"
+    )
+
+
+def mesh_address(args: argparse.Namespace) -> str:
+    """Where to reach the mesh, from the options, the environment or the running mesh."""
+    if args.address:
+        return str(args.address)
+    if os.environ.get("SIDEMESH_ADDRESS") and args.config is None:
+        return os.environ["SIDEMESH_ADDRESS"]
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise SystemExit(usage_error(str(exc))) from None
+    running = endpoints(config.state_dir)
+    addresses: list[str] = running["addresses"] if running else config.listen_addresses()
+    return next((a for a in addresses if a.startswith("unix:")), addresses[0])
+
+
+def run_client(args: argparse.Namespace, body: Callable[[AsyncMeshClient], Awaitable[int]]) -> int:
+    """Runs ``body`` with a client; turns errors into a message on stderr and an exit code."""
+
+    async def main() -> int:
+        async with AsyncMeshClient(mesh_address(args), timeout=args.timeout) as client:
+            return await body(client)
+
+    try:
+        return asyncio.run(main())
+    except SidemeshError as err:
+        print(f"sidemesh: {err.code.name}: {err.message}", file=sys.stderr)
+        for violation in err.field_violations:
+            print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+        return EXIT_CALL_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    """A protobuf message as a JSON-ready dict with the .proto field names."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def print_json(value: Any, *, line: bool = False) -> None:
+    """Prints a JSON document: indented, or on one line (``line``) for streams (JSON Lines)."""
+    print(json.dumps(value, indent=None if line else 2, ensure_ascii=False), flush=line)
+
+
+def usage_error(message: str) -> int:
+    """Prints ``message`` as a usage error; returns the exit code for it."""
+    print(f"sidemesh: {message}", file=sys.stderr)
+    return EXIT_USAGE

@@ -1,0 +1,107 @@
+"""``sidemesh validate``: check plugin directories and config files without starting the mesh."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+from orchestrator._config import load_config
+from orchestrator._discovery import discover
+from orchestrator._manifest import MANIFEST_FILE, PluginManifest, load_manifest
+from orchestrator._plugin import PluginRuntime
+from orchestrator._yaml_models import ConfigError, Problem
+from orchestrator.cli._common import EXIT_OK, EXIT_USAGE
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Registers ``validate``."""
+    p = sub.add_parser(
+        "validate",
+        help="check plugin directories (plugin.yaml) or a sidemesh.yaml, without starting anything",
+        description="Check plugin directories and Sidemesh config files. Exit code 0 when all "
+        "are valid, 2 otherwise; each problem names the file, the field and the fix.",
+    )
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                   help="a plugin directory, a plugin.yaml, or a sidemesh.yaml")  # fmt: skip
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validates each path; prints what is wrong, or a one-line summary of what is right."""
+    failures = 0
+    for path in args.paths:
+        try:
+            if path.is_dir() or path.name == MANIFEST_FILE:
+                print(f"ok: {_check_plugin(path if path.is_dir() else path.parent)}")
+            else:
+                print(f"ok: {_check_config(path)}")
+        except ConfigError as exc:
+            failures += 1
+            print(exc, file=sys.stderr)
+    return EXIT_USAGE if failures else EXIT_OK
+
+
+def _check_plugin(directory: Path) -> str:
+    manifest = load_manifest(directory)
+    problem = _start_problem(manifest)
+    if problem:
+        raise ConfigError(directory / MANIFEST_FILE, "plugin manifest", [problem])
+    provides = (
+        [f"agents: {', '.join(manifest.provides.agents)}"] if manifest.provides.agents else []
+    )
+    if manifest.provides.tools:
+        provides.append(f"tools: {', '.join(manifest.provides.tools)}")
+    if manifest.provides.mcp:
+        provides.append("an MCP server")
+    summary = "; ".join(provides) or "provides nothing declared"
+    return f"{directory}: plugin {manifest.name} {manifest.version} ({summary})"
+
+
+def _start_problem(manifest: PluginManifest) -> Problem | None:
+    """Why the plugin could not start, as far as we can tell without starting it."""
+    if manifest.app:
+        module = manifest.app.split(":")[0]
+        top = module.split(".")[0]
+        local = manifest.directory / f"{top}.py", manifest.directory / top / "__init__.py"
+        if not any(p.is_file() for p in local) and importlib.util.find_spec(top) is None:
+            return Problem(
+                "app",
+                f"module {module!r} is neither in {manifest.directory} nor installed",
+                f"add {top}.py to the plugin directory, or fix 'app'",
+            )
+    elif manifest.entrypoint:
+        command = manifest.entrypoint[0]
+        found = (manifest.directory / command).exists() if "/" in command else shutil.which(command)
+        if not found:
+            return Problem(
+                "entrypoint",
+                f"command {command!r} was not found",
+                "use a path relative to the plugin directory (./my-plugin) or a command on PATH",
+            )
+    return None
+
+
+def _check_config(path: Path) -> str:
+    config = load_config(path)
+    plugins = discover(config)
+    broken = [p for p in plugins if p.error is not None]
+    for found in broken:
+        print(found.error, file=sys.stderr)
+    for found in plugins:
+        if found.manifest is None:
+            continue
+        runtime = PluginRuntime(found.name, found.manifest, config.override(found.name),
+                                config, None, str(found.directory))  # fmt: skip
+        try:
+            runtime.effective_config()
+        except ValueError as exc:
+            raise ConfigError(path, "Sidemesh config", [Problem(f"plugins.{found.name}.config",
+                                                                str(exc))]) from None  # fmt: skip
+    if broken:
+        raise ConfigError(path, "Sidemesh config", [
+            Problem("plugin_dirs", f"{len(broken)} plugin(s) have invalid manifests (above)")
+        ])  # fmt: skip
+    return f"{path}: config with {len(plugins)} plugin(s): {', '.join(p.name for p in plugins)}"

@@ -1,0 +1,205 @@
+"""A real orchestrator process for integration tests, and a watch for orphaned sidecars."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_PLUGINS = ROOT / "tests" / "plugins"
+EXAMPLE_PLUGINS = ROOT / "examples" / "plugins"
+
+#: Supervisor settings that make failures show up within seconds.
+FAST_SUPERVISOR: dict[str, Any] = {
+    "health_interval": 0.5,
+    "health_timeout": 0.5,
+    "health_failures": 2,
+    "backoff_initial": 0.2,
+    "backoff_max": 1.0,
+    "crash_loop_after": 3,
+    "min_uptime": 3.0,
+    "shutdown_grace": 5.0,
+}
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live processes whose environment or command line mentions ``marker``."""
+    needle = marker.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            blob = (entry / "environ").read_bytes() + (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in blob and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str | Callable[[], str],
+    interval: float = 0.05,
+) -> Any:
+    """Polls ``predicate`` until it returns something truthy; fails naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {text}")
+        time.sleep(interval)
+
+
+class Mesh:
+    """``sidemesh serve`` in a subprocess with its own config, state and sockets."""
+
+    def __init__(self, workdir: Path, **config: Any) -> None:
+        self.workdir = workdir
+        # Unix socket paths must stay short: keep the runtime dir directly under /tmp.
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="smt", dir="/tmp"))
+        self.state_dir = workdir / "state"
+        self.socket = self.runtime_dir / "mesh.sock"
+        self.address = f"unix:{self.socket}"
+        self.log_path = workdir / "orchestrator.log"
+        self.config: dict[str, Any] = {
+            "listen": [self.address, "127.0.0.1:0"],
+            "plugin_dirs": [str(EXAMPLE_PLUGINS)],
+            "entry_points": False,
+            "state_dir": str(self.state_dir),
+            "runtime_dir": str(self.runtime_dir),
+            "supervisor": dict(FAST_SUPERVISOR),
+        }
+        self.config.update(config)
+        self.config_path = workdir / "sidemesh.yaml"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._channel: grpc.Channel | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self, ready: Iterable[str] = ()) -> Mesh:
+        """Starts the orchestrator; waits for its endpoints and for ``ready`` plugins."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [shutil.which("setpriv") or "setpriv", "--pdeathsig", "KILL", "--",
+             sys.executable, "-m", "orchestrator.cli", "serve", "-c", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        log.close()
+        wait_until(self._endpoints, 20, lambda: f"the orchestrator to listen\n{self.log()}")
+        for name in ready:
+            self.wait_state(name, "READY")
+        return self
+
+    def _endpoints(self) -> dict[str, Any] | None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"the orchestrator exited with {self.proc.returncode}\n{self.log()}"
+            )
+        try:
+            data: dict[str, Any] = json.loads((self.state_dir / "endpoints.json").read_text())
+            return data
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def tcp_address(self) -> str:
+        """The orchestrator's TCP address (its port was chosen by the kernel)."""
+        endpoints = self._endpoints()
+        assert endpoints is not None
+        return next(a for a in endpoints["addresses"] if not a.startswith("unix:"))
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> int:
+        """Signals the orchestrator and waits for it to exit; returns its exit code."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+            raise AssertionError(f"the orchestrator ignored {sig.name}\n{self.log()}") from None
+        return code
+
+    def cleanup(self) -> None:
+        """Kills whatever is left (a failed test) and removes the runtime dir."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in processes_with(str(self.runtime_dir)):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def sidecars(self) -> list[int]:
+        """Pids of live processes started for this mesh (they carry its runtime dir)."""
+        return processes_with(str(self.runtime_dir))
+
+    def log(self) -> str:
+        """The orchestrator's output so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # -- state ---------------------------------------------------------------
+
+    def _mesh(self) -> mesh_pb2_grpc.MeshServiceStub:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.address)
+        return mesh_pb2_grpc.MeshServiceStub(self._channel)
+
+    def plugin(self, name: str) -> mesh_pb2.PluginStatus:
+        """The plugin's status, fresh from MeshService.GetPlugin."""
+        reply = self._mesh().GetPlugin(mesh_pb2.GetPluginRequest(name=name), timeout=5)
+        return reply.plugin
+
+    def state(self, name: str) -> str:
+        """The plugin's state name, e.g. ``READY``."""
+        return _state_name(self.plugin(name).state)
+
+    def wait_state(self, name: str, *states: str, timeout: float = 30) -> mesh_pb2.PluginStatus:
+        """Waits for the plugin to reach one of ``states``; returns its status."""
+
+        def reached() -> mesh_pb2.PluginStatus | None:
+            status = self.plugin(name)
+            return status if _state_name(status.state) in states else None
+
+        return wait_until(
+            reached,
+            timeout,
+            lambda: (
+                f"plugin {name} to be {'/'.join(states)} (it is {self.state(name)})\n" + self.log()
+            ),
+        )
+
+
+def _state_name(state: int) -> str:
+    return mesh_pb2.PluginState.Name(state).removeprefix("PLUGIN_STATE_")  # type: ignore[arg-type]
