@@ -1,10 +1,15 @@
 """Sidemesh clients: call the mesh's agents and tools from Python.
 
+``AsyncMeshClient`` (``grpc.aio``) and ``MeshClient`` (blocking, the same API)
+invoke agents, hold chats, call tools and read the mesh's catalog and events.
+
 The error classes here are the mesh's one exception hierarchy: the SDK and the
 orchestrator raise the same classes, each keeping its gRPC status code.
 """
 
 from clients._address import DEFAULT_TCP_ADDRESS, normalize_address, unix_socket_path
+from clients._chat import ChatSession
+from clients._client import AsyncMeshClient
 from clients._errors import (
     ERROR_DOMAIN,
     AbortedError,
@@ -27,24 +32,40 @@ from clients._errors import (
     UnknownError,
     from_status,
 )
+from clients._results import AgentReply, ToolCallResult
+from clients._streams import AgentStream, ServerStream, ToolCallStream
+from clients._sync import MeshClient
+from clients._sync_streams import SyncAgentStream, SyncChatSession, SyncStream, SyncToolCallStream
 
 __all__ = [
     "DEFAULT_TCP_ADDRESS",
     "ERROR_DOMAIN",
     "AbortedError",
+    "AgentReply",
+    "AgentStream",
     "AlreadyExistsError",
+    "AsyncMeshClient",
     "CallCancelledError",
+    "ChatSession",
     "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "FieldViolation",
     "InternalError",
     "InvalidArgumentError",
+    "MeshClient",
     "NotFoundError",
     "OutOfRangeError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "ServerStream",
     "SidemeshError",
+    "SyncAgentStream",
+    "SyncChatSession",
+    "SyncStream",
+    "SyncToolCallStream",
+    "ToolCallResult",
+    "ToolCallStream",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

@@ -107,9 +107,7 @@ class SidemeshError(Exception):
         return from_status(code, message, trailers)
 
 
-def from_status(
-    code: grpc.StatusCode, message: str, trailers: Iterable[Any] = ()
-) -> SidemeshError:
+def from_status(code: grpc.StatusCode, message: str, trailers: Iterable[Any] = ()) -> SidemeshError:
     """Builds the error for a status code, message and trailing metadata.
 
     ``trailers`` holds ``(key, value)`` pairs, as both grpc APIs return them.

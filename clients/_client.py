@@ -1,0 +1,356 @@
+"""``AsyncMeshClient``: calls the mesh's agents, tools and catalog with ``grpc.aio``."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+
+from clients._address import DEFAULT_TCP_ADDRESS, normalize_address
+from clients._chat import ChatSession
+from clients._convert import agent_input, to_struct
+from clients._errors import FailedPreconditionError, InternalError, UnavailableError
+from clients._results import ToolCallResult
+from clients._streams import AgentStream, ServerStream, ToolCallStream, unary
+from sidemesh.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    common_pb2,
+    mesh_pb2,
+    mesh_pb2_grpc,
+    tool_pb2,
+    tool_pb2_grpc,
+)
+
+#: Environment variable naming the mesh's address when none is given.
+ADDRESS_ENV = "SIDEMESH_ADDRESS"
+#: Default limit on a message's size, each way.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+Metadata = Sequence[tuple[str, str]]
+ProgressCallback = Callable[[common_pb2.Progress], Awaitable[None] | None]
+LogCallback = Callable[[common_pb2.LogRecord], Awaitable[None] | None]
+
+
+class _Stubs:
+    """The service stubs of one channel."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.agents = agent_pb2_grpc.AgentServiceStub(channel)
+        self.tools = tool_pb2_grpc.ToolServiceStub(channel)
+        self.mesh = mesh_pb2_grpc.MeshServiceStub(channel)
+
+
+class AsyncMeshClient:
+    """A connection to the mesh (the orchestrator, or a sidecar's callback socket).
+
+    ``address`` is ``host:port`` or ``unix:/path``; by default ``$SIDEMESH_ADDRESS``,
+    else ``DEFAULT_TCP_ADDRESS``. ``timeout`` is the default deadline of each call
+    in seconds (``None``: no deadline); ``metadata`` is sent on every call;
+    ``interceptors`` wrap every call (tracing plugs in here). The channel opens
+    on first use; ``close`` cancels the calls still running.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    ) -> None:
+        if address is None:
+            address = os.environ.get(ADDRESS_ENV) or DEFAULT_TCP_ADDRESS
+        self._address = normalize_address(address)
+        self._timeout = timeout
+        self._metadata = tuple(metadata)
+        self._options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._interceptors = list(interceptors)
+        self._channel: grpc.aio.Channel | None = None
+        self._stubs_: _Stubs | None = None
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        """The mesh's address, normalized (``unix:/path`` or ``host:port``)."""
+        return self._address
+
+    @property
+    def timeout(self) -> float | None:
+        """The default deadline of each call, in seconds."""
+        return self._timeout
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel, cancelling calls still running. Safe to call twice."""
+        self._closed = True
+        channel, self._channel, self._stubs_ = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    async def wait_for_ready(self, timeout: float | None = None) -> None:
+        """Waits until the mesh accepts connections; ``UnavailableError`` after ``timeout``."""
+        channel = self._connect()[0]
+        try:
+            async with asyncio.timeout(timeout):
+                await channel.channel_ready()
+        except TimeoutError:
+            raise UnavailableError(
+                f"the mesh at {self._address} did not accept a connection within {timeout} s"
+            ) from None
+
+    # -- agents ---------------------------------------------------------------
+
+    def invoke(
+        self,
+        agent: str = "",
+        input: str | Mapping[str, Any] | agent_pb2.AgentInput = "",
+        *,
+        capability: str = "",
+        session_id: str = "",
+        options: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> AgentStream:
+        """Starts one agent turn and returns its event stream.
+
+        ``input`` is text (``AgentInput.text``), a mapping (``AgentInput.data``)
+        or an ``AgentInput``. Name the agent, or leave it empty and give a
+        ``capability``.
+        """
+        request = agent_pb2.InvokeRequest(
+            agent=agent,
+            capability=capability,
+            input=agent_input(input),
+            session_id=session_id,
+            options=to_struct(options) if options else None,
+        )
+        call = self._stubs().agents.Invoke(
+            request, timeout=self._deadline(timeout), metadata=self._with(metadata)
+        )
+        return AgentStream(call, _describe_agent(agent, capability))
+
+    def chat(
+        self,
+        agent: str = "",
+        *,
+        capability: str = "",
+        session_id: str = "",
+        options: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> ChatSession:
+        """Opens a conversation with an agent (``AgentService.Chat``)."""
+        start = agent_pb2.ChatStart(
+            agent=agent,
+            capability=capability,
+            session_id=session_id,
+            options=to_struct(options) if options else None,
+        )
+        call = self._stubs().agents.Chat(
+            timeout=self._deadline(timeout), metadata=self._with(metadata)
+        )
+        return ChatSession(call, start, _describe_agent(agent, capability))
+
+    # -- tools ----------------------------------------------------------------
+
+    async def call_tool(
+        self,
+        tool: str,
+        arguments: Mapping[str, Any] | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_log: LogCallback | None = None,
+        metadata: Metadata = (),
+        **kwargs: Any,
+    ) -> ToolCallResult:
+        """Calls a tool and returns its result.
+
+        The arguments are ``arguments`` merged with ``kwargs`` (``kwargs`` win).
+        ``on_progress`` and ``on_log`` (plain or async functions) see the
+        tool's progress and log events as they arrive. A tool that fails at
+        its task returns a result with ``is_error``; it does not raise.
+        """
+        stream = self.call_tool_stream(
+            tool, arguments, timeout=timeout, metadata=metadata, **kwargs
+        )
+        async for event in stream:
+            kind = event.WhichOneof("event")
+            if kind == "progress" and on_progress is not None:
+                await _maybe_await(on_progress(event.progress))
+            elif kind == "log" and on_log is not None:
+                await _maybe_await(on_log(event.log))
+        result = stream.result
+        if result is None:  # pragma: no cover - the stream raises before this
+            raise InternalError(f"{stream.description} ended without a result event")
+        return result
+
+    def call_tool_stream(
+        self,
+        tool: str,
+        arguments: Mapping[str, Any] | None = None,
+        /,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        **kwargs: Any,
+    ) -> ToolCallStream:
+        """Calls a tool and returns its event stream: progress and logs, then the result."""
+        request = tool_pb2.CallToolRequest(
+            tool=tool, arguments=to_struct({**(arguments or {}), **kwargs})
+        )
+        call = self._stubs().tools.CallTool(
+            request, timeout=self._deadline(timeout), metadata=self._with(metadata)
+        )
+        return ToolCallStream(call, f"tool {tool!r}")
+
+    # -- the catalog (MeshService) ---------------------------------------------
+
+    async def list_tools(
+        self,
+        plugin: str = "",
+        query: str = "",
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> list[tool_pb2.ToolDescriptor]:
+        """The tools the mesh knows, optionally of one plugin or matching ``query``."""
+        request = mesh_pb2.MeshServiceListToolsRequest(plugin=plugin, query=query)
+        call = self._stubs().mesh.ListTools(
+            request, timeout=self._deadline(timeout), metadata=self._with(metadata)
+        )
+        return list((await unary(call, "ListTools")).tools)
+
+    async def get_tool(
+        self, name: str, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> tool_pb2.ToolDescriptor:
+        """One tool's descriptor, by qualified or unique short name."""
+        call = self._stubs().mesh.GetTool(
+            mesh_pb2.GetToolRequest(name=name),
+            timeout=self._deadline(timeout),
+            metadata=self._with(metadata),
+        )
+        return (await unary(call, "GetTool")).tool
+
+    async def list_agents(
+        self,
+        plugin: str = "",
+        capability: str = "",
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> list[agent_pb2.AgentDescriptor]:
+        """The agents the mesh knows, optionally of one plugin or with a capability."""
+        request = mesh_pb2.ListAgentsRequest(plugin=plugin, capability=capability)
+        call = self._stubs().mesh.ListAgents(
+            request, timeout=self._deadline(timeout), metadata=self._with(metadata)
+        )
+        return list((await unary(call, "ListAgents")).agents)
+
+    async def get_agent(
+        self, name: str, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> agent_pb2.AgentDescriptor:
+        """One agent's descriptor, by qualified or unique short name."""
+        call = self._stubs().mesh.GetAgent(
+            mesh_pb2.GetAgentRequest(name=name),
+            timeout=self._deadline(timeout),
+            metadata=self._with(metadata),
+        )
+        return (await unary(call, "GetAgent")).agent
+
+    async def list_plugins(
+        self, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> list[mesh_pb2.PluginStatus]:
+        """Every plugin the mesh knows, with its state, replicas and health."""
+        call = self._stubs().mesh.ListPlugins(
+            mesh_pb2.ListPluginsRequest(),
+            timeout=self._deadline(timeout),
+            metadata=self._with(metadata),
+        )
+        return list((await unary(call, "ListPlugins")).plugins)
+
+    async def get_plugin(
+        self, name: str, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> mesh_pb2.PluginStatus:
+        """One plugin's status."""
+        call = self._stubs().mesh.GetPlugin(
+            mesh_pb2.GetPluginRequest(name=name),
+            timeout=self._deadline(timeout),
+            metadata=self._with(metadata),
+        )
+        return (await unary(call, "GetPlugin")).plugin
+
+    def watch_events(
+        self,
+        *,
+        plugin: str = "",
+        lifecycle_only: bool = False,
+        replay: int = 0,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> ServerStream[mesh_pb2.WatchEventsResponse]:
+        """Streams the mesh's events live, after up to ``replay`` recent ones.
+
+        The stream is open-ended, so the client's default timeout does not
+        apply to it; pass ``timeout`` to bound it.
+        """
+        request = mesh_pb2.WatchEventsRequest(
+            plugin=plugin, lifecycle_only=lifecycle_only, replay=replay
+        )
+        call = self._stubs().mesh.WatchEvents(
+            request, timeout=timeout, metadata=self._with(metadata)
+        )
+        return ServerStream(call, "WatchEvents")
+
+    # -- internals ------------------------------------------------------------
+
+    def _connect(self) -> tuple[grpc.aio.Channel, _Stubs]:
+        if self._closed:
+            raise FailedPreconditionError(f"the client of {self._address} is closed")
+        if self._channel is None or self._stubs_ is None:
+            self._channel = grpc.aio.insecure_channel(
+                self._address, options=self._options, interceptors=self._interceptors or None
+            )
+            self._stubs_ = _Stubs(self._channel)
+        return self._channel, self._stubs_
+
+    def _stubs(self) -> _Stubs:
+        return self._connect()[1]
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self._timeout if timeout is None else timeout
+
+    def _with(self, metadata: Metadata) -> tuple[tuple[str, str], ...]:
+        return self._metadata + tuple(metadata)
+
+
+def _describe_agent(agent: str, capability: str) -> str:
+    if agent:
+        return f"agent {agent!r}"
+    return f"the agent with capability {capability!r}"
+
+
+async def _maybe_await(value: Awaitable[None] | None) -> None:
+    if inspect.isawaitable(value):
+        await value
