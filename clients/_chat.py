@@ -35,7 +35,8 @@ class ChatSession:
 
     As an async context manager, a clean exit half-closes the conversation and
     waits for the agent to end it; an exit with an exception, or with a turn
-    whose result was not read, cancels the call.
+    whose result was not read, cancels the call. So does cancelling a task
+    while it waits for the agent's next event: gRPC cancels the whole call.
     """
 
     def __init__(self, call: ChatCall, start: agent_pb2.ChatStart, description: str) -> None:

@@ -53,7 +53,8 @@ class AsyncMeshClient:
     else ``DEFAULT_TCP_ADDRESS``. ``timeout`` is the default deadline of each call
     in seconds (``None``: no deadline); ``metadata`` is sent on every call;
     ``interceptors`` wrap every call (tracing plugs in here). The channel opens
-    on first use; ``close`` cancels the calls still running.
+    on first use, bound to the running event loop: use a client within one
+    loop. ``close`` cancels the calls still running.
     """
 
     def __init__(
@@ -159,7 +160,11 @@ class AsyncMeshClient:
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> ChatSession:
-        """Opens a conversation with an agent (``AgentService.Chat``)."""
+        """Opens a conversation with an agent (``AgentService.Chat``).
+
+        ``timeout`` bounds the whole conversation, not one turn. Use the
+        session within one task at a time, or one sender and one reader.
+        """
         start = agent_pb2.ChatStart(
             agent=agent,
             capability=capability,

@@ -26,6 +26,8 @@ def to_struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct:
             json_format.ParseDict(dict(data), struct)
         except json_format.ParseError as error:
             raise ValueError(f"not a JSON object: {error}") from None
+        except TypeError as error:  # a key that is not a string
+            raise ValueError(f"not a JSON object (keys must be strings): {error}") from None
     return struct
 
 

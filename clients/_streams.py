@@ -203,16 +203,16 @@ class ToolCallStream(_ResultStream[tool_pb2.CallToolResponse]):
         description: str,
     ) -> None:
         super().__init__(call, description)
-        self._result: tool_pb2.ToolResult | None = None
+        self._result: ToolCallResult | None = None
 
     @property
     def result(self) -> ToolCallResult | None:
         """The tool's result once the stream has delivered it, else ``None``."""
-        return None if self._result is None else ToolCallResult.from_proto(self._result)
+        return self._result
 
     def _record(self, response: tool_pb2.CallToolResponse) -> None:
         if response.WhichOneof("event") == "result":
-            self._result = response.result
+            self._result = ToolCallResult.from_proto(response.result)
 
     async def collect(self) -> ToolCallResult:
         """Reads the stream to its end and returns the tool's result."""

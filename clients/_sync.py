@@ -28,7 +28,7 @@ class MeshClient:
     """A blocking connection to the mesh, with the same API as ``AsyncMeshClient``.
 
     Iterators are plain iterators; ``on_progress`` and ``on_log`` callbacks
-    run in the calling thread.
+    run in the calling thread. One client may be shared by several threads.
     """
 
     def __init__(

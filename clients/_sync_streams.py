@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from google.protobuf.message import Message
 
 from clients._chat import ChatSession
+from clients._errors import FailedPreconditionError
 from clients._loop import LoopThread
 from clients._results import AgentReply, ToolCallResult
 from clients._streams import AgentStream, ServerStream, ToolCallStream
@@ -40,9 +41,7 @@ class SyncStream(Iterator[ResponseT]):
 
     def cancel(self) -> bool:
         """Cancels the call; the server sees ``CANCELLED``. False if it had ended already."""
-        if self._loop.stopped:
-            return False
-        return self._loop.call(self._stream.cancel)
+        return _cancel(self._loop, self._stream.cancel)
 
     def close(self) -> None:
         """Cancels the call unless it has ended."""
@@ -150,9 +149,7 @@ class SyncChatSession(Iterator[agent_pb2.ChatResponse]):
 
     def cancel(self) -> bool:
         """Cancels the whole conversation; the agent sees ``CANCELLED``."""
-        if self._loop.stopped:
-            return False
-        return self._loop.call(self._session.cancel)
+        return _cancel(self._loop, self._session.cancel)
 
     def turn(self, input: str | Mapping[str, Any] | agent_pb2.AgentInput) -> AgentReply:
         """Runs one turn: sends ``input`` and ``end_turn``, reads events up to its result."""
@@ -177,3 +174,11 @@ class SyncChatSession(Iterator[agent_pb2.ChatResponse]):
         if self._loop.stopped:
             return
         self._loop.run(self._session.__aexit__(exc_type, exc, tb))
+
+
+def _cancel(loop: LoopThread, cancel: Callable[[], bool]) -> bool:
+    """Runs a call's ``cancel`` on its loop; a closed client has cancelled every call already."""
+    try:
+        return loop.call(cancel)
+    except FailedPreconditionError:
+        return False

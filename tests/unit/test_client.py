@@ -682,6 +682,8 @@ async def test_progress_callback_error_cancels_the_call(
 async def test_arguments_that_are_not_json_raise_value_error(client: AsyncMeshClient) -> None:
     with pytest.raises(ValueError, match="not a JSON object"):
         await client.call_tool("add", a=object())
+    with pytest.raises(ValueError, match="keys must be strings"):
+        await client.call_tool("add", {1: 2})
 
 
 # -- the catalog ----------------------------------------------------------------------
@@ -718,6 +720,14 @@ async def test_watch_events_replays_then_cancels_on_break(
     request = mesh.rec.requests[-1]
     assert (request.plugin, request.replay, request.lifecycle_only) == ("math", 3, False)
     assert await wait_for(mesh.rec.cancelled)
+
+
+async def test_watch_events_is_not_bound_by_the_default_timeout(mesh: MeshServer) -> None:
+    async with AsyncMeshClient(mesh.address, timeout=WAIT) as client:
+        async with client.watch_events(lifecycle_only=True, replay=1) as events:
+            assert (await anext(events)).sequence == 1
+        assert mesh.rec.requests[-1].lifecycle_only
+        assert mesh.rec.time_remaining[-1] is None
 
 
 # -- chat -------------------------------------------------------------------------------
