@@ -325,12 +325,14 @@ class MeshServer:
         self._run(self._start())
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._run(self._server.stop(None))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(WAIT)
-        self._loop.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        try:
+            if self._server is not None:
+                self._run(self._server.stop(None))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(WAIT)
+            self._loop.close()
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @pytest.fixture
