@@ -10,6 +10,7 @@ orchestrator raise the same classes, each keeping its gRPC status code.
 from clients._address import DEFAULT_TCP_ADDRESS, normalize_address, unix_socket_path
 from clients._chat import ChatSession
 from clients._client import AsyncMeshClient
+from clients._convert import struct_to_dict, to_struct
 from clients._errors import (
     ERROR_DOMAIN,
     AbortedError,
@@ -72,5 +73,7 @@ __all__ = [
     "UnknownError",
     "from_status",
     "normalize_address",
+    "struct_to_dict",
+    "to_struct",
     "unix_socket_path",
 ]

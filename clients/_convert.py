@@ -32,9 +32,30 @@ def to_struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct:
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """The JSON object a ``Struct`` holds, with whole numbers as ``int``."""
-    data: dict[str, Any] = _restore_ints(json_format.MessageToDict(struct))
-    return data
+    """The JSON object a ``Struct`` holds, with whole numbers as ``int``.
+
+    Walks the message directly (no JSON round trip): the router and the SDK
+    call this on every tool call.
+    """
+    return {key: _value(value) for key, value in struct.fields.items()}
+
+
+def _value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if number.is_integer() and abs(number) <= _MAX_SAFE_INT:
+            return int(number)
+        return number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_value(item) for item in value.list_value.values]
+    return None
 
 
 def agent_input(value: str | Mapping[str, Any] | agent_pb2.AgentInput) -> agent_pb2.AgentInput:
@@ -44,13 +65,3 @@ def agent_input(value: str | Mapping[str, Any] | agent_pb2.AgentInput) -> agent_
     if isinstance(value, str):
         return agent_pb2.AgentInput(text=value)
     return agent_pb2.AgentInput(data=to_struct(value))
-
-
-def _restore_ints(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_SAFE_INT:
-        return int(value)
-    if isinstance(value, dict):
-        return {key: _restore_ints(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_restore_ints(item) for item in value]
-    return value

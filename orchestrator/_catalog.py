@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 import jsonschema
 from google.protobuf import json_format, struct_pb2
 
-from clients import FieldViolation, InvalidArgumentError, NotFoundError
+from clients import FieldViolation, InvalidArgumentError, NotFoundError, struct_to_dict
 from orchestrator._names import is_item_name, is_plugin_name, qualify, split_target
 from sidemesh.v1 import agent_pb2, mcp_pb2, tool_pb2
 
@@ -40,7 +40,7 @@ class ToolEntry(Entry[tool_pb2.ToolDescriptor]):
         """Raises ``INVALID_ARGUMENT`` naming every field that breaks the input schema."""
         if self.validator is None:
             return
-        value = json_format.MessageToDict(arguments)
+        value = struct_to_dict(arguments)
         errors = sorted(self.validator.iter_errors(value), key=lambda e: list(e.absolute_path))
         if not errors:
             return

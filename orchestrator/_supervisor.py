@@ -76,12 +76,17 @@ class Supervisor:
         try:
             while not self._stopping:
                 t0 = time.monotonic()
-                ready = await self._start_once(plugin, replica)
-                reason = ""
-                if ready:
+                failure = await self._start_once(plugin, replica)
+                if failure is None:  # it was ready; now it has stopped serving
                     reason = await self._watch(plugin, replica)
                     if self._stopping:
                         return
+                    plugin.error = f"replica {replica.index} {reason}" + _tail(replica)
+                else:
+                    reason = failure
+                replica.last_exit = (
+                    describe_exit(replica.process.returncode) if replica.process else ""
+                )
                 if time.monotonic() - t0 < settings.min_uptime:
                     quick_failures += 1
                 else:  # it ran a good while: a fresh failure, not a loop
@@ -92,18 +97,14 @@ class Supervisor:
                 delay = min(
                     settings.backoff_initial * 2 ** (quick_failures - 1), settings.backoff_max
                 )
-                if ready:
-                    replica.last_exit = reason
-                    plugin.error = f"replica {replica.index} {reason}" + _tail(replica)
                 self._set_replica(
-                    plugin, replica, S.REPLICA_STATE_BACKOFF if ready else S.REPLICA_STATE_FAILED
+                    plugin,
+                    replica,
+                    S.REPLICA_STATE_BACKOFF if failure is None else S.REPLICA_STATE_FAILED,
                 )
-                if ready:
-                    self._events.emit(
-                        plugin.name,
-                        "replica_exited",
-                        _exited(replica, reason, will_restart=True, delay=delay),
-                    )
+                self._events.emit(
+                    plugin.name, "replica_exited", _exited(replica, reason, True, delay)
+                )
                 log.warning("%s: restarting in %.1fs", replica.tag, delay)
                 await asyncio.sleep(delay)
                 replica.restarts += 1
@@ -111,8 +112,8 @@ class Supervisor:
             await replica.kill()
             raise
 
-    async def _start_once(self, plugin: PluginRuntime, replica: Replica) -> bool:
-        """Spawns the replica and waits for it to be ready; False (and error recorded) if not."""
+    async def _start_once(self, plugin: PluginRuntime, replica: Replica) -> str | None:
+        """Spawns the replica and waits for it to be ready; returns why not (None when ready)."""
         assert plugin.manifest is not None and plugin.paths is not None
         self._set_replica(plugin, replica, S.REPLICA_STATE_STARTING)
         spec = self._launcher.launch_spec(
@@ -134,14 +135,7 @@ class Supervisor:
             message = f"replica {replica.index} failed to start: {exc}"
             log.error("%s: %s", plugin.name, message)
             plugin.error = message
-            exit_text = describe_exit(replica.process.returncode) if replica.process else ""
-            replica.last_exit = exit_text
-            self._events.emit(
-                plugin.name,
-                "replica_exited",
-                _exited(replica, f"failed to start: {str(exc).splitlines()[0]}", True, 0.0),
-            )
-            return False
+            return f"failed to start: {str(exc).splitlines()[0]}"
         self._catalog.set_plugin(
             plugin.name,
             describe.agents,
@@ -158,7 +152,7 @@ class Supervisor:
                 replica=replica.index, startup_duration=_duration(replica.startup_duration)
             ),
         )
-        return True
+        return None
 
     async def _watch(self, plugin: PluginRuntime, replica: Replica) -> str:
         """Waits while the replica serves; returns why it stopped serving."""

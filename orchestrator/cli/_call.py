@@ -9,7 +9,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from clients import AsyncMeshClient, ToolCallResult
+from clients import AsyncMeshClient, ToolCallResult, struct_to_dict
 from orchestrator.cli._common import (
     EXIT_OK,
     EXIT_TASK_FAILED,
@@ -68,6 +68,7 @@ async def _invoke(client: AsyncMeshClient, args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )  # fmt: skip
     result = agent_pb2.AgentResult()
+    mid_line = False  # text written without its line ended yet
     async for event in stream:
         kind = event.WhichOneof("event")
         if args.output == "json":
@@ -75,13 +76,18 @@ async def _invoke(client: AsyncMeshClient, args: argparse.Namespace) -> int:
         elif kind == "text_delta":
             sys.stdout.write(event.text_delta.text)
             sys.stdout.flush()
-        elif kind == "output":
-            print(json.dumps(to_json(event.output).get("data", {}), indent=2))
+            mid_line = not event.text_delta.text.endswith("\n")
         else:
-            _note(_describe_agent_event(event, kind))
+            if mid_line:
+                print(flush=True)
+                mid_line = False
+            if kind == "output":
+                print(json.dumps(struct_to_dict(event.output.data), indent=2), flush=True)
+            else:
+                _note(_describe_agent_event(event, kind))
         if kind == "result":
             result = event.result
-    if args.output != "json":
+    if mid_line:
         print()
     if result.status == agent_pb2.AGENT_RESULT_STATUS_FAILED:
         _note(f"the agent failed: {result.message}")
@@ -92,7 +98,7 @@ async def _invoke(client: AsyncMeshClient, args: argparse.Namespace) -> int:
 def _describe_agent_event(event: agent_pb2.InvokeResponse, kind: str | None) -> str:
     if kind == "tool_call_started":
         call = event.tool_call_started
-        return f"-> {call.tool} {json.dumps(json_format.MessageToDict(call.arguments))}"
+        return f"-> {call.tool} {json.dumps(struct_to_dict(call.arguments))}"
     if kind == "tool_call_finished":
         done = event.tool_call_finished
         if done.error_code:
@@ -119,7 +125,7 @@ async def _call(client: AsyncMeshClient, args: argparse.Namespace) -> int:
         arguments.update(_json_object(args.json_arguments, "--json"))
     if args.arguments:
         descriptor = await client.get_tool(args.tool)
-        properties = json_format.MessageToDict(descriptor.input_schema).get("properties", {})
+        properties = struct_to_dict(descriptor.input_schema).get("properties", {})
         for pair in args.arguments:
             key, value = _parse_pair(pair, properties)
             arguments[key] = value

@@ -8,9 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from google.protobuf import json_format
-
-from clients import AsyncMeshClient
+from clients import AsyncMeshClient, struct_to_dict
 from orchestrator.cli._common import (
     EXIT_OK,
     add_mesh_options,
@@ -121,12 +119,13 @@ async def _tools(client: AsyncMeshClient, args: argparse.Namespace) -> int:
 
 def _params(struct: Any) -> str:
     """``a: integer, b?: string`` from an input schema (``?``: optional)."""
-    schema = json_format.MessageToDict(struct)
+    schema = struct_to_dict(struct)
     props: dict[str, Any] = schema.get("properties") or {}
-    required = set(schema.get("required") or ())
+    required: list[str] = [r for r in schema.get("required") or () if r in props]
+    names = required + sorted(set(props) - set(required))  # required first, as declared
     out = [
-        f"{name}{'' if name in required else '?'}: {spec.get('type', 'any')}"
-        for name, spec in props.items()
+        f"{name}{'' if name in required else '?'}: {props[name].get('type', 'any')}"
+        for name in names
     ]
     return ", ".join(out) or "-"
 

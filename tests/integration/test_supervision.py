@@ -49,8 +49,15 @@ async def test_sidecar_killed_mid_stream_gives_unavailable_then_restarts(
         assert not any(e.HasField("result") for e in received)
         assert "did not complete" in info.value.message
 
-        status = mesh.wait_state("workers", "READY")
-        assert status.replicas[0].pid != pid
+        status = wait_until(
+            lambda: (
+                (s := mesh.plugin("workers")).state == mesh_pb2.PLUGIN_STATE_READY
+                and s.replicas[0].pid not in (0, pid)
+                and s
+            ),
+            15,
+            "a restarted replica",
+        )
         assert status.restarts >= 1
         reply = await client.invoke("workers/ticker", {"count": 2}).collect()
     assert reply.result.status == agent_pb2.AGENT_RESULT_STATUS_COMPLETED
