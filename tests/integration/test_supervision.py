@@ -205,3 +205,23 @@ async def test_watch_events_reports_lifecycle_and_calls(make_mesh: MakeMesh) -> 
     assert "replica_started" in seen
     assert "replica_ready" in seen
     assert seen.index("call_started") < seen.index("call_finished")
+
+
+@pytest.mark.parametrize("routing", ["round_robin", "least_loaded"])
+async def test_calls_spread_over_replicas(make_mesh: MakeMesh, routing: str) -> None:
+    mesh = make_mesh(
+        plugin_dirs=[WORKERS], plugins={"workers": {"replicas": 2, "routing": routing}}
+    ).start(ready=["workers"])
+    pids = {r.pid for r in mesh.plugin("workers").replicas}
+    assert len(pids) == 2
+    async with AsyncMeshClient(mesh.address) as client:
+        if routing == "least_loaded":
+            # One replica is busy with a long call: the next calls go to the other.
+            busy = asyncio.create_task(client.call_tool("workers/sleepy", seconds=3, tag="busy"))
+            await asyncio.sleep(0.3)
+        served = [(await client.call_tool("workers/whoami")).structured for _ in range(6)]
+        if routing == "least_loaded":
+            busy.cancel()
+    seen = {s["result"] for s in served if s}
+    assert seen <= pids
+    assert len(seen) == (2 if routing == "round_robin" else 1)

@@ -23,6 +23,12 @@ async def echo(text: str) -> str:
     return text
 
 
+@app.tool(read_only=True)
+async def whoami() -> int:
+    """The pid of the sidecar that served the call."""
+    return os.getpid()
+
+
 @app.tool()
 async def sleepy(seconds: float, tag: str, ctx: ToolContext) -> str:
     """Sleeps; records 'cancelled-<tag>' in the data dir if it is cancelled."""
