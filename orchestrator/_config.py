@@ -83,6 +83,22 @@ class SupervisorSettings(_Strict):
     )
 
 
+class TelemetrySettings(_Strict):
+    """Tracing and metrics: the embedded trace store and OTLP export."""
+
+    enabled: bool = Field(True, description="false turns tracing and metrics off")
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/gRPC endpoint for traces and metrics, e.g. http://127.0.0.1:4317 "
+        "(default: $OTEL_EXPORTER_OTLP_ENDPOINT; none: traces stay in the embedded store)",
+    )
+    max_traces: int = Field(1000, ge=1, description="traces the embedded store keeps, e.g. 1000")
+    metrics_interval: float = Field(10.0, gt=0, description="seconds between metric exports")
+    export_delay_ms: int = Field(
+        200, ge=1, description="how long finished spans wait to be batched, in milliseconds"
+    )
+
+
 class MeshConfig(_Strict):
     """``sidemesh.yaml``. Relative paths are relative to the file's directory."""
 
@@ -104,6 +120,9 @@ class MeshConfig(_Strict):
     limits: Limits = Field(default_factory=Limits, description="message size and call limits")
     supervisor: SupervisorSettings = Field(
         default_factory=SupervisorSettings, description="health checks, restarts, shutdown"
+    )
+    telemetry: TelemetrySettings = Field(
+        default_factory=TelemetrySettings, description="tracing, metrics, OTLP export"
     )
     state_dir: Path = Field(
         default_factory=default_state_dir,

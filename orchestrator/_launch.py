@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -43,6 +44,7 @@ class Launcher(Protocol):
         paths: PluginPaths,
         replica: int,
         log_level: str,
+        telemetry_env: Mapping[str, str],
     ) -> LaunchSpec: ...
 
 
@@ -68,6 +70,7 @@ def sidecar_environment(
     plugin_dir: Path,
     data_dir: Path,
     log_level: str,
+    telemetry_env: Mapping[str, str],
 ) -> dict[str, str]:
     """The sidecar's whole environment: nothing leaks from the orchestrator's own.
 
@@ -88,6 +91,15 @@ def sidecar_environment(
         "SIDEMESH_DATA_DIR": str(data_dir),
         "SIDEMESH_LOG_LEVEL": log_level,
     }
+    env.update(telemetry_env)
+    if env.get("OTEL_SDK_DISABLED") != "true":
+        # Sidecars send their spans to the orchestrator, on the same socket as callbacks.
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = mesh_address
+        env["OTEL_SERVICE_NAME"] = manifest.name
+        env["OTEL_RESOURCE_ATTRIBUTES"] = (
+            f"service.version={manifest.version},sidemesh.plugin={manifest.name},"
+            f"sidemesh.replica={replica}"
+        )
     for name in manifest.sandbox.env:
         if name in override.env:
             env[name] = override.env[name]
@@ -114,6 +126,7 @@ class ProcessLauncher:
         paths: PluginPaths,
         replica: int,
         log_level: str,
+        telemetry_env: Mapping[str, str],
     ) -> LaunchSpec:
         """A launch of ``manifest``'s command with the scrubbed environment."""
         socket = paths.replica_socket(replica)
@@ -126,6 +139,7 @@ class ProcessLauncher:
             plugin_dir=manifest.directory,
             data_dir=paths.data_dir,
             log_level=log_level,
+            telemetry_env=telemetry_env,
         )
         return LaunchSpec(
             argv=plugin_command(manifest), env=env, cwd=manifest.directory, socket_path=socket

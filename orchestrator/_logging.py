@@ -5,11 +5,21 @@ from __future__ import annotations
 import logging
 import sys
 
+from opentelemetry import trace
+
 
 class _Formatter(logging.Formatter):
-    """``12:00:00.123 INFO  tools-demo[0]: message``; sidecar lines carry their plugin tag."""
+    """``12:00:00.123 INFO  tools-demo[0]: message``; sidecar lines carry their plugin tag.
+
+    Inside a call, the orchestrator's own lines end with ``trace_id=… span_id=…``.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
+        record.trace = ""
+        if not record.name.startswith("plugin."):  # sidecars add their own ids
+            ctx = trace.get_current_span().get_span_context()
+            if ctx.is_valid:
+                record.trace = f" trace_id={ctx.trace_id:032x} span_id={ctx.span_id:016x}"
         name = record.name
         if name.startswith("plugin."):
             record.tag = name[len("plugin.") :]
@@ -24,7 +34,9 @@ def configure_logging(level: str) -> None:
     """Sends every log record to stderr in the orchestrator's format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        _Formatter("%(asctime)s.%(msecs)03d %(levelname)-5s %(tag)s: %(message)s", "%H:%M:%S")
+        _Formatter(
+            "%(asctime)s.%(msecs)03d %(levelname)-5s %(tag)s: %(message)s%(trace)s", "%H:%M:%S"
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -8,10 +8,11 @@ from typing import Any
 
 import grpc
 
-from clients import NotFoundError, SidemeshError
+from clients import FailedPreconditionError, NotFoundError, SidemeshError
 from orchestrator._catalog import Catalog
 from orchestrator._events import EventBus
 from orchestrator._plugin import PluginRuntime
+from orchestrator._trace_store import TraceStore
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -21,11 +22,16 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
     """Answers from the orchestrator's own state; never calls a sidecar."""
 
     def __init__(
-        self, catalog: Catalog, plugins: Mapping[str, PluginRuntime], events: EventBus
+        self,
+        catalog: Catalog,
+        plugins: Mapping[str, PluginRuntime],
+        events: EventBus,
+        traces: TraceStore | None,
     ) -> None:
         self._catalog = catalog
         self._plugins = plugins
         self._events = events
+        self._traces = traces
 
     def plugin_status(self, plugin: PluginRuntime) -> mesh_pb2.PluginStatus:
         """The status of one plugin."""
@@ -100,3 +106,30 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
             plugin=request.plugin, lifecycle_only=request.lifecycle_only, replay=request.replay
         ):
             yield event
+
+    async def ListTraces(
+        self, request: mesh_pb2.ListTracesRequest, context: Context
+    ) -> mesh_pb2.ListTracesResponse:
+        """Recent traces from the embedded store, newest first."""
+        store = await self._store(context)
+        return mesh_pb2.ListTracesResponse(traces=await store.recent(request.limit, request.plugin))
+
+    async def GetTrace(
+        self, request: mesh_pb2.GetTraceRequest, context: Context
+    ) -> mesh_pb2.GetTraceResponse:
+        """Every span of one trace."""
+        store = await self._store(context)
+        try:
+            spans = await store.spans(request.trace_id)
+        except SidemeshError as err:
+            await err.abort(context)
+        return mesh_pb2.GetTraceResponse(spans=spans)
+
+    async def _store(self, context: Context) -> TraceStore:
+        if self._traces is None:
+            await FailedPreconditionError(
+                "tracing is off in this mesh (telemetry.enabled: false in its config)",
+                reason="TRACING_DISABLED",
+            ).abort(context)
+        assert self._traces is not None
+        return self._traces

@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.metrics import Observation
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from orchestrator._catalog import Catalog
 from orchestrator._config import MeshConfig
@@ -29,8 +31,10 @@ from orchestrator._launch import (
 )
 from orchestrator._mesh_service import MeshService
 from orchestrator._plugin import PluginRuntime
-from orchestrator._router import AGENT_SERVICE, MCP_SERVICE, TOOL_SERVICE, Admission, Router
+from orchestrator._router import Admission, Router
+from orchestrator._routes import AGENT_SERVICE, MCP_SERVICE, TOOL_SERVICE
 from orchestrator._supervisor import Supervisor
+from orchestrator._telemetry import Telemetry
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("sidemesh.orchestrator")
@@ -48,8 +52,14 @@ class Orchestrator:
         self.events = EventBus()
         self.plugins: dict[str, PluginRuntime] = {}
         self._launcher = launcher or ProcessLauncher()
+        self.telemetry = Telemetry(config.telemetry, config.state_dir)
         self.supervisor = Supervisor(
-            config.supervisor, self.catalog, self.events, self._launcher, config.log_level
+            config.supervisor,
+            self.catalog,
+            self.events,
+            self._launcher,
+            config.log_level,
+            self.telemetry.sidecar_environment(),
         )
         self._admission = Admission(config.limits.max_concurrent_calls)
         self._server: grpc.aio.Server | None = None
@@ -87,6 +97,7 @@ class Orchestrator:
                 self._callback_servers.append(server)
                 self.supervisor.start(plugin)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._observe()
         self._write_endpoints()
         log.info("serving on %s", ", ".join(self.addresses))
 
@@ -140,11 +151,14 @@ class Orchestrator:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        Router(self.catalog, self.plugins, self.events, self._admission, caller=caller).register(
-            server
-        )
+        Router(
+            self.catalog, self.plugins, self.events, self._admission, self.telemetry, caller=caller
+        ).register(server)
         mesh_pb2_grpc.add_MeshServiceServicer_to_server(
-            MeshService(self.catalog, self.plugins, self.events), server
+            MeshService(self.catalog, self.plugins, self.events, self.telemetry.store), server
+        )
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            self.telemetry.receiver(caller.name if caller else ""), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if caller is None:
@@ -154,12 +168,36 @@ class Orchestrator:
                     TOOL_SERVICE,
                     MCP_SERVICE,
                     MESH_SERVICE,
+                    "opentelemetry.proto.collector.trace.v1.TraceService",
                     health.SERVICE_NAME,
                     reflection.SERVICE_NAME,
                 ),
                 server,
             )
         return server
+
+    def _observe(self) -> None:
+        """Metrics read from the orchestrator's state at each export (no hot-path cost)."""
+        tel = self.telemetry
+        tel.observe(
+            "sidemesh.calls.in_flight", "Calls being routed", "{call}",
+            lambda: [Observation(self._admission.in_flight)],
+        )  # fmt: skip
+        tel.observe(
+            "sidemesh.plugin.replicas.ready", "Ready replicas per plugin", "{replica}",
+            lambda: [Observation(len(p.ready), {"sidemesh.plugin": n})
+                     for n, p in self.plugins.items()],
+        )  # fmt: skip
+        tel.observe(
+            "sidemesh.sidecar.restarts", "Sidecar restarts per plugin since start", "{restart}",
+            lambda: [Observation(sum(r.restarts for r in p.replicas), {"sidemesh.plugin": n})
+                     for n, p in self.plugins.items()],
+        )  # fmt: skip
+        tel.observe(
+            "sidemesh.plugin.state", "1 for each plugin's current state", "1",
+            lambda: [Observation(1, {"sidemesh.plugin": n, "sidemesh.state": s})
+                     for n, s in self.plugin_states().items()],
+        )  # fmt: skip
 
     def _write_endpoints(self) -> None:
         path = self.config.state_dir / ENDPOINTS_FILE
@@ -191,6 +229,7 @@ class Orchestrator:
         # Callbacks made by calls that are still finishing were served until now.
         await asyncio.gather(*(s.stop(1.0) for s in self._callback_servers))
         await self.supervisor.stop(grace)
+        await asyncio.to_thread(self.telemetry.shutdown)
         with contextlib.suppress(FileNotFoundError):
             (self.config.state_dir / ENDPOINTS_FILE).unlink()
         if self._run_dir is not None:

@@ -56,6 +56,11 @@ class PluginRuntime:
         self.config: dict[str, Any] = {}
         self.sandbox_layers: list[mesh_pb2.SandboxLayer] = []
 
+    @property
+    def version(self) -> str:
+        """The plugin's version, from its manifest."""
+        return self.manifest.version if self.manifest else ""
+
     # -- configuration -------------------------------------------------------
 
     def effective_config(self) -> dict[str, Any]:

@@ -77,6 +77,11 @@ class Replica:
         self._spec: LaunchSpec | None = None
 
     @property
+    def address(self) -> str:
+        """The sidecar's socket path (empty before the first start)."""
+        return str(self._spec.socket_path) if self._spec else ""
+
+    @property
     def pid(self) -> int:
         """The sidecar's host pid, or 0."""
         return self.process.pid if self.process and self.process.returncode is None else 0

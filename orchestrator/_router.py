@@ -2,7 +2,7 @@
 
 This is the mesh's hot path. A request is parsed once, to find its target and
 check it; the response stream is forwarded as the raw bytes the sidecar sent,
-never decoded or re-encoded.
+never decoded or re-encoded (see :meth:`Router._serve`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from clients import (
-    InvalidArgumentError,
     PermissionDeniedError,
     ResourceExhaustedError,
     SidemeshError,
@@ -29,32 +30,18 @@ from orchestrator._catalog import Catalog, Entry
 from orchestrator._events import EventBus
 from orchestrator._plugin import PluginRuntime
 from orchestrator._replica import Replica
-from sidemesh.v1 import agent_pb2, mcp_pb2, mesh_pb2, tool_pb2
+from orchestrator._routes import ROUTES, TOOL_SERVICE, Route
+from orchestrator._telemetry import Telemetry
+from sidemesh.v1 import mesh_pb2, tool_pb2
 
 log = logging.getLogger("sidemesh.router")
 
-AGENT_SERVICE = "sidemesh.v1.AgentService"
-TOOL_SERVICE = "sidemesh.v1.ToolService"
-MCP_SERVICE = "sidemesh.v1.McpService"
-
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
 _HOP_HEADERS = frozenset(
     {"user-agent", "te", "content-type", "sidemesh-caller", "sidemesh-call-id"}
 )
 _OK = grpc.StatusCode.OK
-
-# McpService: RPC name -> (request class, server streaming).
-_MCP_METHODS: dict[str, tuple[Any, bool]] = {
-    "GetServerInfo": (mcp_pb2.GetServerInfoRequest, False),
-    "ListTools": (mcp_pb2.McpServiceListToolsRequest, False),
-    "CallTool": (mcp_pb2.McpServiceCallToolRequest, True),
-    "ListResources": (mcp_pb2.ListResourcesRequest, False),
-    "ListResourceTemplates": (mcp_pb2.ListResourceTemplatesRequest, False),
-    "ReadResource": (mcp_pb2.ReadResourceRequest, False),
-    "ListPrompts": (mcp_pb2.ListPromptsRequest, False),
-    "GetPrompt": (mcp_pb2.GetPromptRequest, False),
-    "Complete": (mcp_pb2.CompleteRequest, False),
-    "Watch": (mcp_pb2.WatchRequest, True),
-}
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class Admission:
@@ -80,21 +67,7 @@ class Admission:
         self.in_flight -= 1
 
 
-def _bytes_field(number: int, payload: bytes) -> bytes:
-    """Encodes a length-delimited protobuf field (a string or an embedded message)."""
-    out = bytearray([number << 3 | 2])
-    n = len(payload)
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out) + payload
-
-
-def _string_field(number: int, value: str) -> bytes:
-    """Encodes a string field. Appended to an encoded message, it overrides that field
-    (protobuf keeps the last value of a scalar field and merges embedded messages)."""
-    return _bytes_field(number, value.encode())
+# -- the router ----------------------------------------------------------------
 
 
 class Router:
@@ -106,165 +79,213 @@ class Router:
         plugins: Mapping[str, PluginRuntime],
         events: EventBus,
         admission: Admission,
+        telemetry: Telemetry,
         *,
         caller: PluginRuntime | None = None,
     ) -> None:
-        self._catalog = catalog
+        self.catalog = catalog
         self._plugins = plugins
         self._events = events
         self._admission = admission
+        self._telemetry = telemetry
+        self._tracing = telemetry.enabled
         self._caller = caller
         self._caller_name = caller.name if caller else ""
         self._allowed: dict[str, bool] = {}
         self._call_ids = _CallIds()
+        self._durations = telemetry.meter.create_histogram(
+            "rpc.server.call.duration", unit="s", description="Duration of routed calls"
+        )
 
     def register(self, server: grpc.aio.Server) -> None:
         """Adds the routed services to ``server``."""
         raw: Any = None  # no (de)serializer: the handler sees and returns bytes
-        server.add_registered_method_handlers(
-            AGENT_SERVICE,
-            {
-                "Invoke": grpc.unary_stream_rpc_method_handler(self._invoke, raw, raw),
-                "Chat": grpc.stream_stream_rpc_method_handler(self._chat, raw, raw),
-            },
-        )
-        server.add_registered_method_handlers(
-            TOOL_SERVICE,
-            {
-                "ListTools": grpc.unary_unary_rpc_method_handler(
-                    self._list_tools,
-                    tool_pb2.ListToolsRequest.FromString,
-                    tool_pb2.ListToolsResponse.SerializeToString,
-                ),
-                "CallTool": grpc.unary_stream_rpc_method_handler(self._call_tool, raw, raw),
-            },
-        )
-        mcp: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-        for name, (request_cls, streaming) in _MCP_METHODS.items():
-            handler = self._mcp_handler(f"/{MCP_SERVICE}/{name}", request_cls, streaming)
-            factory = (
-                grpc.unary_stream_rpc_method_handler
-                if streaming
-                else grpc.unary_unary_rpc_method_handler
+        handlers: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
+        for route in ROUTES:
+            factory = {
+                "unary_unary": grpc.unary_unary_rpc_method_handler,
+                "unary_stream": grpc.unary_stream_rpc_method_handler,
+                "stream_stream": grpc.stream_stream_rpc_method_handler,
+            }[route.kind]
+            handlers.setdefault(route.service, {})[route.method] = factory(
+                self._handler(route), raw, raw
             )
-            mcp[name] = factory(handler, raw, raw)
-        server.add_registered_method_handlers(MCP_SERVICE, mcp)
+        handlers[TOOL_SERVICE]["ListTools"] = grpc.unary_unary_rpc_method_handler(
+            self._list_tools,
+            tool_pb2.ListToolsRequest.FromString,
+            tool_pb2.ListToolsResponse.SerializeToString,
+        )
+        for service, methods in handlers.items():
+            server.add_registered_method_handlers(service, methods)
 
-    # -- AgentService --------------------------------------------------------
+    def _handler(self, route: Route) -> Callable[..., Any]:
+        if route.kind == "unary_unary":
 
-    async def _invoke(
-        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[bytes]:
-        try:
-            request = _parse(agent_pb2.InvokeRequest, raw)
-            entry = self._catalog.agent(request.agent, request.capability)
-            self._authorize("agent", entry, "/sidemesh.v1.AgentService/Invoke")
-        except SidemeshError as err:
-            await err.abort(context)
-        if request.agent != entry.name:
-            raw += _string_field(1, entry.name)  # InvokeRequest.agent := plugin-local name
-        async for message in self._forward(
-            "/sidemesh.v1.AgentService/Invoke", "unary_stream", entry, raw, context
-        ):
-            yield message
+            async def unary(payload: bytes, context: Context) -> bytes:
+                responses = [r async for r in self._serve(route, payload, context)]
+                return responses[-1] if responses else b""
 
-    async def _chat(
-        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[bytes]:
-        try:
-            first = await anext(aiter(requests), None)
-            if first is None:
-                raise InvalidArgumentError(
-                    "the chat ended before its first message (ChatRequest.start)"
-                )
-            start = _parse(agent_pb2.ChatRequest, first)
-            if start.WhichOneof("message") != "start":
-                raise InvalidArgumentError(
-                    "a chat must begin with ChatRequest.start naming the agent",
-                    reason="CHAT_NOT_STARTED",
-                )
-            entry = self._catalog.agent(start.start.agent, start.start.capability)
-            self._authorize("agent", entry, "/sidemesh.v1.AgentService/Chat")
-        except SidemeshError as err:
-            await err.abort(context)
-        if start.start.agent != entry.name:
-            # ChatRequest.start.agent := plugin-local name (repeated message fields merge).
-            first += _bytes_field(1, _string_field(1, entry.name))
+            return unary
 
-        async def upstream() -> AsyncIterator[bytes]:
-            yield first
-            async for message in requests:
-                yield message
+        async def stream(payload: Any, context: Context) -> AsyncIterator[bytes]:
+            async for response in self._serve(route, payload, context):
+                yield response
 
-        async for message in self._forward(
-            "/sidemesh.v1.AgentService/Chat", "stream_stream", entry, upstream(), context
-        ):
-            yield message
-
-    # -- ToolService ---------------------------------------------------------
+        return stream
 
     async def _list_tools(
-        self, request: tool_pb2.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: tool_pb2.ListToolsRequest, context: Context
     ) -> tool_pb2.ListToolsResponse:
-        tools = self._catalog.tools(plugin=request.plugin)
+        tools = self.catalog.tools(plugin=request.plugin)
         if self._caller is not None:
             tools = [t for t in tools if self._permitted("tool", t.qualified_name)]
         return tool_pb2.ListToolsResponse(tools=tools)
 
-    async def _call_tool(
-        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[bytes]:
+    # -- the hot path ----------------------------------------------------------
+
+    async def _serve(self, route: Route, payload: Any, context: Context) -> AsyncIterator[bytes]:
+        """One routed call: resolve, admit, forward raw bytes both ways, account for it.
+
+        The sidecar's responses are yielded as the bytes they arrived as: the
+        multicallables from :meth:`Replica.method` have no deserializer, and the
+        handler no serializer.
+        """
+        started = time.monotonic()
+        metadata, carrier = self._split_metadata(context)
+        span = self._server_span(route, carrier) if self._tracing else None
+        entry: Entry[Any] | None = None
+        code, details, count = _OK, "", 0
         try:
-            request = _parse(tool_pb2.CallToolRequest, raw)
-            entry = self._catalog.tool(request.tool)
-            self._authorize("tool", entry, "/sidemesh.v1.ToolService/CallTool")
-            entry.check_arguments(request.arguments)
+            entry, payload = await route.resolve(self, payload)
+            plugin = self._plugins[entry.plugin]
+            replica = plugin.pick()
+            self._admission.enter()
         except SidemeshError as err:
+            code, details = err.code, err.message
+            self._end_span(span, code, details, entry, 0)
             await err.abort(context)
-        if request.tool != entry.name:
-            raw += _string_field(1, entry.name)  # CallToolRequest.tool := plugin-local name
-        async for message in self._forward(
-            "/sidemesh.v1.ToolService/CallTool", "unary_stream", entry, raw, context
-        ):
-            yield message
-
-    # -- McpService ----------------------------------------------------------
-
-    def _mcp_handler(self, method: str, request_cls: Any, streaming: bool) -> Callable[..., Any]:
-        async def resolve(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Entry[Any]:
-            try:
-                request = _parse(request_cls, raw)
-                plugin = self._catalog.mcp_server(request.server)
-                if isinstance(request, mcp_pb2.McpServiceCallToolRequest):
-                    tool = self._catalog.tool(f"{plugin}/{request.name}")
-                    self._authorize("tool", tool, method)
-                    tool.check_arguments(request.arguments)
-                    return tool
-                return Entry(plugin, "", plugin, None)
-            except SidemeshError as err:
-                await err.abort(context)
-
-        if streaming:
-
-            async def stream(
-                raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[bytes]:
-                entry = await resolve(raw, context)
-                async for message in self._forward(method, "unary_stream", entry, raw, context):
+        call_id = self._call_ids.next()
+        metadata.append(("sidemesh-call-id", call_id))
+        client_span = None
+        if span is not None:
+            client_span = self._client_span(route, span, entry, replica, call_id, metadata)
+        else:
+            metadata += carrier.items()  # not tracing: pass the caller's context on as is
+        call = replica.method(route.path, route.kind)(
+            payload, timeout=context.time_remaining(), metadata=metadata
+        )
+        replica.in_flight += 1
+        watched = self._events.wants_call_events
+        if watched:
+            self._call_started(entry, route.path, call_id, replica)
+        try:
+            if route.kind == "unary_unary":
+                yield await call
+                count = 1
+            else:
+                async for message in call:
+                    count += 1
                     yield message
+        except grpc.aio.AioRpcError as exc:
+            code, details, trailers = await self._upstream_error(exc, plugin, replica)
+            await context.abort(code, details, trailers)
+        except (asyncio.CancelledError, GeneratorExit):
+            code, details = grpc.StatusCode.CANCELLED, "cancelled by the caller"
+            raise
+        finally:
+            if not call.done():
+                call.cancel()
+            replica.in_flight -= 1
+            self._admission.leave()
+            if client_span is not None:
+                _end(client_span, code, details, count)
+            self._end_span(span, code, details, entry, count)
+            self._durations.record(
+                time.monotonic() - started,
+                {"rpc.method": route.path, "sidemesh.target": entry.qualified,
+                 "rpc.grpc.status_code": code.value[0]},
+            )  # fmt: skip
+            if watched or self._events.wants_call_events:
+                self._call_ended(entry, route.path, call_id, code, details, started, count)
 
-            return stream
+    def _split_metadata(self, context: Context) -> tuple[list[tuple[str, Any]], dict[str, str]]:
+        """The caller's metadata to pass on, and its W3C trace context headers apart."""
+        forwarded: list[tuple[str, Any]] = []
+        carrier: dict[str, str] = {}
+        for key, value in context.invocation_metadata() or ():
+            if key in _TRACE_HEADERS:
+                carrier[key] = str(value)
+            elif key not in _HOP_HEADERS and not key.startswith(("grpc-", ":")):
+                forwarded.append((key, value))
+        if self._caller_name:
+            forwarded.append(("sidemesh-caller", self._caller_name))
+        return forwarded, carrier
 
-        async def unary(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-            entry = await resolve(raw, context)
-            result = b""
-            async for message in self._forward(method, "unary_unary", entry, raw, context):
-                result = message
-            return result
+    # -- tracing ---------------------------------------------------------------
 
-        return unary
+    def _server_span(self, route: Route, carrier: dict[str, str]) -> trace.Span:
+        parent = propagate.extract(carrier) if carrier else None
+        span = self._telemetry.tracer.start_span(
+            f"{route.service}/{route.method}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": route.service,
+                        "rpc.method": route.method},
+        )  # fmt: skip
+        if self._caller_name:
+            span.set_attribute("sidemesh.caller", self._caller_name)
+        # Each RPC runs in its own task: the span stays current for this call's logs.
+        otel_context.attach(trace.set_span_in_context(span, parent))
+        return span
 
-    # -- permissions ---------------------------------------------------------
+    def _client_span(
+        self,
+        route: Route,
+        server: trace.Span,
+        entry: Entry[Any],
+        replica: Replica,
+        call_id: str,
+        metadata: list[tuple[str, Any]],
+    ) -> trace.Span:
+        plugin = self._plugins[entry.plugin]
+        server.set_attribute("sidemesh.target", entry.qualified)
+        server.set_attribute("sidemesh.call_id", call_id)
+        server.add_event(
+            "route",
+            {"sidemesh.plugin": entry.plugin, "sidemesh.replica": replica.index,
+             "sidemesh.routing": plugin.routing, "sidemesh.ready_replicas": len(plugin.ready)},
+        )  # fmt: skip
+        span = self._telemetry.tracer.start_span(
+            f"{route.service}/{route.method}",
+            context=trace.set_span_in_context(server),
+            kind=SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc", "rpc.service": route.service, "rpc.method": route.method,
+                "server.address": replica.address, "network.transport": "unix",
+                "sidemesh.plugin": entry.plugin, "sidemesh.replica": replica.index,
+                "sidemesh.plugin.version": plugin.version, "sidemesh.call_id": call_id,
+            },
+        )  # fmt: skip
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        metadata += carrier.items()
+        return span
+
+    def _end_span(
+        self,
+        span: trace.Span | None,
+        code: grpc.StatusCode,
+        details: str,
+        entry: Entry[Any] | None,
+        count: int,
+    ) -> None:
+        if span is None:
+            return
+        if entry is not None:
+            span.set_attribute("sidemesh.target", entry.qualified)
+        _end(span, code, details, count)
+
+    # -- permissions -----------------------------------------------------------
 
     def _permitted(self, kind: str, qualified: str) -> bool:
         key = f"{kind}:{qualified}"
@@ -277,7 +298,8 @@ class Router:
             self._allowed[key] = allowed
         return allowed
 
-    def _authorize(self, kind: str, entry: Entry[Any], method: str) -> None:
+    def authorize(self, kind: str, entry: Entry[Any], method: str) -> None:
+        """Raises ``PERMISSION_DENIED`` (and records it) when the caller may not call ``entry``."""
         if self._caller is None or self._permitted(kind, entry.qualified):
             return
         field = "tools" if kind == "tool" else "agents"
@@ -299,60 +321,12 @@ class Router:
             reason, reason="PERMISSION_DENIED", metadata={"caller": self._caller_name}
         )
 
-    # -- forwarding ----------------------------------------------------------
-
-    async def _forward(
-        self,
-        method: str,
-        kind: str,
-        entry: Entry[Any],
-        payload: Any,
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[bytes]:
-        """Calls ``method`` on a ready replica of ``entry``'s plugin; yields its raw responses."""
-        try:
-            plugin = self._plugins[entry.plugin]
-            replica = plugin.pick()
-            self._admission.enter()
-        except SidemeshError as err:
-            await err.abort(context)
-        call_id = self._call_ids.next()
-        metadata = self._metadata(context, call_id)
-        call = replica.method(method, kind)(
-            payload, timeout=context.time_remaining(), metadata=metadata
-        )
-        replica.in_flight += 1
-        watched = self._events.wants_call_events
-        started = time.monotonic()
-        if watched:
-            self._call_started(entry, method, call_id, replica)
-        code, details, count = _OK, "", 0
-        try:
-            if kind == "unary_unary":
-                yield await call
-                count = 1
-            else:
-                async for message in call:
-                    count += 1
-                    yield message
-        except grpc.aio.AioRpcError as exc:
-            code, details, trailers = await self._upstream_error(exc, plugin, replica)
-            await context.abort(code, details, trailers)
-        except asyncio.CancelledError:
-            code, details = grpc.StatusCode.CANCELLED, "cancelled by the caller"
-            raise
-        finally:
-            if not call.done():
-                call.cancel()
-            replica.in_flight -= 1
-            self._admission.leave()
-            if watched or self._events.wants_call_events:
-                self._call_ended(entry, method, call_id, code, details, started, count)
+    # -- errors from the sidecar -----------------------------------------------
 
     async def _upstream_error(
         self, exc: grpc.aio.AioRpcError, plugin: PluginRuntime, replica: Replica
     ) -> tuple[grpc.StatusCode, str, tuple[tuple[str, Any], ...]]:
-        """The error to give the caller for a failed call to a sidecar.
+        """The status to give the caller for a failed call to a sidecar.
 
         A transport failure (the sidecar died or went away) becomes UNAVAILABLE
         with a message that says so; the plugin's own errors pass through.
@@ -374,34 +348,19 @@ class Router:
         )
         return err.code, err.message, err.trailing_metadata()
 
-    def _metadata(
-        self, context: grpc.aio.ServicerContext[Any, Any], call_id: str
-    ) -> tuple[tuple[str, str | bytes], ...]:
-        out: list[tuple[str, str | bytes]] = [
-            (k, v)
-            for k, v in context.invocation_metadata() or ()
-            if k not in _HOP_HEADERS and not k.startswith(("grpc-", ":"))
-        ]
-        out.append(("sidemesh-call-id", call_id))
-        if self._caller_name:
-            out.append(("sidemesh-caller", self._caller_name))
-        return tuple(out)
-
-    # -- events --------------------------------------------------------------
+    # -- events ----------------------------------------------------------------
 
     def _call_started(self, entry: Entry[Any], method: str, call_id: str, replica: Replica) -> None:
+        trace_id = trace.get_current_span().get_span_context().trace_id
         self._events.emit(
             entry.plugin,
             "call_started",
             mesh_pb2.CallStarted(
-                call_id=call_id,
-                method=method,
-                target=entry.qualified,
-                caller=self._caller_name,
-                replica=replica.index,
+                call_id=call_id, method=method, target=entry.qualified, caller=self._caller_name,
+                replica=replica.index, trace_id=f"{trace_id:032x}" if trace_id else "",
             ),
             also=(self._caller_name,) if self._caller_name else (),
-        )
+        )  # fmt: skip
 
     def _call_ended(
         self,
@@ -413,15 +372,12 @@ class Router:
         started: float,
         count: int,
     ) -> None:
+        trace_id = trace.get_current_span().get_span_context().trace_id
         ended = mesh_pb2.CallEnded(
-            call_id=call_id,
-            method=method,
-            target=entry.qualified,
-            caller=self._caller_name,
-            code=code.value[0],
-            message=details,
-            responses=count,
-        )
+            call_id=call_id, method=method, target=entry.qualified, caller=self._caller_name,
+            code=code.value[0], message=details, responses=count,
+            trace_id=f"{trace_id:032x}" if trace_id else "",
+        )  # fmt: skip
         ended.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
         self._events.emit(
             entry.plugin,
@@ -429,6 +385,15 @@ class Router:
             ended,
             also=(self._caller_name,) if self._caller_name else (),
         )
+
+
+def _end(span: trace.Span, code: grpc.StatusCode, details: str, count: int) -> None:
+    """Ends a call's span with its gRPC status and message count."""
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    span.set_attribute("sidemesh.messages.sent", count)
+    if code != _OK:
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))
+    span.end()
 
 
 class _CallIds:
@@ -443,20 +408,9 @@ class _CallIds:
         return f"{self._prefix}-{self._n}"
 
 
-def _parse(cls: Any, raw: bytes) -> Any:
-    try:
-        return cls.FromString(raw)
-    except DecodeError:
-        raise InvalidArgumentError(
-            f"the request is not a valid {cls.DESCRIPTOR.full_name} message"
-        ) from None
-
-
 async def _exits_soon(replica: Replica, within: float) -> bool:
     process = replica.process
-    if process is None:
-        return True
-    if process.returncode is not None:
+    if process is None or process.returncode is not None:
         return True
     try:
         await asyncio.wait_for(process.wait(), within)

@@ -32,12 +32,14 @@ class Supervisor:
         events: EventBus,
         launcher: Launcher,
         log_level: str,
+        telemetry_env: dict[str, str],
     ) -> None:
         self._settings = settings
         self._catalog = catalog
         self._events = events
         self._launcher = launcher
         self._log_level = log_level
+        self._telemetry_env = telemetry_env
         self.plugins: dict[str, PluginRuntime] = {}
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._stopping = False
@@ -117,7 +119,12 @@ class Supervisor:
         assert plugin.manifest is not None and plugin.paths is not None
         self._set_replica(plugin, replica, S.REPLICA_STATE_STARTING)
         spec = self._launcher.launch_spec(
-            plugin.manifest, plugin.override, plugin.paths, replica.index, self._log_level
+            plugin.manifest,
+            plugin.override,
+            plugin.paths,
+            replica.index,
+            self._log_level,
+            self._telemetry_env,
         )
 
         def spawned(pid: int) -> None:

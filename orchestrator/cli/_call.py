@@ -38,7 +38,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--capability", default="", help="route to an agent with this capability")
     p.add_argument("--session", default="", help="session/conversation id")
     add_mesh_options(p)
-    p.set_defaults(run=lambda a: run_client(a, lambda c: _invoke(c, a)))
+    p.set_defaults(
+        run=lambda a: run_client(a, lambda c: _invoke(c, a), traced=f"sidemesh invoke {a.agent}")
+    )
 
     p = sub.add_parser(
         "call",
@@ -50,7 +52,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("arguments", nargs="*", metavar="k=v", help="arguments: k=v or k:=JSON")
     p.add_argument("--json", dest="json_arguments", help="the arguments as one JSON object")
     add_mesh_options(p)
-    p.set_defaults(run=lambda a: run_client(a, lambda c: _call(c, a)))
+    p.set_defaults(
+        run=lambda a: run_client(a, lambda c: _call(c, a), traced=f"sidemesh call {a.tool}")
+    )
 
 
 # -- invoke --------------------------------------------------------------------

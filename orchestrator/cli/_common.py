@@ -7,7 +7,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from clients import DEFAULT_TCP_ADDRESS, AsyncMeshClient, SidemeshError
 from orchestrator._config import load_config
 from orchestrator._orchestrator import endpoints
 from orchestrator._yaml_models import ConfigError
+from orchestrator.cli._tracing import traced_command
 
 #: Exit codes scripts can rely on.
 EXIT_OK = 0
@@ -70,15 +71,36 @@ def mesh_address(args: argparse.Namespace) -> str:
     return next((a for a in addresses if a.startswith("unix:")), addresses[0])
 
 
-def run_client(args: argparse.Namespace, body: Callable[[AsyncMeshClient], Awaitable[int]]) -> int:
-    """Runs ``body`` with a client; turns errors into a message on stderr and an exit code."""
+def run_client(
+    args: argparse.Namespace,
+    body: Callable[[AsyncMeshClient], Awaitable[int]],
+    *,
+    traced: str = "",
+) -> int:
+    """Runs ``body`` with a client; turns errors into a message on stderr and an exit code.
+
+    With ``traced``, the command is a root span of that name, and its trace id
+    is printed on stderr at the end.
+    """
+    address = mesh_address(args)
 
     async def main() -> int:
-        async with AsyncMeshClient(mesh_address(args), timeout=args.timeout) as client:
+        async with AsyncMeshClient(address, timeout=args.timeout) as client:
             return await body(client)
 
+    if not traced:
+        return _run(main())
+    with traced_command(traced, address) as span:
+        code = _run(main())
+    trace_id = span.get_span_context().trace_id
+    if trace_id and args.output != "json":
+        print(f"trace {trace_id:032x}  (sidemesh trace {trace_id:032x})", file=sys.stderr)
+    return code
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
     try:
-        return asyncio.run(main())
+        return asyncio.run(main)
     except SidemeshError as err:
         print(f"sidemesh: {err.code.name}: {err.message}", file=sys.stderr)
         for violation in err.field_violations:

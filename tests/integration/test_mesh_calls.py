@@ -189,10 +189,9 @@ def test_orchestrator_serves_health_and_reflection(mesh: Mesh) -> None:
 
 
 async def test_chat_through_the_mesh_runs_turns_by_short_name(mesh: Mesh) -> None:
-    async with AsyncMeshClient(mesh.address) as mesh_client:
-        async with mesh_client.chat("ticker") as chat:
-            first = await chat.turn({"count": 2})
-            second = await chat.turn({"count": 3})
+    async with AsyncMeshClient(mesh.address) as mesh_client, mesh_client.chat("ticker") as chat:
+        first = await chat.turn({"count": 2})
+        second = await chat.turn({"count": 3})
     assert first.text == "tick 0 tick 1 "
     assert second.text == "tick 0 tick 1 tick 2 "
     assert first.result.status == agent_pb2.AGENT_RESULT_STATUS_COMPLETED

@@ -47,6 +47,8 @@ EXPECTED_SERVICES = {
         "ListTools": UNARY,
         "GetTool": UNARY,
         "WatchEvents": SERVER_STREAM,
+        "ListTraces": UNARY,
+        "GetTrace": UNARY,
     },
 }
 

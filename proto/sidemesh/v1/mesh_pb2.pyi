@@ -135,6 +135,42 @@ refused (for example, its sandbox could not be set up in strict mode).
 """
 Global___ReplicaState: _TypeAlias = ReplicaState  # noqa: Y015
 
+class _SpanKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SpanKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SpanKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SPAN_KIND_UNSPECIFIED: _SpanKind.ValueType  # 0
+    """Not set."""
+    SPAN_KIND_INTERNAL: _SpanKind.ValueType  # 1
+    """Work inside a process."""
+    SPAN_KIND_SERVER: _SpanKind.ValueType  # 2
+    """A process serving an incoming call."""
+    SPAN_KIND_CLIENT: _SpanKind.ValueType  # 3
+    """A process making an outgoing call."""
+    SPAN_KIND_PRODUCER: _SpanKind.ValueType  # 4
+    """Sending a message for later processing."""
+    SPAN_KIND_CONSUMER: _SpanKind.ValueType  # 5
+    """Processing a message sent earlier."""
+
+class SpanKind(_SpanKind, metaclass=_SpanKindEnumTypeWrapper):
+    """The role of a span in a call, as OpenTelemetry defines it (same numbers)."""
+
+SPAN_KIND_UNSPECIFIED: SpanKind.ValueType  # 0
+"""Not set."""
+SPAN_KIND_INTERNAL: SpanKind.ValueType  # 1
+"""Work inside a process."""
+SPAN_KIND_SERVER: SpanKind.ValueType  # 2
+"""A process serving an incoming call."""
+SPAN_KIND_CLIENT: SpanKind.ValueType  # 3
+"""A process making an outgoing call."""
+SPAN_KIND_PRODUCER: SpanKind.ValueType  # 4
+"""Sending a message for later processing."""
+SPAN_KIND_CONSUMER: SpanKind.ValueType  # 5
+"""Processing a message sent earlier."""
+Global___SpanKind: _TypeAlias = SpanKind  # noqa: Y015
+
 @_typing.final
 class ReplicaStatus(_message.Message):
     """One sidecar process of a plugin."""
@@ -973,3 +1009,245 @@ class PermissionDenied(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PermissionDenied: _TypeAlias = PermissionDenied  # noqa: Y015
+
+@_typing.final
+class ListTracesRequest(_message.Message):
+    """Request for `MeshService.ListTraces`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    PLUGIN_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """At most this many traces; 0 means 20."""
+    plugin: _builtins.str
+    """When set, only traces with a span from this plugin."""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        plugin: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "plugin", b"plugin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTracesRequest: _TypeAlias = ListTracesRequest  # noqa: Y015
+
+@_typing.final
+class ListTracesResponse(_message.Message):
+    """Response of `MeshService.ListTraces`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def traces(self) -> _containers.RepeatedCompositeFieldContainer[Global___TraceSummary]:
+        """The traces, newest first."""
+
+    def __init__(
+        self,
+        *,
+        traces: _abc.Iterable[Global___TraceSummary] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["traces", b"traces"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTracesResponse: _TypeAlias = ListTracesResponse  # noqa: Y015
+
+@_typing.final
+class TraceSummary(_message.Message):
+    """A trace at a glance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    ROOT_NAME_FIELD_NUMBER: _builtins.int
+    ROOT_SERVICE_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    SPAN_COUNT_FIELD_NUMBER: _builtins.int
+    SERVICES_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    trace_id: _builtins.str
+    """The trace id: 32 lowercase hex digits."""
+    root_name: _builtins.str
+    """Name of the root span (the span without a parent in the trace)."""
+    root_service: _builtins.str
+    """`service.name` of the process that made the root span."""
+    span_count: _builtins.int
+    """Number of spans stored for the trace."""
+    error: _builtins.bool
+    """True when any span ended with an error status."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the earliest span started."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """From the earliest start to the latest end."""
+
+    @_builtins.property
+    def services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """`service.name` of every process in the trace, sorted."""
+
+    def __init__(
+        self,
+        *,
+        trace_id: _builtins.str = ...,
+        root_name: _builtins.str = ...,
+        root_service: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        span_count: _builtins.int = ...,
+        services: _abc.Iterable[_builtins.str] | None = ...,
+        error: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "root_name", b"root_name", "root_service", b"root_service", "services", b"services", "span_count", b"span_count", "start_time", b"start_time", "trace_id", b"trace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TraceSummary: _TypeAlias = TraceSummary  # noqa: Y015
+
+@_typing.final
+class GetTraceRequest(_message.Message):
+    """Request for `MeshService.GetTrace`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    trace_id: _builtins.str
+    """The trace id (32 hex digits), or a unique prefix of at least 6."""
+    def __init__(
+        self,
+        *,
+        trace_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["trace_id", b"trace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTraceRequest: _TypeAlias = GetTraceRequest  # noqa: Y015
+
+@_typing.final
+class GetTraceResponse(_message.Message):
+    """Response of `MeshService.GetTrace`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPANS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def spans(self) -> _containers.RepeatedCompositeFieldContainer[Global___TraceSpan]:
+        """The trace's spans, ordered by start time."""
+
+    def __init__(
+        self,
+        *,
+        spans: _abc.Iterable[Global___TraceSpan] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["spans", b"spans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTraceResponse: _TypeAlias = GetTraceResponse  # noqa: Y015
+
+@_typing.final
+class TraceSpan(_message.Message):
+    """One span of a trace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    SPAN_ID_FIELD_NUMBER: _builtins.int
+    PARENT_SPAN_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    trace_id: _builtins.str
+    """The trace id (32 hex digits)."""
+    span_id: _builtins.str
+    """The span id (16 hex digits)."""
+    parent_span_id: _builtins.str
+    """The parent span's id; empty for a root span."""
+    name: _builtins.str
+    """The span's name, for example `sidemesh.v1.ToolService/CallTool`."""
+    service: _builtins.str
+    """`service.name` of the process that made the span (the plugin's name for
+    a sidecar).
+    """
+    kind: Global___SpanKind.ValueType
+    """The span's role."""
+    error: _builtins.bool
+    """True when the span ended with an error status."""
+    status_message: _builtins.str
+    """The error status's description."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the span started."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """How long it lasted."""
+
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The span's attributes, values rendered as text (arrays as JSON)."""
+
+    def __init__(
+        self,
+        *,
+        trace_id: _builtins.str = ...,
+        span_id: _builtins.str = ...,
+        parent_span_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        service: _builtins.str = ...,
+        kind: Global___SpanKind.ValueType = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        error: _builtins.bool = ...,
+        status_message: _builtins.str = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "duration", b"duration", "error", b"error", "kind", b"kind", "name", b"name", "parent_span_id", b"parent_span_id", "service", b"service", "span_id", b"span_id", "start_time", b"start_time", "status_message", b"status_message", "trace_id", b"trace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TraceSpan: _TypeAlias = TraceSpan  # noqa: Y015

@@ -75,6 +75,16 @@ class MeshServiceStub:
                 request_serializer=sidemesh_dot_v1_dot_mesh__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=sidemesh_dot_v1_dot_mesh__pb2.WatchEventsResponse.FromString,
                 _registered_method=True)
+        self.ListTraces = channel.unary_unary(
+                '/sidemesh.v1.MeshService/ListTraces',
+                request_serializer=sidemesh_dot_v1_dot_mesh__pb2.ListTracesRequest.SerializeToString,
+                response_deserializer=sidemesh_dot_v1_dot_mesh__pb2.ListTracesResponse.FromString,
+                _registered_method=True)
+        self.GetTrace = channel.unary_unary(
+                '/sidemesh.v1.MeshService/GetTrace',
+                request_serializer=sidemesh_dot_v1_dot_mesh__pb2.GetTraceRequest.SerializeToString,
+                response_deserializer=sidemesh_dot_v1_dot_mesh__pb2.GetTraceResponse.FromString,
+                _registered_method=True)
 
 
 class MeshServiceServicer:
@@ -142,6 +152,24 @@ class MeshServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTraces(self, request, context):
+        """Lists the most recent traces in the orchestrator's embedded trace store,
+        newest first. Every process a call crosses (client, orchestrator,
+        sidecars) sends its spans to the orchestrator over OTLP, so a trace here
+        is the whole call. The store is bounded; old traces are dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrace(self, request, context):
+        """One trace's spans, from every process it crossed. `NOT_FOUND` when the
+        store does not hold it; `INVALID_ARGUMENT` for a malformed or ambiguous id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeshServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +207,16 @@ def add_MeshServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=sidemesh_dot_v1_dot_mesh__pb2.WatchEventsRequest.FromString,
                     response_serializer=sidemesh_dot_v1_dot_mesh__pb2.WatchEventsResponse.SerializeToString,
+            ),
+            'ListTraces': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTraces,
+                    request_deserializer=sidemesh_dot_v1_dot_mesh__pb2.ListTracesRequest.FromString,
+                    response_serializer=sidemesh_dot_v1_dot_mesh__pb2.ListTracesResponse.SerializeToString,
+            ),
+            'GetTrace': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrace,
+                    request_deserializer=sidemesh_dot_v1_dot_mesh__pb2.GetTraceRequest.FromString,
+                    response_serializer=sidemesh_dot_v1_dot_mesh__pb2.GetTraceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -376,6 +414,60 @@ class MeshService:
             '/sidemesh.v1.MeshService/WatchEvents',
             sidemesh_dot_v1_dot_mesh__pb2.WatchEventsRequest.SerializeToString,
             sidemesh_dot_v1_dot_mesh__pb2.WatchEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTraces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidemesh.v1.MeshService/ListTraces',
+            sidemesh_dot_v1_dot_mesh__pb2.ListTracesRequest.SerializeToString,
+            sidemesh_dot_v1_dot_mesh__pb2.ListTracesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidemesh.v1.MeshService/GetTrace',
+            sidemesh_dot_v1_dot_mesh__pb2.GetTraceRequest.SerializeToString,
+            sidemesh_dot_v1_dot_mesh__pb2.GetTraceResponse.FromString,
             options,
             channel_credentials,
             insecure,

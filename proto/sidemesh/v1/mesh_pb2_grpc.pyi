@@ -63,6 +63,16 @@ class MeshServiceStub:
     failed). The stream stays open until the client cancels it or the
     orchestrator shuts down (then it ends with `OK`).
     """
+    ListTraces: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.ListTracesRequest, _mesh_pb2.ListTracesResponse]
+    """Lists the most recent traces in the orchestrator's embedded trace store,
+    newest first. Every process a call crosses (client, orchestrator,
+    sidecars) sends its spans to the orchestrator over OTLP, so a trace here
+    is the whole call. The store is bounded; old traces are dropped.
+    """
+    GetTrace: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.GetTraceRequest, _mesh_pb2.GetTraceResponse]
+    """One trace's spans, from every process it crossed. `NOT_FOUND` when the
+    store does not hold it; `INVALID_ARGUMENT` for a malformed or ambiguous id.
+    """
 
 @_typing.type_check_only
 class MeshServiceAsyncStub(MeshServiceStub):
@@ -98,6 +108,16 @@ class MeshServiceAsyncStub(MeshServiceStub):
     ready, crashed, restarted, failed, stopped) and calls (started, finished,
     failed). The stream stays open until the client cancels it or the
     orchestrator shuts down (then it ends with `OK`).
+    """
+    ListTraces: _aio.UnaryUnaryMultiCallable[_mesh_pb2.ListTracesRequest, _mesh_pb2.ListTracesResponse]  # type: ignore[assignment]
+    """Lists the most recent traces in the orchestrator's embedded trace store,
+    newest first. Every process a call crosses (client, orchestrator,
+    sidecars) sends its spans to the orchestrator over OTLP, so a trace here
+    is the whole call. The store is bounded; old traces are dropped.
+    """
+    GetTrace: _aio.UnaryUnaryMultiCallable[_mesh_pb2.GetTraceRequest, _mesh_pb2.GetTraceResponse]  # type: ignore[assignment]
+    """One trace's spans, from every process it crossed. `NOT_FOUND` when the
+    store does not hold it; `INVALID_ARGUMENT` for a malformed or ambiguous id.
     """
 
 class MeshServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -173,6 +193,28 @@ class MeshServiceServicer(metaclass=_abc_1.ABCMeta):
         ready, crashed, restarted, failed, stopped) and calls (started, finished,
         failed). The stream stays open until the client cancels it or the
         orchestrator shuts down (then it ends with `OK`).
+        """
+
+    @_abc_1.abstractmethod
+    def ListTraces(
+        self,
+        request: _mesh_pb2.ListTracesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mesh_pb2.ListTracesResponse, _abc.Awaitable[_mesh_pb2.ListTracesResponse]]:
+        """Lists the most recent traces in the orchestrator's embedded trace store,
+        newest first. Every process a call crosses (client, orchestrator,
+        sidecars) sends its spans to the orchestrator over OTLP, so a trace here
+        is the whole call. The store is bounded; old traces are dropped.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTrace(
+        self,
+        request: _mesh_pb2.GetTraceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mesh_pb2.GetTraceResponse, _abc.Awaitable[_mesh_pb2.GetTraceResponse]]:
+        """One trace's spans, from every process it crossed. `NOT_FOUND` when the
+        store does not hold it; `INVALID_ARGUMENT` for a malformed or ambiguous id.
         """
 
 def add_MeshServiceServicer_to_server(servicer: MeshServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

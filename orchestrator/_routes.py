@@ -1,0 +1,154 @@
+"""The routed RPCs: how each request names its target, and how it is rewritten for the sidecar.
+
+Resolving parses the request once (the only payload the orchestrator reads),
+finds the target in the catalog, checks the caller may call it and that tool
+arguments match the schema, and rewrites the target to the plugin-local name
+by appending one field to the raw bytes instead of re-encoding the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from google.protobuf.message import DecodeError
+
+from clients import InvalidArgumentError
+from orchestrator._catalog import Catalog, Entry
+from sidemesh.v1 import agent_pb2, mcp_pb2, tool_pb2
+
+AGENT_SERVICE = "sidemesh.v1.AgentService"
+TOOL_SERVICE = "sidemesh.v1.ToolService"
+MCP_SERVICE = "sidemesh.v1.McpService"
+
+
+class Resolving(Protocol):
+    """What resolving needs from the router: the catalog and the permission check."""
+
+    catalog: Catalog
+
+    def authorize(self, kind: str, entry: Entry[Any], method: str) -> None: ...
+
+
+Resolver = Callable[[Resolving, Any], Awaitable[tuple[Entry[Any], Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One routed RPC: its path, how to call the sidecar, how to find the target."""
+
+    service: str
+    method: str
+    kind: str  # the sidecar multicallable: unary_unary, unary_stream or stream_stream
+    resolve: Resolver
+
+    @property
+    def path(self) -> str:
+        return f"/{self.service}/{self.method}"
+
+
+def _bytes_field(number: int, payload: bytes) -> bytes:
+    """Encodes a length-delimited protobuf field (a string or an embedded message)."""
+    out = bytearray([number << 3 | 2])
+    n = len(payload)
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + payload
+
+
+def _string_field(number: int, value: str) -> bytes:
+    """Encodes a string field. Appended to an encoded message, it overrides that field
+    (protobuf keeps the last value of a scalar field and merges embedded messages)."""
+    return _bytes_field(number, value.encode())
+
+
+def _parse(cls: Any, raw: bytes) -> Any:
+    try:
+        return cls.FromString(raw)
+    except DecodeError:
+        raise InvalidArgumentError(
+            f"the request is not a valid {cls.DESCRIPTOR.full_name} message"
+        ) from None
+
+
+async def _resolve_invoke(router: Resolving, raw: bytes) -> tuple[Entry[Any], Any]:
+    request = _parse(agent_pb2.InvokeRequest, raw)
+    entry = router.catalog.agent(request.agent, request.capability)
+    router.authorize("agent", entry, "Invoke")
+    if request.agent != entry.name:
+        raw += _string_field(1, entry.name)  # InvokeRequest.agent := plugin-local name
+    return entry, raw
+
+
+async def _resolve_chat(
+    router: Resolving, requests: AsyncIterator[bytes]
+) -> tuple[Entry[Any], Any]:
+    first = await anext(aiter(requests), None)
+    if first is None:
+        raise InvalidArgumentError("the chat ended before its first message (ChatRequest.start)")
+    start = _parse(agent_pb2.ChatRequest, first)
+    if start.WhichOneof("message") != "start":
+        raise InvalidArgumentError(
+            "a chat must begin with ChatRequest.start naming the agent", reason="CHAT_NOT_STARTED"
+        )
+    entry = router.catalog.agent(start.start.agent, start.start.capability)
+    router.authorize("agent", entry, "Chat")
+    if start.start.agent != entry.name:
+        # ChatRequest.start.agent := plugin-local name (repeated message fields merge).
+        first += _bytes_field(1, _string_field(1, entry.name))
+
+    async def upstream() -> AsyncIterator[bytes]:
+        yield first
+        async for message in requests:
+            yield message
+
+    return entry, upstream()
+
+
+async def _resolve_call_tool(router: Resolving, raw: bytes) -> tuple[Entry[Any], Any]:
+    request = _parse(tool_pb2.CallToolRequest, raw)
+    entry = router.catalog.tool(request.tool)
+    router.authorize("tool", entry, "CallTool")
+    entry.check_arguments(request.arguments)
+    if request.tool != entry.name:
+        raw += _string_field(1, entry.name)  # CallToolRequest.tool := plugin-local name
+    return entry, raw
+
+
+def _mcp_resolver(request_cls: Any) -> Resolver:
+    async def resolve(router: Resolving, raw: bytes) -> tuple[Entry[Any], Any]:
+        request = _parse(request_cls, raw)
+        plugin = router.catalog.mcp_server(request.server)
+        if isinstance(request, mcp_pb2.McpServiceCallToolRequest):
+            tool = router.catalog.tool(f"{plugin}/{request.name}")
+            router.authorize("tool", tool, "CallTool")
+            tool.check_arguments(request.arguments)
+            return tool, raw
+        return Entry(plugin, "", plugin, None), raw
+
+    return resolve
+
+
+ROUTES = [
+    Route(AGENT_SERVICE, "Invoke", "unary_stream", _resolve_invoke),
+    Route(AGENT_SERVICE, "Chat", "stream_stream", _resolve_chat),
+    Route(TOOL_SERVICE, "CallTool", "unary_stream", _resolve_call_tool),
+    *(
+        Route(MCP_SERVICE, name, "unary_stream" if streaming else "unary_unary", _mcp_resolver(cls))
+        for name, cls, streaming in (
+            ("GetServerInfo", mcp_pb2.GetServerInfoRequest, False),
+            ("ListTools", mcp_pb2.McpServiceListToolsRequest, False),
+            ("CallTool", mcp_pb2.McpServiceCallToolRequest, True),
+            ("ListResources", mcp_pb2.ListResourcesRequest, False),
+            ("ListResourceTemplates", mcp_pb2.ListResourceTemplatesRequest, False),
+            ("ReadResource", mcp_pb2.ReadResourceRequest, False),
+            ("ListPrompts", mcp_pb2.ListPromptsRequest, False),
+            ("GetPrompt", mcp_pb2.GetPromptRequest, False),
+            ("Complete", mcp_pb2.CompleteRequest, False),
+            ("Watch", mcp_pb2.WatchRequest, True),
+        )
+    ),
+]

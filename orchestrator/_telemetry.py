@@ -1,0 +1,194 @@
+"""The orchestrator's OpenTelemetry: its tracer and meters, and where every span goes.
+
+The orchestrator is the mesh's embedded collector. Its own spans and the spans
+sidecars send it over OTLP (on their callback sockets, since a sandboxed
+sidecar has no network) flow through one sink: the embedded trace store, and,
+when an OTLP endpoint is configured, the official OTLP exporter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from opentelemetry import metrics, trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from orchestrator._config import TelemetrySettings
+from orchestrator._trace_store import TraceStore, stamp_resource
+
+log = logging.getLogger("sidemesh.telemetry")
+
+TRACES_FILE = "traces.db"
+_STOP = object()
+
+
+class _SinkExporter(SpanExporter):
+    """Hands the orchestrator's own finished spans to the sink, as OTLP."""
+
+    def __init__(self, sink: Callable[[ExportTraceServiceRequest], None]) -> None:
+        self._sink = sink
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self._sink(encode_spans(spans))
+        return SpanExportResult.SUCCESS
+
+
+class _Forwarder(OTLPSpanExporter):
+    """Sends OTLP requests that are already encoded to the configured endpoint.
+
+    The official exporter's settings (``OTEL_EXPORTER_OTLP_*``: TLS, headers,
+    compression, timeout) and its retries apply; requests are queued and sent
+    from one thread, and dropped (with a warning) when the endpoint falls behind.
+    """
+
+    def __init__(self, endpoint: str | None) -> None:
+        super().__init__(endpoint=endpoint)
+        self._requests: queue.Queue[Any] = queue.Queue(maxsize=2048)
+        self._dropped = 0
+        self._thread = threading.Thread(target=self._run, name="otlp-forward", daemon=True)
+        self._thread.start()
+
+    def _translate_data(self, data: Any) -> ExportTraceServiceRequest:
+        return data  # type: ignore[no-any-return]
+
+    def _count_data(self, data: Any) -> int:
+        return sum(len(ss.spans) for rs in data.resource_spans for ss in rs.scope_spans)
+
+    def submit(self, request: ExportTraceServiceRequest) -> None:
+        """Queues ``request`` for the endpoint; never blocks."""
+        try:
+            self._requests.put_nowait(request)
+        except queue.Full:
+            self._dropped += 1
+            if self._dropped in (1, 100, 10_000):
+                log.warning("OTLP endpoint is behind: dropped %d span batches", self._dropped)
+
+    def _run(self) -> None:
+        while (request := self._requests.get()) is not _STOP:
+            self._export(request)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Sends what is queued (within ``timeout``), then stops."""
+        self._requests.put(_STOP)
+        self._thread.join(timeout)
+        self.shutdown()
+
+
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """The OTLP ``TraceService`` the orchestrator serves: where sidecars send their spans.
+
+    On a plugin's callback socket the batches are stamped with the plugin's
+    name (``sidemesh.plugin``), which the plugin cannot forge.
+    """
+
+    def __init__(self, sink: Callable[[ExportTraceServiceRequest], None], plugin: str = "") -> None:
+        self._sink = sink
+        self._plugin = plugin
+
+    async def Export(
+        self, request: ExportTraceServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        """Accepts a batch of spans."""
+        if self._plugin:
+            stamp_resource(request, "sidemesh.plugin", self._plugin)
+        self._sink(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class Telemetry:
+    """Tracer, meter, trace store and OTLP export of one orchestrator."""
+
+    def __init__(self, settings: TelemetrySettings, state_dir: Path) -> None:
+        self.settings = settings
+        self.enabled = settings.enabled
+        self.endpoint = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        self.store: TraceStore | None = None
+        self._forwarder: _Forwarder | None = None
+        self._tracer_provider: TracerProvider | None = None
+        self._meter_provider: MeterProvider | None = None
+        resource = Resource.create(
+            {"service.name": os.environ.get("OTEL_SERVICE_NAME", "sidemesh-orchestrator")}
+        )
+        if self.enabled:
+            self.store = TraceStore(state_dir / TRACES_FILE, settings.max_traces)
+            if self.endpoint:
+                self._forwarder = _Forwarder(self.endpoint)
+            self._tracer_provider = TracerProvider(resource=resource)
+            self._tracer_provider.add_span_processor(
+                BatchSpanProcessor(
+                    _SinkExporter(self.accept), schedule_delay_millis=settings.export_delay_ms
+                )
+            )
+            self.tracer: trace.Tracer = self._tracer_provider.get_tracer("sidemesh.orchestrator")
+        else:
+            self.tracer = trace.NoOpTracer()
+        if self.enabled and self.endpoint:
+            reader = PeriodicExportingMetricReader(
+                OTLPMetricExporter(endpoint=self.endpoint),
+                export_interval_millis=settings.metrics_interval * 1000,
+            )
+            self._meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+            self.meter: metrics.Meter = self._meter_provider.get_meter("sidemesh.orchestrator")
+        else:
+            self.meter = metrics.NoOpMeter("sidemesh.orchestrator")
+
+    def accept(self, request: ExportTraceServiceRequest) -> None:
+        """The sink: stores a batch of spans and forwards it to the endpoint, if any."""
+        if self.store is not None:
+            self.store.add(request)
+        if self._forwarder is not None:
+            self._forwarder.submit(request)
+
+    def receiver(self, plugin: str = "") -> OtlpReceiver:
+        """The OTLP receiver for a listener (``plugin``: the callback socket's plugin)."""
+        return OtlpReceiver(self.accept, plugin)
+
+    def sidecar_environment(self) -> dict[str, str]:
+        """``OTEL_*`` settings every sidecar gets (its endpoint is its callback socket)."""
+        if not self.enabled:
+            return {"OTEL_SDK_DISABLED": "true"}
+        env = {
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_BSP_SCHEDULE_DELAY": str(self.settings.export_delay_ms),
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_LOGS_EXPORTER": "none",
+        }
+        for name in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_PROPAGATORS"):
+            if name in os.environ:
+                env[name] = os.environ[name]
+        return env
+
+    def observe(
+        self, name: str, description: str, unit: str, callback: Callable[[], Iterable[Any]]
+    ) -> None:
+        """Registers an observable gauge read at each metrics export."""
+        self.meter.create_observable_gauge(
+            name, callbacks=[lambda _options: list(callback())], unit=unit, description=description
+        )
+
+    def shutdown(self) -> None:
+        """Exports what is buffered and stops every exporter and the store."""
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()
+        if self._meter_provider is not None:
+            self._meter_provider.shutdown()
+        if self._forwarder is not None:
+            self._forwarder.close()
+        if self.store is not None:
+            self.store.close()
