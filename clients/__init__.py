@@ -3,6 +3,9 @@
 ``AsyncMeshClient`` (``grpc.aio``) and ``MeshClient`` (blocking, the same API)
 invoke agents, hold chats, call tools and read the mesh's catalog and events.
 
+Every call is an OpenTelemetry CLIENT span carrying its W3C trace context
+(``tracing_interceptors``; ``tracing=False`` turns it off).
+
 The error classes here are the mesh's one exception hierarchy: the SDK and the
 orchestrator raise the same classes, each keeping its gRPC status code.
 """
@@ -37,6 +40,7 @@ from clients._results import AgentReply, ToolCallResult
 from clients._streams import AgentStream, ServerStream, ToolCallStream
 from clients._sync import MeshClient
 from clients._sync_streams import SyncAgentStream, SyncChatSession, SyncStream, SyncToolCallStream
+from clients._tracing import tracing_interceptors
 
 __all__ = [
     "DEFAULT_TCP_ADDRESS",
@@ -75,5 +79,6 @@ __all__ = [
     "normalize_address",
     "struct_to_dict",
     "to_struct",
+    "tracing_interceptors",
     "unix_socket_path",
 ]

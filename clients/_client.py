@@ -17,6 +17,7 @@ from clients._convert import agent_input, to_struct
 from clients._errors import FailedPreconditionError, InternalError, UnavailableError
 from clients._results import ToolCallResult
 from clients._streams import AgentStream, ServerStream, ToolCallStream, unary
+from clients._tracing import tracing_interceptors
 from sidemesh.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -52,9 +53,11 @@ class AsyncMeshClient:
     ``address`` is ``host:port`` or ``unix:/path``; by default ``$SIDEMESH_ADDRESS``,
     else ``DEFAULT_TCP_ADDRESS``. ``timeout`` is the default deadline of each call
     in seconds (``None``: no deadline); ``metadata`` is sent on every call;
-    ``interceptors`` wrap every call (tracing plugs in here). The channel opens
-    on first use, bound to the running event loop: use a client within one
-    loop. ``close`` cancels the calls still running.
+    ``interceptors`` wrap every call. With ``tracing`` (the default) every call
+    is an OpenTelemetry CLIENT span that carries its W3C context to the server
+    (``tracing_interceptors``, installed before ``interceptors``). The channel
+    opens on first use, bound to the running event loop: use a client within
+    one loop. ``close`` cancels the calls still running.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class AsyncMeshClient:
         metadata: Metadata = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        tracing: bool = True,
     ) -> None:
         if address is None:
             address = os.environ.get(ADDRESS_ENV) or DEFAULT_TCP_ADDRESS
@@ -75,7 +79,10 @@ class AsyncMeshClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self._interceptors = list(interceptors)
+        self._interceptors = [
+            *(tracing_interceptors(self._address) if tracing else ()),
+            *interceptors,
+        ]
         self._channel: grpc.aio.Channel | None = None
         self._stubs_: _Stubs | None = None
         self._closed = False
@@ -305,6 +312,33 @@ class AsyncMeshClient:
             metadata=self._with(metadata),
         )
         return (await unary(call, "GetPlugin")).plugin
+
+    async def list_traces(
+        self,
+        *,
+        limit: int = 0,
+        plugin: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> list[mesh_pb2.TraceSummary]:
+        """The most recent traces the mesh keeps, newest first (``limit`` 0: the mesh's default)."""
+        call = self._stubs().mesh.ListTraces(
+            mesh_pb2.ListTracesRequest(limit=limit, plugin=plugin),
+            timeout=self._deadline(timeout),
+            metadata=self._with(metadata),
+        )
+        return list((await unary(call, "ListTraces")).traces)
+
+    async def get_trace(
+        self, trace_id: str, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> list[mesh_pb2.TraceSpan]:
+        """One trace's spans from every process it crossed, by id or a unique prefix (6+)."""
+        call = self._stubs().mesh.GetTrace(
+            mesh_pb2.GetTraceRequest(trace_id=trace_id),
+            timeout=self._deadline(timeout),
+            metadata=self._with(metadata),
+        )
+        return list((await unary(call, "GetTrace")).spans)
 
     def watch_events(
         self,

@@ -39,6 +39,7 @@ class MeshClient:
         metadata: Metadata = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        tracing: bool = True,
     ) -> None:
         self._async = AsyncMeshClient(
             address,
@@ -46,6 +47,7 @@ class MeshClient:
             metadata=metadata,
             max_message_bytes=max_message_bytes,
             interceptors=interceptors,
+            tracing=tracing,
         )
         self._loop = LoopThread(f"sidemesh-client {self._async.address}")
         self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._async)
@@ -228,6 +230,25 @@ class MeshClient:
     ) -> mesh_pb2.PluginStatus:
         """One plugin's status."""
         return self._loop.run(self._async.get_plugin(name, timeout=timeout, metadata=metadata))
+
+    def list_traces(
+        self,
+        *,
+        limit: int = 0,
+        plugin: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> list[mesh_pb2.TraceSummary]:
+        """The most recent traces the mesh keeps; see ``AsyncMeshClient.list_traces``."""
+        return self._loop.run(
+            self._async.list_traces(limit=limit, plugin=plugin, timeout=timeout, metadata=metadata)
+        )
+
+    def get_trace(
+        self, trace_id: str, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> list[mesh_pb2.TraceSpan]:
+        """One trace's spans; see ``AsyncMeshClient.get_trace``."""
+        return self._loop.run(self._async.get_trace(trace_id, timeout=timeout, metadata=metadata))
 
     def watch_events(
         self,

@@ -242,6 +242,10 @@ TOOLS = [
 ]
 AGENTS = [agent_pb2.AgentDescriptor(name="echo", plugin="bots", qualified_name="bots/echo")]
 PLUGINS = [mesh_pb2.PluginStatus(name="math", state=mesh_pb2.PLUGIN_STATE_READY)]
+TRACES = [
+    mesh_pb2.TraceSummary(trace_id="4bf92f3577b34da6a3ce929d0e0e4736", root_name="call add"),
+    mesh_pb2.TraceSummary(trace_id="0af7651916cd43dd8448eb211c80319c", root_name="invoke"),
+]
 
 
 class Mesh(mesh_pb2_grpc.MeshServiceServicer):
@@ -287,6 +291,19 @@ class Mesh(mesh_pb2_grpc.MeshServiceServicer):
         self, request: mesh_pb2.GetPluginRequest, context: Any
     ) -> mesh_pb2.GetPluginResponse:
         return mesh_pb2.GetPluginResponse(plugin=PLUGINS[0])
+
+    async def ListTraces(  # type: ignore[override]
+        self, request: mesh_pb2.ListTracesRequest, context: Any
+    ) -> mesh_pb2.ListTracesResponse:
+        self.rec.see(request, context)
+        return mesh_pb2.ListTracesResponse(traces=TRACES[: request.limit or None])
+
+    async def GetTrace(  # type: ignore[override]
+        self, request: mesh_pb2.GetTraceRequest, context: Any
+    ) -> mesh_pb2.GetTraceResponse:
+        if not TRACES[0].trace_id.startswith(request.trace_id):
+            await NotFoundError(f"no trace {request.trace_id!r}").abort(context)
+        return mesh_pb2.GetTraceResponse(spans=[mesh_pb2.TraceSpan(name="root")])
 
     @records_cancellation
     async def WatchEvents(  # type: ignore[override]
@@ -364,7 +381,7 @@ def test_public_names_are_pinned() -> None:
             *("SyncAgentStream", "SyncChatSession", "SyncStream", "SyncToolCallStream"),
             *("DEFAULT_TCP_ADDRESS", "ERROR_DOMAIN", "FieldViolation", "SidemeshError"),
             *("from_status", "normalize_address", "unix_socket_path"),
-            *("struct_to_dict", "to_struct"),
+            *("struct_to_dict", "to_struct", "tracing_interceptors"),
             *("AbortedError", "AlreadyExistsError", "CallCancelledError", "DataLossError"),
             *("DeadlineExceededError", "FailedPreconditionError", "InternalError"),
             *("InvalidArgumentError", "NotFoundError", "OutOfRangeError"),
@@ -702,6 +719,11 @@ async def test_catalog_calls(client: AsyncMeshClient, mesh: MeshServer) -> None:
     assert (await client.get_agent("echo")).qualified_name == "bots/echo"
     assert [p.name for p in await client.list_plugins()] == ["math"]
     assert (await client.get_plugin("math")).state == mesh_pb2.PLUGIN_STATE_READY
+    assert [t.root_name for t in await client.list_traces(limit=1, plugin="math")] == ["call add"]
+    assert (mesh.rec.requests[-1].limit, mesh.rec.requests[-1].plugin) == (1, "math")
+    assert [s.name for s in await client.get_trace("4bf92f")] == ["root"]
+    with pytest.raises(NotFoundError):
+        await client.get_trace("ffffff")
 
 
 async def test_get_unknown_tool_is_not_found_with_reason(client: AsyncMeshClient) -> None:
@@ -843,6 +865,8 @@ def test_sync_client_calls_and_stops_its_thread(mesh: MeshServer) -> None:
         assert client.get_agent("echo").name == "echo"
         assert client.list_plugins()[0].name == "math"
         assert client.get_plugin("math").name == "math"
+        assert len(client.list_traces()) == 2
+        assert client.get_trace("4bf92f")[0].name == "root"
         with pytest.raises(InvalidArgumentError) as caught:
             client.invoke("reject").collect()
         assert caught.value.field_violations[0].field == "input.text"
