@@ -23,9 +23,11 @@ from plugins_sdk._failures import end_call
 from plugins_sdk._pump import EventPump
 from plugins_sdk._runtime import PluginRuntime
 from plugins_sdk._structs import struct_to_dict
+from plugins_sdk._tracing import CallSpan, ServerSpans
 from sidemesh.v1 import agent_pb2, agent_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE = "sidemesh.v1.AgentService"
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -33,25 +35,34 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     def __init__(self, runtime: PluginRuntime) -> None:
         self._runtime = runtime
+        #: Starts the SERVER span of each call.
+        self.spans = ServerSpans(runtime.app, SERVICE)
 
     async def Invoke(
         self, request: agent_pb2.InvokeRequest, context: Context
     ) -> AsyncIterator[agent_pb2.InvokeResponse]:
         """Runs one turn and streams its events, the last one its result."""
         info = CallInfo.from_grpc(context)
+        span = self.spans.start("Invoke", info, request.agent)
         try:
-            async with aclosing(self.invoke(request, info)) as events:
-                async for event in events:
-                    yield event
+            with span:
+                async with aclosing(self.invoke(request, info, span)) as events:
+                    async for event in events:
+                        span.messages += 1
+                        yield event
         except Exception as error:
             what = f"agent {request.agent or request.capability!r}"
-            await end_call(context, error, what, info.call_id)
+            await end_call(context, error, what, info.call_id, span=span)
 
     async def invoke(
-        self, request: agent_pb2.InvokeRequest, info: CallInfo
+        self, request: agent_pb2.InvokeRequest, info: CallInfo, span: CallSpan
     ) -> AsyncGenerator[agent_pb2.InvokeResponse, None]:
-        """The events of one turn; raises ``SidemeshError`` or what the agent raised."""
+        """The events of one turn; raises ``SidemeshError`` or what the agent raised.
+
+        The turn runs with ``span`` current, which the caller keeps open.
+        """
         spec = self.resolve(request.agent, request.capability)
+        span.set_target(spec.name)
         given, arg = spec.parse_input(request.input)
         pump = EventPump()
         ctx = AgentContext(
@@ -64,7 +75,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             session_id=request.session_id,
             options=struct_to_dict(request.options),
         )
-        pump.start(run_turn(spec, arg, ctx, pump.emit), on_cancel=lambda: mark_cancelled(ctx))
+        with span.current():
+            pump.start(
+                run_turn(spec, arg, ctx, pump.emit, span), on_cancel=lambda: mark_cancelled(ctx)
+            )
         try:
             while (event := await pump.next()) is not None:
                 yield response(agent_pb2.InvokeResponse, event)
@@ -76,17 +90,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     ) -> AsyncIterator[agent_pb2.ChatResponse]:
         """A conversation: each input starts a turn, or feeds the running one."""
         info = CallInfo.from_grpc(context)
+        span = self.spans.start("Chat", info)
         what = "chat"
         try:
-            start = await first_message(request_iterator)
-            what = f"agent {start.agent or start.capability!r}"
-            spec = self.resolve(start.agent, start.capability)
-            session = ChatSession(self._runtime, spec, start, info)
-            async with aclosing(session.run(request_iterator)) as events:
-                async for event in events:
-                    yield event
+            with span:
+                start = await first_message(request_iterator)
+                what = f"agent {start.agent or start.capability!r}"
+                spec = self.resolve(start.agent, start.capability)
+                span.set_target(spec.name)
+                session = ChatSession(self._runtime, spec, start, info, span)
+                async with aclosing(session.run(request_iterator)) as events:
+                    async for event in events:
+                        span.messages += 1
+                        yield event
         except Exception as error:
-            await end_call(context, error, what, info.call_id)
+            await end_call(context, error, what, info.call_id, span=span)
 
     def resolve(self, agent: str, capability: str) -> AgentSpec:
         """The agent a request names, or the first with its capability."""
@@ -99,6 +117,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
 
 
-async def run_turn(spec: AgentSpec, arg: Any, ctx: AgentContext, emit: Emit) -> Event:
+async def run_turn(
+    spec: AgentSpec, arg: Any, ctx: AgentContext, emit: Emit, span: CallSpan
+) -> Event:
     """One turn as a pump handler: its events are emitted, its result returned last."""
-    return ("result", await spec.run(arg, ctx, emit))
+    result = await spec.run(arg, ctx, emit)
+    span.agent_result(result)
+    return ("result", result)

@@ -24,6 +24,7 @@ from plugins_sdk._events import AgentInput, cancelled_result
 from plugins_sdk._pump import CANCEL_GRACE
 from plugins_sdk._runtime import PluginRuntime
 from plugins_sdk._structs import struct_to_dict
+from plugins_sdk._tracing import CallSpan
 from sidemesh.v1 import agent_pb2
 
 _CLOSED: Any = object()
@@ -77,9 +78,15 @@ class ChatSession:
     """The state of one conversation; :meth:`run` is its response stream."""
 
     def __init__(
-        self, runtime: PluginRuntime, spec: AgentSpec, start: agent_pb2.ChatStart, info: CallInfo
+        self,
+        runtime: PluginRuntime,
+        spec: AgentSpec,
+        start: agent_pb2.ChatStart,
+        info: CallInfo,
+        span: CallSpan,
     ) -> None:
         self._runtime = runtime
+        self._span = span
         self._spec = spec
         self._info = info
         self._session_id = start.session_id
@@ -177,7 +184,8 @@ class ChatSession:
         self._turns += 1
         self._current = inbox
         self._cancel_requested = False
-        self._task = asyncio.create_task(self._turn(self._turns, inbox, first))
+        with self._span.current():  # the turn's task inherits the call's span
+            self._task = asyncio.create_task(self._turn(self._turns, inbox, first))
 
     async def _turn(self, number: int, inbox: _Inbox, first: agent_pb2.AgentInput) -> None:
         out = self._out
@@ -215,6 +223,7 @@ class ChatSession:
         except Exception as error:
             out.put_nowait(error)
             return
+        self._span.agent_result(result)
         emit(("result", result))
         self._turn_done(inbox)
 

@@ -7,11 +7,12 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from opentelemetry import trace
 
 from clients import SidemeshError, ToolCallResult
 from plugins_sdk._events import AgentInput, log_levels
@@ -29,8 +30,6 @@ M = TypeVar("M", bound=Message)
 
 CALL_ID_KEY = "sidemesh-call-id"
 CALLER_KEY = "sidemesh-caller"
-#: Metadata a callback carries over from the call that makes it: the W3C trace context.
-_FORWARDED = frozenset({"traceparent", "tracestate", "baggage"})
 #: ``time_remaining()`` above this means the call has no deadline.
 _NO_DEADLINE = 1e8
 
@@ -43,29 +42,29 @@ class CallInfo:
     caller: str = ""
     #: ``time.monotonic()`` value at which the call's deadline passes; ``None``: no deadline.
     deadline: float | None = None
-    forwarded: tuple[tuple[str, str], ...] = ()
+    #: The call's text metadata, last value per key: where its trace context is read.
+    metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_grpc(cls, context: grpc.aio.ServicerContext[Any, Any]) -> CallInfo:
-        """Reads the call id, the caller, the deadline and the trace context of a call."""
-        call_id = caller = ""
-        forwarded: list[tuple[str, str]] = []
-        for key, value in context.invocation_metadata() or ():
-            if not isinstance(value, str):
-                continue
-            if key == CALL_ID_KEY:
-                call_id = value
-            elif key == CALLER_KEY:
-                caller = value
-            elif key in _FORWARDED:
-                forwarded.append((key, value))
+        """Reads the call id, the caller, the deadline and the metadata of a call."""
+        metadata = {
+            key: value
+            for key, value in context.invocation_metadata() or ()
+            if isinstance(value, str)
+        }
         remaining = context.time_remaining()
         deadline = (
             time.monotonic() + remaining
             if remaining is not None and remaining < _NO_DEADLINE
             else None
         )
-        return cls(call_id or new_call_id(), caller, deadline, tuple(forwarded))
+        return cls(
+            metadata.get(CALL_ID_KEY) or new_call_id(),
+            metadata.get(CALLER_KEY, ""),
+            deadline,
+            metadata,
+        )
 
 
 def response(cls: type[M], event: Event) -> M:
@@ -150,12 +149,20 @@ class CallContext:
         return self._runtime.config
 
     @property
+    def tracer(self) -> trace.Tracer:
+        """An OpenTelemetry tracer named after the plugin; its spans nest under the call's."""
+        return self._runtime.tracer
+
+    @property
     def mesh(self) -> CallMesh:
-        """The mesh, for calling other tools and agents; callbacks inherit this call's deadline."""
+        """The mesh, for calling other tools and agents.
+
+        Callbacks inherit this call's deadline, and join its trace: the call's
+        span is current while the handler runs, and the client's tracing
+        interceptors make each callback a child of it.
+        """
         if self._mesh is None:
-            self._mesh = CallMesh(
-                self._runtime.mesh_client(), self.time_remaining, self._info.forwarded
-            )
+            self._mesh = CallMesh(self._runtime.mesh_client(), self.time_remaining)
         return self._mesh
 
     async def report_progress(

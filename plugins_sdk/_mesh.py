@@ -1,10 +1,11 @@
 """``ctx.mesh``: the plugin's mesh client as seen from one call.
 
-Callbacks made while handling a call inherit what they should from it: its
-remaining deadline (so a callback never outlives the call that needs it) and
-its W3C trace context (so the whole chain is one trace). The plugin shares one
-``AsyncMeshClient`` (one channel) across calls; this view only fills in those
-per-call defaults.
+Callbacks made while handling a call inherit its remaining deadline, so a
+callback never outlives the call that needs it. They join the call's trace
+without help from here: the call's span is current in the handler's task, and
+the client's tracing interceptors start each callback's span under it and
+inject its W3C context. The plugin shares one ``AsyncMeshClient`` (one
+channel) across calls; this view only fills in the per-call deadline.
 """
 
 from __future__ import annotations
@@ -22,19 +23,12 @@ class CallMesh:
     """The mesh, for callbacks made during one call (the ``AsyncMeshClient`` API).
 
     Each method takes the same arguments as the ``AsyncMeshClient`` method of
-    the same name; ``timeout`` defaults to the call's remaining deadline, and
-    the call's trace context is added to ``metadata``.
+    the same name; ``timeout`` defaults to the call's remaining deadline.
     """
 
-    def __init__(
-        self,
-        client: AsyncMeshClient,
-        time_remaining: Callable[[], float | None],
-        metadata: tuple[tuple[str, str], ...],
-    ) -> None:
+    def __init__(self, client: AsyncMeshClient, time_remaining: Callable[[], float | None]) -> None:
         self._client = client
         self._time_remaining = time_remaining
-        self._metadata = metadata
 
     @property
     def client(self) -> AsyncMeshClient:
@@ -43,9 +37,6 @@ class CallMesh:
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self._time_remaining() if timeout is None else timeout
-
-    def _with(self, metadata: Metadata) -> tuple[tuple[str, str], ...]:
-        return (*self._metadata, *metadata) if metadata else self._metadata
 
     async def call_tool(
         self,
@@ -62,7 +53,7 @@ class CallMesh:
             tool,
             arguments,
             timeout=self._timeout(timeout),
-            metadata=self._with(metadata),
+            metadata=metadata,
             **kwargs,
         )
 
@@ -81,7 +72,7 @@ class CallMesh:
             tool,
             arguments,
             timeout=self._timeout(timeout),
-            metadata=self._with(metadata),
+            metadata=metadata,
             **kwargs,
         )
 
@@ -99,7 +90,7 @@ class CallMesh:
             agent,
             input,
             timeout=self._timeout(timeout),
-            metadata=self._with(metadata),
+            metadata=metadata,
             **kwargs,
         )
 
@@ -112,9 +103,7 @@ class CallMesh:
         **kwargs: Any,
     ) -> ChatSession:
         """Opens a conversation with another agent."""
-        return self._client.chat(
-            agent, timeout=self._timeout(timeout), metadata=self._with(metadata), **kwargs
-        )
+        return self._client.chat(agent, timeout=self._timeout(timeout), metadata=metadata, **kwargs)
 
     async def list_tools(
         self,
@@ -126,7 +115,7 @@ class CallMesh:
     ) -> list[tool_pb2.ToolDescriptor]:
         """The tools in the mesh, optionally of one plugin or matching ``query``."""
         return await self._client.list_tools(
-            plugin, query, timeout=self._timeout(timeout), metadata=self._with(metadata)
+            plugin, query, timeout=self._timeout(timeout), metadata=metadata
         )
 
     async def list_agents(
@@ -139,5 +128,5 @@ class CallMesh:
     ) -> list[agent_pb2.AgentDescriptor]:
         """The agents in the mesh, optionally of one plugin or with a capability."""
         return await self._client.list_agents(
-            plugin, capability, timeout=self._timeout(timeout), metadata=self._with(metadata)
+            plugin, capability, timeout=self._timeout(timeout), metadata=metadata
         )

@@ -3,7 +3,9 @@
 It serves ``ToolService``, ``AgentService`` and the catalog part of
 ``MeshService`` for a few in-process apps, routing ``plugin/name`` or a unique
 short name to the app's own servicers and setting the caller as the
-orchestrator would. It does not sandbox, check manifest permissions, retry or
+orchestrator would. Each routed call gets the SERVER span the target app's
+sidecar would make, so a harness trace looks like the mesh's minus the
+orchestrator's own spans. It does not sandbox, check manifest permissions, retry or
 balance: the real orchestrator does that.
 """
 
@@ -23,6 +25,7 @@ from plugins_sdk._context import CallInfo
 from plugins_sdk._failures import end_call
 from plugins_sdk._runtime import PluginRuntime
 from plugins_sdk._tool_service import ToolServicer
+from plugins_sdk._tracing import CallSpan
 from sidemesh.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -105,14 +108,17 @@ class EndpointTools(tool_pb2_grpc.ToolServiceServicer):
     ) -> AsyncIterator[tool_pb2.CallToolResponse]:
         """Routes the call to the app that owns the tool."""
         info = self._routes.info(context)
+        span: CallSpan | None = None
         try:
             member, name = self._routes.resolve("tool", request.tool)
             local = tool_pb2.CallToolRequest(tool=name, arguments=request.arguments)
-            async with aclosing(member.tools.call(local, info)) as events:
-                async for event in events:
-                    yield event
+            with member.tools.spans.start("CallTool", info, name) as span:
+                async with aclosing(member.tools.call(local, info, span)) as events:
+                    async for event in events:
+                        span.messages += 1
+                        yield event
         except Exception as error:
-            await end_call(context, error, f"tool {request.tool!r}", info.call_id)
+            await end_call(context, error, f"tool {request.tool!r}", info.call_id, span=span)
 
 
 class EndpointAgents(agent_pb2_grpc.AgentServiceServicer):
@@ -126,33 +132,39 @@ class EndpointAgents(agent_pb2_grpc.AgentServiceServicer):
     ) -> AsyncIterator[agent_pb2.InvokeResponse]:
         """Routes the turn to the app that owns the agent."""
         info = self._routes.info(context)
+        span: CallSpan | None = None
         try:
             member, name = self._resolve(request.agent, request.capability)
             local = agent_pb2.InvokeRequest()
             local.CopyFrom(request)
             local.agent, local.capability = name, ""
-            async with aclosing(member.agents.invoke(local, info)) as events:
-                async for event in events:
-                    yield event
+            with member.agents.spans.start("Invoke", info, name) as span:
+                async with aclosing(member.agents.invoke(local, info, span)) as events:
+                    async for event in events:
+                        span.messages += 1
+                        yield event
         except Exception as error:
             what = f"agent {request.agent or request.capability!r}"
-            await end_call(context, error, what, info.call_id)
+            await end_call(context, error, what, info.call_id, span=span)
 
     async def Chat(
         self, request_iterator: AsyncIterator[agent_pb2.ChatRequest], context: Context
     ) -> AsyncIterator[agent_pb2.ChatResponse]:
         """Routes the conversation to the app that owns the agent."""
         info = self._routes.info(context)
+        span: CallSpan | None = None
         try:
             start = await first_message(request_iterator)
             member, name = self._resolve(start.agent, start.capability)
             spec = member.runtime.agent(name)
-            session = ChatSession(member.runtime, spec, start, info)
-            async with aclosing(session.run(request_iterator)) as events:
-                async for event in events:
-                    yield event
+            with member.agents.spans.start("Chat", info, name) as span:
+                session = ChatSession(member.runtime, spec, start, info, span)
+                async with aclosing(session.run(request_iterator)) as events:
+                    async for event in events:
+                        span.messages += 1
+                        yield event
         except Exception as error:
-            await end_call(context, error, "chat", info.call_id)
+            await end_call(context, error, "chat", info.call_id, span=span)
 
     def _resolve(self, agent: str, capability: str) -> tuple[_Member, str]:
         if agent:
@@ -232,6 +244,18 @@ class EndpointCatalog(mesh_pb2_grpc.MeshServiceServicer):
         """Not in the harness: mesh events belong to the orchestrator."""
         await _unimplemented(context, "WatchEvents")
         yield mesh_pb2.WatchEventsResponse()  # pragma: no cover - makes this a generator
+
+    async def ListTraces(
+        self, request: mesh_pb2.ListTracesRequest, context: Context
+    ) -> mesh_pb2.ListTracesResponse:
+        """Not in the harness: the trace store belongs to the orchestrator."""
+        await _unimplemented(context, "ListTraces")
+
+    async def GetTrace(
+        self, request: mesh_pb2.GetTraceRequest, context: Context
+    ) -> mesh_pb2.GetTraceResponse:
+        """Not in the harness: the trace store belongs to the orchestrator."""
+        await _unimplemented(context, "GetTrace")
 
 
 async def _unimplemented(context: Context, method: str) -> NoReturn:

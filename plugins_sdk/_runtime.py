@@ -8,6 +8,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
+from opentelemetry import trace
 
 from clients import (
     AsyncMeshClient,
@@ -39,6 +40,8 @@ class PluginRuntime:
         self.app = app
         self.mesh_address = mesh_address
         self.health = health_aio.HealthServicer()
+        #: The plugin's own tracer (``ctx.tracer``), named after it.
+        self.tracer = trace.get_tracer(app.name, app.version)
         self._mesh: AsyncMeshClient | None = None
         self._stop = asyncio.Event()
         #: Seconds calls in flight get when the plugin stops; ``None``: until they finish.

@@ -14,9 +14,11 @@ from plugins_sdk._pump import EventPump
 from plugins_sdk._runtime import PluginRuntime
 from plugins_sdk._structs import struct_to_dict
 from plugins_sdk._tools import ToolSpec
+from plugins_sdk._tracing import CallSpan, ServerSpans
 from sidemesh.v1 import tool_pb2, tool_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE = "sidemesh.v1.ToolService"
 
 
 class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
@@ -24,6 +26,8 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
 
     def __init__(self, runtime: PluginRuntime) -> None:
         self._runtime = runtime
+        #: Starts the SERVER span of each call.
+        self.spans = ServerSpans(runtime.app, SERVICE)
         self._list = tool_pb2.ListToolsResponse(
             tools=sorted(
                 (spec.descriptor for spec in runtime.app.tools.values()), key=lambda d: d.name
@@ -34,35 +38,50 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
         self, request: tool_pb2.ListToolsRequest, context: Context
     ) -> tool_pb2.ListToolsResponse:
         """The plugin's tools, by name; none when the request names another plugin."""
-        if request.plugin and request.plugin != self._runtime.app.name:
-            return tool_pb2.ListToolsResponse()
-        return self._list
+        with self.spans.start("ListTools", CallInfo.from_grpc(context)) as span:
+            span.messages = 1
+            if request.plugin and request.plugin != self._runtime.app.name:
+                return tool_pb2.ListToolsResponse()
+            return self._list
 
     async def CallTool(
         self, request: tool_pb2.CallToolRequest, context: Context
     ) -> AsyncIterator[tool_pb2.CallToolResponse]:
         """Validates the arguments, runs the tool, streams progress and logs, then the result."""
         info = CallInfo.from_grpc(context)
+        span = self.spans.start("CallTool", info, request.tool)
         try:
-            async with aclosing(self.call(request, info)) as events:
-                async for response in events:
-                    yield response
+            with span:
+                async with aclosing(self.call(request, info, span)) as events:
+                    async for response in events:
+                        span.messages += 1
+                        yield response
         except Exception as error:
-            await end_call(context, error, f"tool {request.tool!r}", info.call_id)
+            await end_call(context, error, f"tool {request.tool!r}", info.call_id, span=span)
 
     async def call(
-        self, request: tool_pb2.CallToolRequest, info: CallInfo
+        self, request: tool_pb2.CallToolRequest, info: CallInfo, span: CallSpan
     ) -> AsyncGenerator[tool_pb2.CallToolResponse, None]:
-        """The events of one call; raises ``SidemeshError`` or what the tool raised."""
+        """The events of one call; raises ``SidemeshError`` or what the tool raised.
+
+        The tool runs with ``span`` current, which the caller keeps open.
+        """
         spec = self._runtime.tool(request.tool)
+        span.set_target(spec.name)
         kwargs = spec.bind(struct_to_dict(request.arguments))
         if not spec.takes_context:
             # No context, no events: run it in the call's own task, cheapest path.
-            yield tool_pb2.CallToolResponse(result=await spec.run(kwargs, None))
+            with span.current():
+                result = await spec.run(kwargs, None)
+            span.tool_result(result)
+            yield tool_pb2.CallToolResponse(result=result)
             return
         pump = EventPump()
         ctx = ToolContext(self._runtime, spec.name, info, spec.logger, pump.emit)
-        pump.start(_result_event(spec, kwargs, ctx), on_cancel=lambda: mark_cancelled(ctx))
+        with span.current():
+            pump.start(
+                _result_event(spec, kwargs, ctx, span), on_cancel=lambda: mark_cancelled(ctx)
+            )
         try:
             while (event := await pump.next()) is not None:
                 yield response(tool_pb2.CallToolResponse, event)
@@ -71,6 +90,8 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
 
 
 async def _result_event(
-    spec: ToolSpec, kwargs: dict[str, Any], ctx: ToolContext
+    spec: ToolSpec, kwargs: dict[str, Any], ctx: ToolContext, span: CallSpan
 ) -> tuple[str, tool_pb2.ToolResult]:
-    return ("result", await spec.run(kwargs, ctx))
+    result = await spec.run(kwargs, ctx)
+    span.tool_result(result)
+    return ("result", result)

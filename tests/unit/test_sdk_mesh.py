@@ -1,4 +1,8 @@
-"""plugins_sdk ``ctx.mesh``: callbacks inherit the call's deadline and trace context."""
+"""plugins_sdk ``ctx.mesh``: callbacks inherit the call's deadline.
+
+(That they join the call's trace is in ``test_sdk_tracing``: the client's
+interceptors do it, not this view.)
+"""
 
 from __future__ import annotations
 
@@ -22,25 +26,22 @@ class RecordingClient:
         return "stream"
 
 
-TRACE = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),)
-
-
-async def test_callbacks_default_to_the_remaining_deadline_and_carry_the_trace() -> None:
+async def test_callbacks_default_to_the_remaining_deadline() -> None:
     client = RecordingClient()
-    mesh = CallMesh(client, lambda: 2.5, TRACE)  # type: ignore[arg-type]
+    mesh = CallMesh(client, lambda: 2.5)  # type: ignore[arg-type]
     assert await mesh.call_tool("tools-demo/add", {"a": 1}, b=2) == "result"
     name, args, kwargs = client.calls[-1]
     assert name == "call_tool"
     assert args == ("tools-demo/add", {"a": 1})
-    assert kwargs == {"timeout": 2.5, "metadata": TRACE, "b": 2}
+    assert kwargs == {"timeout": 2.5, "metadata": (), "b": 2}
 
 
 async def test_an_explicit_timeout_and_metadata_are_kept() -> None:
     client = RecordingClient()
-    mesh = CallMesh(client, lambda: None, TRACE)  # type: ignore[arg-type]
+    mesh = CallMesh(client, lambda: None)  # type: ignore[arg-type]
     mesh.invoke("assistant", "hi", timeout=1.0, metadata=[("k", "v")])
     _, args, kwargs = client.calls[-1]
     assert args == ("assistant", "hi")
-    assert kwargs == {"timeout": 1.0, "metadata": (*TRACE, ("k", "v"))}
+    assert kwargs == {"timeout": 1.0, "metadata": [("k", "v")]}
     await mesh.call_tool("add")
     assert client.calls[-1][2]["timeout"] is None  # no deadline: none for the callback
