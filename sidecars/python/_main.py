@@ -14,6 +14,7 @@ from plugins_sdk import Plugin, run
 from plugins_sdk._plugin import PLUGIN_ENV
 from plugins_sdk._runner import LISTEN_ENV
 from sidecars.python._logging import LOG_LEVEL_ENV, configure_logging
+from sidecars.python._telemetry import configure_tracing
 
 log = logging.getLogger("sidecars.python")
 
@@ -84,9 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     expected = os.environ.get(PLUGIN_ENV)
     if expected and expected != app.name:
         log.warning("the app is named %r but %s is %r", app.name, PLUGIN_ENV, expected)
+    tracing = configure_tracing(expected or app.name)
     try:
-        run(app)
+        run(app)  # returns once calls have drained, after Shutdown or SIGTERM
     except OSError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
     return 0

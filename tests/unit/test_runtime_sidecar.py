@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import sys
@@ -12,15 +13,23 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from clients import AsyncMeshClient, UnknownError
+from sidecars.python._telemetry import Tracing
 from sidemesh.v1 import plugin_pb2, plugin_pb2_grpc
 
+tracer = trace.get_tracer("tests")
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS_DEMO = ROOT / "examples" / "plugins" / "tools-demo"
 
@@ -58,7 +67,13 @@ def sidecar_env(address: str, plugin: str) -> dict[str, str]:
     }
 
 
-async def start(target: str, cwd: Path, socket_dir: str, plugin: str = "tools-demo") -> Sidecar:
+async def start(
+    target: str,
+    cwd: Path,
+    socket_dir: str,
+    plugin: str = "tools-demo",
+    env: dict[str, str] | None = None,
+) -> Sidecar:
     address = f"unix:{socket_dir}/p.sock"
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
@@ -67,7 +82,7 @@ async def start(target: str, cwd: Path, socket_dir: str, plugin: str = "tools-de
         "sidecars.python",
         target,
         cwd=cwd,
-        env=sidecar_env(address, plugin),
+        env=sidecar_env(address, plugin) | (env or {}),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -172,7 +187,7 @@ async def test_plugin_logs_go_to_stderr_one_line_per_record(
     try:
         await wait_serving(sidecar)
         async with AsyncMeshClient(sidecar.address) as client:
-            with pytest.raises(UnknownError, match="ValueError"):
+            with tracer.start_as_current_span("test") as root, pytest.raises(UnknownError):
                 await client.call_tool("boom")
         sidecar.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(sidecar.process.wait(), 10) == 0
@@ -180,10 +195,15 @@ async def test_plugin_logs_go_to_stderr_one_line_per_record(
         if sidecar.process.returncode is None:
             sidecar.process.kill()
     lines = (await sidecar.stderr()).splitlines()
-    assert "WARNING p.boom: about to fail" in lines
+    # Lines logged during the call end with its trace context, even without an SDK.
+    ids = re.escape(f" trace_id={root.get_span_context().trace_id:032x} span_id=") + "[0-9a-f]{16}$"
+    warning = [line for line in lines if line.startswith("WARNING p.boom")]
+    assert len(warning) == 1 and re.fullmatch("WARNING p.boom: about to fail" + ids, warning[0])
     failure = [line for line in lines if line.startswith("ERROR plugins_sdk: tool 'boom' failed")]
     assert len(failure) == 1
     assert "Traceback" in failure[0] and "ValueError: x" in failure[0]
+    assert re.search(ids, failure[0])
+    assert not re.search("trace_id", lines[0])  # "serving ...": not in a call
 
 
 @pytest.mark.parametrize(
@@ -208,3 +228,119 @@ async def test_an_unusable_listen_address_exits_2(listen: str, message: str) -> 
     _, stderr = await asyncio.wait_for(process.communicate(), 15)
     assert process.returncode == 2
     assert f"sidecar: {message}" in stderr.decode()
+
+
+# -- tracing -----------------------------------------------------------------------------
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """A tiny OTLP receiver: keeps what sidecars export."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    async def Export(  # type: ignore[override]
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def spans(self) -> list[tuple[dict[str, str], Any]]:
+        """Every span received, with its resource's string attributes."""
+        return [
+            ({a.key: a.value.string_value for a in rs.resource.attributes}, span)
+            for request in self.requests
+            for rs in request.resource_spans
+            for ss in rs.scope_spans
+            for span in ss.spans
+        ]
+
+
+@pytest.fixture
+async def collector(socket_dir: str) -> AsyncIterator[tuple[str, Collector]]:
+    servicer = Collector()
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
+    address = f"unix:{socket_dir}/otlp.sock"
+    server.add_insecure_port(address)
+    await server.start()
+    yield address, servicer
+    await server.stop(None)
+
+
+def otlp_env(endpoint: str, **extra: str) -> dict[str, str]:
+    """What the orchestrator adds for tracing; a long batch delay leaves spans to the exit."""
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "60000",
+        **extra,
+    }
+
+
+async def stop_sidecar(sidecar: Sidecar, how: str) -> None:
+    if how == "sigterm":
+        sidecar.process.send_signal(signal.SIGTERM)
+    else:
+        async with grpc.aio.insecure_channel(sidecar.address) as channel:
+            await plugin_pb2_grpc.PluginServiceStub(channel).Shutdown(plugin_pb2.ShutdownRequest())
+    assert await asyncio.wait_for(sidecar.process.wait(), 10) == 0
+
+
+@pytest.mark.parametrize("how", ["sigterm", "shutdown"])
+async def test_the_sidecar_exports_its_spans_over_otlp_when_it_exits(
+    socket_dir: str, collector: tuple[str, Collector], how: str
+) -> None:
+    endpoint, received = collector
+    sidecar = await start(
+        "tools_demo:app",
+        TOOLS_DEMO,
+        socket_dir,
+        env=otlp_env(endpoint, OTEL_RESOURCE_ATTRIBUTES="sidemesh.replica=0"),
+    )
+    try:
+        await wait_serving(sidecar)
+        async with AsyncMeshClient(sidecar.address) as client:
+            with tracer.start_as_current_span("test") as root:
+                assert (await client.call_tool("add", a=2, b=3)).structured == {"result": 5}
+        assert received.requests == []  # batched until the exit
+        await stop_sidecar(sidecar, how)
+    finally:
+        if sidecar.process.returncode is None:
+            sidecar.process.kill()
+    servers = [(resource, s) for resource, s in received.spans() if s.kind == s.SPAN_KIND_SERVER]
+    assert len(servers) == 1, await sidecar.stderr()
+    resource, span = servers[0]
+    assert span.name == "sidemesh.v1.ToolService/CallTool"
+    assert resource["service.name"] == "tools-demo"  # $SIDEMESH_PLUGIN when not set otherwise
+    assert resource["sidemesh.replica"] == "0"
+    assert span.trace_id.hex() == f"{root.get_span_context().trace_id:032x}"
+    attributes = {a.key: a.value for a in span.attributes}
+    assert attributes["sidemesh.target"].string_value == "add"
+    assert attributes["rpc.grpc.status_code"].int_value == 0
+
+
+async def test_an_unreachable_otlp_endpoint_blocks_neither_calls_nor_exit(socket_dir: str) -> None:
+    env = otlp_env(f"unix:{socket_dir}/nobody.sock", OTEL_EXPORTER_OTLP_TIMEOUT="0.5")
+    sidecar = await start("tools_demo:app", TOOLS_DEMO, socket_dir, env=env)
+    try:
+        await wait_serving(sidecar)
+        async with AsyncMeshClient(sidecar.address) as client:
+            with tracer.start_as_current_span("test"):
+                assert (await client.call_tool("add", a=2, b=3)).structured == {"result": 5}
+        started = time.monotonic()
+        await stop_sidecar(sidecar, "sigterm")
+        assert time.monotonic() - started < 5
+    finally:
+        if sidecar.process.returncode is None:
+            sidecar.process.kill()
+
+
+def test_shutdown_gives_up_on_an_endpoint_that_is_down(socket_dir: str) -> None:
+    exporter = OTLPSpanExporter(endpoint=f"unix:{socket_dir}/nobody.sock", insecure=True)
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    provider.get_tracer("tests").start_span("lost").end()
+    started = time.monotonic()
+    Tracing(provider, exporter).shutdown(timeout=0.2)
+    assert time.monotonic() - started < 1.5  # the exporter alone would retry for 10 s
