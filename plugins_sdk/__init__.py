@@ -12,7 +12,9 @@ async def add(a: int, b: int) -> int:
 ```
 
 The sidecar runtime (``python -m sidecars.python module:app``) serves the app
-in the mesh; ``plugins_sdk.testing.PluginHarness`` serves it in tests. See
+in the mesh; ``plugins_sdk.testing.PluginHarness`` serves it in tests. Every
+call is an OpenTelemetry SERVER span in its caller's trace (the SDK uses the
+OpenTelemetry API only; the runtime configures where spans go). See
 ``docs/plugin-guide.md``.
 """
 

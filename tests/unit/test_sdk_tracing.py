@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import baggage, context, trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -75,6 +75,11 @@ async def whoami() -> str:
 
 
 @tools.tool()
+async def tenant() -> str:
+    return str(baggage.get_baggage("tenant"))
+
+
+@tools.tool()
 async def hang(ctx: ToolContext) -> str:
     await asyncio.sleep(3600)
     return "never"
@@ -90,6 +95,11 @@ async def planner(input: AgentInput, ctx: AgentContext) -> AsyncIterator[Any]:
 @agents.agent()
 async def asker(input: AgentInput, ctx: AgentContext) -> str:
     return (await ctx.call_tool("tools-t/whoami")).text
+
+
+@agents.agent()
+async def relay(input: AgentInput, ctx: AgentContext) -> str:
+    return (await ctx.call_tool("tools-t/tenant")).text
 
 
 @agents.agent()
@@ -353,3 +363,13 @@ async def test_callbacks_without_an_sdk_carry_the_callers_context(
     # Client, agent, callback, tool: none records, and the tool runs in the caller's context.
     assert reply.text == "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"
     assert spans.get_finished_spans() == ()
+
+
+async def test_the_callers_baggage_reaches_the_plugin_and_its_callbacks() -> None:
+    async with PluginHarness(agents, mesh_apps=[tools]) as harness:
+        token = context.attach(baggage.set_baggage("tenant", "acme"))
+        try:
+            reply = await harness.client.invoke("relay").collect()
+        finally:
+            context.detach(token)
+    assert reply.text == "acme"
