@@ -34,6 +34,7 @@ from clients._address import normalize_address
 SCOPE = "sidemesh.clients"
 
 _tracer = trace.get_tracer(SCOPE)
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 def tracing_interceptors(address: str) -> list[grpc.aio.ClientInterceptor]:
@@ -185,7 +186,7 @@ def end_span(span: Span, code: int, description: str) -> None:
     """Ends a call's span with its gRPC status: any code but ``OK`` is an error for a client."""
     span.set_attribute("rpc.grpc.status_code", code)
     if code != 0:
-        span.set_status(Status(StatusCode.ERROR, description))
+        span.set_status(Status(StatusCode.ERROR, description or _CODE_NAMES.get(code, str(code))))
     span.end()
 
 
@@ -196,7 +197,7 @@ def _on_done(span: Span, call: Any) -> None:
     status = getattr(getattr(call, "_cython_call", None), "_status", None)
     if status is not None:
         code: int = status.code()
-        end_span(span, code, status.details() or _code_name(code))
+        end_span(span, code, status.details() if code else "")
     else:
         task = asyncio.get_running_loop().create_task(_end_from_call(span, call))
         _pending.add(task)
@@ -208,19 +209,12 @@ _pending: set[asyncio.Task[None]] = set()
 
 async def _end_from_call(span: Span, call: Any) -> None:
     code: grpc.StatusCode = await call.code()
-    end_span(span, code.value[0], await call.details() or code.name)
+    end_span(span, code.value[0], await call.details())
 
 
 def _status_of_error(error: BaseException) -> tuple[int, str]:
     if isinstance(error, grpc.aio.AioRpcError):
-        return error.code().value[0], error.details() or error.code().name
+        return error.code().value[0], error.details() or ""
     if isinstance(error, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED.value[0], "the call was cancelled before it started"
     return grpc.StatusCode.UNKNOWN.value[0], f"{type(error).__name__}: {error}"
-
-
-def _code_name(code: int) -> str:
-    for status in grpc.StatusCode:
-        if status.value[0] == code:
-            return status.name
-    return str(code)
