@@ -190,7 +190,12 @@ class Router:
             code, details, trailers = await self._upstream_error(exc, plugin, replica)
             await context.abort(code, details, trailers)
         except (asyncio.CancelledError, GeneratorExit):
-            code, details = grpc.StatusCode.CANCELLED, "cancelled by the caller"
+            # grpc.aio cancels the handler both when the caller cancels and at its deadline.
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed"
+            else:
+                code, details = grpc.StatusCode.CANCELLED, "cancelled by the caller"
             raise
         finally:
             if not call.done():

@@ -94,6 +94,7 @@ def main() -> int:
             if code != expected:
                 print(f"!! exit code {code}, expected {expected}", file=sys.stderr)
                 failures += 1
+        failures += _show_agent_trace(sidemesh, env)
     finally:
         _banner("Stopping the mesh with SIGTERM")
         orchestrator.send_signal(signal.SIGTERM)
@@ -103,6 +104,24 @@ def main() -> int:
         print(f"orchestrator exit code {code}; processes left behind: {len(left)}")
         shutil.rmtree(runtime, ignore_errors=True)
     return 0 if failures == 0 and code == 0 and not left else 1
+
+
+def _show_agent_trace(sidemesh: list[str], env: dict[str, str]) -> int:
+    """Prints the trace of the session's agent call; returns 1 if it is missing or partial."""
+    _banner("The agent call's trace: every process it crossed, from the mesh's trace store")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out = subprocess.run([*sidemesh, "traces", "-o", "json", "-n", "50"], env=env,
+                             capture_output=True, text=True)  # fmt: skip
+        traces = json.loads(out.stdout) if out.returncode == 0 else []
+        agent = [t for t in traces if t.get("root_name", "").startswith("sidemesh invoke")]
+        if agent and len(agent[0].get("services", [])) >= 4:
+            print(f"$ sidemesh trace {agent[0]['trace_id']}", flush=True)
+            subprocess.run([*sidemesh, "trace", agent[0]["trace_id"]], env=env, timeout=30)
+            return 0
+        time.sleep(0.3)
+    print("!! the agent call's trace did not reach 4 processes", file=sys.stderr)
+    return 1
 
 
 def _wait_ready(sidemesh: list[str], env: dict[str, str], proc: subprocess.Popen[bytes]) -> bool:
