@@ -31,6 +31,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SandboxGrant(_Strict):
+    """What the operator grants, tightens or relaxes of one plugin's sandbox."""
+
+    enabled: bool = Field(True, description="false runs this plugin without a sandbox")
+    allow_network: bool = Field(
+        False, description="grant the network access the manifest asks for (sandbox.network)"
+    )
+    allow_paths: bool = Field(
+        False, description="grant the manifest's sandbox.read_paths and sandbox.write_paths"
+    )
+    memory_mb: int | None = Field(
+        None, gt=0, description="memory limit in MiB (replaces the manifest's)"
+    )
+    cpu_seconds: int | None = Field(None, gt=0, description="CPU time limit per process in seconds")
+    max_processes: int | None = Field(None, gt=0, description="process/thread limit")
+    max_open_files: int | None = Field(None, ge=16, description="open file limit")
+    max_file_size_mb: int | None = Field(None, gt=0, description="largest file in MiB")
+
+
 class PluginOverride(_Strict):
     """The operator's settings for one plugin, under ``plugins.<name>``."""
 
@@ -48,6 +67,9 @@ class PluginOverride(_Strict):
     env: dict[str, str] = Field(
         default_factory=dict,
         description="values for environment variables the manifest declares in sandbox.env",
+    )
+    sandbox: SandboxGrant = Field(
+        default_factory=SandboxGrant, description="what the plugin's sandbox grants or limits"
     )
 
 
@@ -81,6 +103,20 @@ class SupervisorSettings(_Strict):
     shutdown_grace: float = Field(
         10.0, ge=0, description="seconds calls in flight get to finish on shutdown"
     )
+
+
+class SandboxSettings(_Strict):
+    """How sidecars are sandboxed on this host."""
+
+    mode: Literal["enforce", "strict", "off"] = Field(
+        "enforce",
+        description="enforce: every layer the host supports (missing ones reported); "
+        "strict: refuse plugins when a layer is missing; off: no sandbox",
+    )
+    uid_base: int = Field(
+        61000, ge=1000, description="as root, plugin N runs as host uid uid_base + N"
+    )
+    bwrap: str = Field("bwrap", description="the bubblewrap command")
 
 
 class TelemetrySettings(_Strict):
@@ -120,6 +156,9 @@ class MeshConfig(_Strict):
     limits: Limits = Field(default_factory=Limits, description="message size and call limits")
     supervisor: SupervisorSettings = Field(
         default_factory=SupervisorSettings, description="health checks, restarts, shutdown"
+    )
+    sandbox: SandboxSettings = Field(
+        default_factory=SandboxSettings, description="the sidecar sandbox"
     )
     telemetry: TelemetrySettings = Field(
         default_factory=TelemetrySettings, description="tracing, metrics, OTLP export"

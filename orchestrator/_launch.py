@@ -1,51 +1,48 @@
-"""How a plugin's sidecar is started: its command, its environment, its files."""
+"""How a plugin's sidecar is started: its command, its environment, its sandbox."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from orchestrator._config import PluginOverride
+from orchestrator._config import PluginOverride, SandboxSettings
 from orchestrator._manifest import PluginManifest
 from orchestrator._replica import LaunchSpec
+from sidecars import sandbox
+from sidemesh.v1 import mesh_pb2
+
+if TYPE_CHECKING:
+    from orchestrator._plugin import PluginRuntime
 
 log = logging.getLogger("sidemesh.launch")
 
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class PluginPaths:
-    """Where one plugin's sockets and data live."""
-
-    def __init__(self, run_dir: Path, data_dir: Path) -> None:
-        #: Short-pathed directory for the plugin's sockets.
-        self.run_dir = run_dir
-        #: The orchestrator's callback socket for this plugin.
-        self.mesh_socket = run_dir / "mesh.sock"
-        #: The plugin's own writable directory (kept across restarts).
-        self.data_dir = data_dir
-
-    def replica_socket(self, index: int) -> Path:
-        """The socket replica ``index`` serves on."""
-        return self.run_dir / f"r{index}.sock"
+#: Packages a Python sidecar imports, wherever they are installed (an editable
+#: install keeps them in the source tree): the sandbox must see them.
+_RUNTIME_PACKAGES = ("sidecars", "plugins_sdk", "clients", "sidemesh")
 
 
 class Launcher(Protocol):
-    """Builds the launch of one replica; the sandbox is a launcher too."""
+    """Starts replicas: plainly, or in a sandbox."""
+
+    def prepare(self, plugin: PluginRuntime) -> str:
+        """Works out the plugin's sandbox (``plugin.sandbox_layers``); returns a refusal or ""."""
+        ...
 
     def launch_spec(
-        self,
-        manifest: PluginManifest,
-        override: PluginOverride,
-        paths: PluginPaths,
-        replica: int,
-        log_level: str,
-        telemetry_env: Mapping[str, str],
-    ) -> LaunchSpec: ...
+        self, plugin: PluginRuntime, replica: int, log_level: str, telemetry_env: Mapping[str, str]
+    ) -> LaunchSpec:
+        """How to start replica ``replica`` of ``plugin``."""
+        ...
+
+    def close(self) -> None:
+        """Frees what the launcher holds for the mesh (when it stops)."""
+        ...
 
 
 def plugin_command(manifest: PluginManifest) -> list[str]:
@@ -67,8 +64,8 @@ def sidecar_environment(
     listen: str,
     mesh_address: str,
     replica: int,
-    plugin_dir: Path,
     data_dir: Path,
+    mesh_dir: Path,
     log_level: str,
     telemetry_env: Mapping[str, str],
 ) -> dict[str, str]:
@@ -80,14 +77,19 @@ def sidecar_environment(
     env = {
         "PATH": f"{Path(sys.executable).parent}:{_SYSTEM_PATH}",
         "HOME": str(data_dir),
+        "TMPDIR": "/tmp",
         "LANG": "C.UTF-8",
         "PYTHONUNBUFFERED": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
+        # glibc reserves 64 MiB of address space per thread arena: keep RLIMIT_AS meaningful.
+        "MALLOC_ARENA_MAX": "2",
+        # Names the mesh the process belongs to (its run dir), for operators and tests.
+        "SIDEMESH_MESH": str(mesh_dir),
         "SIDEMESH_LISTEN": listen,
         "SIDEMESH_MESH_ADDRESS": mesh_address,
         "SIDEMESH_PLUGIN": manifest.name,
         "SIDEMESH_REPLICA": str(replica),
-        "SIDEMESH_PLUGIN_DIR": str(plugin_dir),
+        "SIDEMESH_PLUGIN_DIR": str(manifest.directory),
         "SIDEMESH_DATA_DIR": str(data_dir),
         "SIDEMESH_LOG_LEVEL": log_level,
     }
@@ -116,38 +118,150 @@ def undeclared_env(
     return missing, extra
 
 
-class ProcessLauncher:
-    """Starts sidecars as plain child processes (no sandbox), killed if we die."""
-
-    def launch_spec(
-        self,
-        manifest: PluginManifest,
-        override: PluginOverride,
-        paths: PluginPaths,
-        replica: int,
-        log_level: str,
-        telemetry_env: Mapping[str, str],
-    ) -> LaunchSpec:
-        """A launch of ``manifest``'s command with the scrubbed environment."""
-        socket = paths.replica_socket(replica)
-        env = sidecar_environment(
-            manifest,
-            override,
-            listen=f"unix:{socket}",
-            mesh_address=f"unix:{paths.mesh_socket}",
-            replica=replica,
-            plugin_dir=manifest.directory,
-            data_dir=paths.data_dir,
-            log_level=log_level,
-            telemetry_env=telemetry_env,
-        )
-        return LaunchSpec(
-            argv=plugin_command(manifest), env=env, cwd=manifest.directory, socket_path=socket
-        )
-
-
-def ensure_private_dir(path: Path) -> Path:
-    """Creates ``path`` (mode 0700) if needed."""
+def ensure_private_dir(path: Path, owner: int | None = None) -> Path:
+    """Creates ``path`` (mode 0700, owned by ``owner`` when given) if needed."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
+    if owner is not None:
+        os.chown(path, owner, owner)
     return path
+
+
+def _layer(name: str, active: bool, detail: str) -> mesh_pb2.SandboxLayer:
+    return mesh_pb2.SandboxLayer(name=name, active=active, detail=detail)
+
+
+class ProcessLauncher:
+    """Starts sidecars as plain child processes (``sandbox.mode: off``), killed if we die."""
+
+    def prepare(self, plugin: PluginRuntime) -> str:
+        """No sandbox: every layer is off."""
+        plugin.sandbox_layers = [
+            _layer(n, False, "off: sandbox.mode is off") for n in sandbox.LAYERS
+        ]
+        return ""
+
+    def launch_spec(
+        self, plugin: PluginRuntime, replica: int, log_level: str, telemetry_env: Mapping[str, str]
+    ) -> LaunchSpec:
+        """A launch of the plugin's command with the scrubbed environment."""
+        assert plugin.manifest is not None and plugin.paths is not None
+        paths = plugin.paths
+        replica_dir = ensure_private_dir(paths.replica_dir(replica))
+        socket = replica_dir / "plugin.sock"
+        env = sidecar_environment(
+            plugin.manifest, plugin.override, listen=f"unix:{socket}",
+            mesh_address=f"unix:{paths.mesh_socket}", replica=replica, data_dir=paths.data_dir,
+            mesh_dir=paths.run_dir.parent, log_level=log_level, telemetry_env=telemetry_env,
+        )  # fmt: skip
+        return LaunchSpec(
+            argv=plugin_command(plugin.manifest), env=env, cwd=plugin.manifest.directory,
+            socket_path=socket,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+
+class SandboxLauncher:
+    """Starts each sidecar in its plugin's sandbox (see :mod:`sidecars.sandbox`)."""
+
+    def __init__(self, settings: SandboxSettings) -> None:
+        self._settings = settings
+        self._host = sandbox.probe(settings.bwrap)
+        self._policies: dict[str, sandbox.Policy] = {}
+        self._runtime_paths = _runtime_paths()
+        self._uids = sandbox.UidAllocator(settings.uid_base)
+
+    def prepare(self, plugin: PluginRuntime) -> str:
+        """Computes the plugin's sandbox policy; in strict mode, why it may not start."""
+        assert plugin.manifest is not None and plugin.paths is not None
+        manifest, grant = plugin.manifest, plugin.override.sandbox
+        needs = manifest.sandbox
+        request = sandbox.SandboxRequest(
+            plugin=plugin.name,
+            plugin_dir=manifest.directory,
+            data_dir=plugin.paths.data_dir,
+            limits=sandbox.Limits(
+                memory_mb=grant.memory_mb or needs.memory_mb,
+                cpu_seconds=grant.cpu_seconds or needs.cpu_seconds,
+                max_processes=grant.max_processes or needs.max_processes,
+                max_open_files=grant.max_open_files or needs.max_open_files,
+                max_file_size_mb=grant.max_file_size_mb or needs.max_file_size_mb,
+            ),
+            wants_network=needs.network,
+            network_granted=grant.allow_network,
+            read_paths=tuple(needs.read_paths),
+            write_paths=tuple(needs.write_paths),
+            paths_granted=grant.allow_paths,
+            env_declared=tuple(needs.env),
+            env_provided=len(set(needs.env) & set(plugin.override.env)),
+            relaxed=not grant.enabled,
+        )
+        uid = self._uids.uid_for(plugin.name) if self._host.root and grant.enabled else None
+        policy = sandbox.policy(request, self._host, uid)
+        self._policies[plugin.name] = policy
+        plugin.sandbox_layers = [_layer(x.name, x.active, x.detail) for x in policy.layers]
+        for layer in policy.layers:
+            if not layer.active and layer.detail.startswith("UNAVAILABLE"):
+                log.warning(
+                    "plugin %s: sandbox layer %s is %s", plugin.name, layer.name, layer.detail
+                )
+        if policy.host_uid is not None:
+            _own_tree(plugin.paths.data_dir, policy.host_uid)
+        return policy.refusal() if self._settings.mode == "strict" else ""
+
+    def launch_spec(
+        self, plugin: PluginRuntime, replica: int, log_level: str, telemetry_env: Mapping[str, str]
+    ) -> LaunchSpec:
+        """The sandboxed launch of one replica."""
+        assert plugin.manifest is not None and plugin.paths is not None
+        policy = self._policies[plugin.name]
+        paths = plugin.paths
+        replica_dir = ensure_private_dir(paths.replica_dir(replica), policy.host_uid)
+        if policy.host_uid is not None:
+            # The sidecar, as its own uid, must be able to connect to its callback socket.
+            os.chown(paths.mesh_socket, policy.host_uid, policy.host_uid)
+        prepared = sandbox.prepare(
+            policy, self._host, plugin_command(plugin.manifest), replica=replica,
+            replica_dir=replica_dir, mesh_socket=paths.mesh_socket,
+            runtime_paths=self._runtime_paths,
+        )  # fmt: skip
+        env = sidecar_environment(
+            plugin.manifest, plugin.override, listen=prepared.listen,
+            mesh_address=prepared.mesh_address, replica=replica, data_dir=paths.data_dir,
+            mesh_dir=paths.run_dir.parent, log_level=log_level, telemetry_env=telemetry_env,
+        )  # fmt: skip
+        # die_with_parent: bwrap's outer process dies with us; its sandbox dies with it.
+        return LaunchSpec(
+            argv=prepared.argv, env=env, cwd=plugin.manifest.directory,
+            socket_path=prepared.socket_path, pass_fds=prepared.pass_fds, sandbox=prepared,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Frees the uids the mesh's plugins held."""
+        self._uids.release()
+
+
+def _own_tree(path: Path, uid: int) -> None:
+    """Makes ``path`` and everything in it the plugin's (its uid may differ from last run)."""
+    ensure_private_dir(path, uid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                os.lchown(os.path.join(root, name), uid, uid)
+
+
+def _runtime_paths() -> list[Path]:
+    """What a Python sidecar needs to see: the interpreter, the venv, the mesh's packages."""
+    import importlib.util
+
+    paths = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}
+    paths.add(Path(sys.executable).resolve().parent.parent)
+    for name in _RUNTIME_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            paths.update(Path(p).resolve() for p in spec.submodule_search_locations)
+    # A path inside another is already visible.
+    ordered = sorted(paths, key=lambda p: len(p.parts))
+    return [p for i, p in enumerate(ordered) if not any(p.is_relative_to(q) for q in ordered[:i])]

@@ -24,17 +24,18 @@ from orchestrator._discovery import DiscoveredPlugin, discover
 from orchestrator._events import EventBus
 from orchestrator._launch import (
     Launcher,
-    PluginPaths,
     ProcessLauncher,
+    SandboxLauncher,
     ensure_private_dir,
     undeclared_env,
 )
 from orchestrator._mesh_service import MeshService
-from orchestrator._plugin import PluginRuntime
+from orchestrator._plugin import PluginPaths, PluginRuntime
 from orchestrator._router import Admission, Router
 from orchestrator._routes import AGENT_SERVICE, MCP_SERVICE, TOOL_SERVICE
 from orchestrator._supervisor import Supervisor
 from orchestrator._telemetry import Telemetry
+from sidecars.sandbox import remove_mesh_cgroups
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("sidemesh.orchestrator")
@@ -51,7 +52,10 @@ class Orchestrator:
         self.catalog = Catalog()
         self.events = EventBus()
         self.plugins: dict[str, PluginRuntime] = {}
-        self._launcher = launcher or ProcessLauncher()
+        if launcher is None:
+            off = config.sandbox.mode == "off"
+            launcher = ProcessLauncher() if off else SandboxLauncher(config.sandbox)
+        self._launcher = launcher
         self.telemetry = Telemetry(config.telemetry, config.state_dir)
         self.supervisor = Supervisor(
             config.supervisor,
@@ -113,13 +117,18 @@ class Orchestrator:
                 ensure_private_dir(self._run_dir / f"p{index}"),
                 ensure_private_dir(self.config.state_dir / "data" / name),
             )
-        plugin = PluginRuntime(name, manifest, override, self.config, paths, str(found.directory))
+        plugin = PluginRuntime(
+            name, manifest, override, self.config, paths, str(found.directory), len(self.plugins)
+        )
         if found.error is not None:
             plugin.error = str(found.error)
             log.error("plugin in %s cannot be loaded:\n%s", found.directory, found.error)
         elif manifest is not None and override.enabled:
             try:
                 plugin.config = plugin.effective_config()
+                refusal = self._launcher.prepare(plugin)
+                if refusal:
+                    raise ValueError(refusal)
             except ValueError as exc:
                 plugin.error = str(exc)
                 plugin.paths = None  # not started
@@ -229,6 +238,8 @@ class Orchestrator:
         # Callbacks made by calls that are still finishing were served until now.
         await asyncio.gather(*(s.stop(1.0) for s in self._callback_servers))
         await self.supervisor.stop(grace)
+        remove_mesh_cgroups()
+        self._launcher.close()
         await asyncio.to_thread(self.telemetry.shutdown)
         with contextlib.suppress(FileNotFoundError):
             (self.config.state_dir / ENDPOINTS_FILE).unlink()

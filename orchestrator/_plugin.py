@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import time
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -11,13 +11,28 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from clients import UnavailableError
 from orchestrator._config import MeshConfig, PluginOverride
-from orchestrator._launch import PluginPaths
 from orchestrator._manifest import PluginManifest
-from orchestrator._process import describe_exit
+from orchestrator._process import tree_rss_bytes
 from orchestrator._replica import Replica
 from sidemesh.v1 import mesh_pb2
 
 S = mesh_pb2
+
+
+class PluginPaths:
+    """Where one plugin's sockets and data live."""
+
+    def __init__(self, run_dir: Path, data_dir: Path) -> None:
+        #: Short-pathed directory for the plugin's sockets.
+        self.run_dir = run_dir
+        #: The orchestrator's callback socket for this plugin.
+        self.mesh_socket = run_dir / "mesh.sock"
+        #: The plugin's own writable directory (kept across restarts).
+        self.data_dir = data_dir
+
+    def replica_dir(self, index: int) -> Path:
+        """The directory replica ``index`` makes its socket in."""
+        return self.run_dir / f"r{index}"
 
 
 class PluginRuntime:
@@ -31,8 +46,11 @@ class PluginRuntime:
         config: MeshConfig,
         paths: PluginPaths | None,
         directory: str,
+        index: int = 0,
     ) -> None:
         self.name = name
+        #: The plugin's position in the mesh (it picks the plugin's host uid in a sandbox).
+        self.index = index
         self.manifest = manifest
         self.override = override
         self.paths = paths
@@ -121,6 +139,8 @@ class PluginRuntime:
             return S.PLUGIN_STATE_FAILED
         if not self.override.enabled:
             return S.PLUGIN_STATE_DISABLED
+        if not self.replicas:  # refused before it started (bad config, strict sandbox)
+            return S.PLUGIN_STATE_FAILED
         states = [r.state for r in self.replicas]
         if self.stopping:
             done = all(s in (S.REPLICA_STATE_STOPPED, S.REPLICA_STATE_FAILED) for s in states)
@@ -161,31 +181,13 @@ class PluginRuntime:
                 restarts=r.restarts,
                 in_flight=r.in_flight,
                 last_exit=r.last_exit,
-                rss_bytes=_rss_bytes(r.pid),
+                rss_bytes=tree_rss_bytes(r.pid),
             )
             if r.pid:
                 replica.started_at.CopyFrom(_timestamp(r.started_at))
             if r.state == S.REPLICA_STATE_READY:
                 replica.startup_duration.CopyFrom(_duration(r.startup_duration))
         return status
-
-
-def exit_reason(returncode: int | None) -> str:
-    """Why a sidecar's process ended, in words."""
-    return describe_exit(returncode)
-
-
-def _rss_bytes(pid: int) -> int:
-    if not pid:
-        return 0
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 def _timestamp(t: float) -> timestamp_pb2.Timestamp:
@@ -198,8 +200,3 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(seconds * 1e9))
     return d
-
-
-def now() -> float:
-    """Monotonic seconds."""
-    return time.monotonic()

@@ -38,6 +38,36 @@ def describe_exit(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a sandboxed sidecar runs a few levels down)."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    todo += [int(child) for child in f.read().split()]
+        except OSError:
+            continue
+    return tree
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and its descendants, in bytes (0 when unknown)."""
+    total = 0
+    for member in process_tree(pid) if pid else ():
+        try:
+            with open(f"/proc/{member}/status", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 class SidecarProcess:
     """One running sidecar. Its stdout/stderr lines go to the log, tagged with its name."""
 
@@ -61,6 +91,7 @@ class SidecarProcess:
         cwd: Path,
         tag: str,
         die_with_parent: bool = True,
+        pass_fds: tuple[int, ...] = (),
     ) -> SidecarProcess:
         """Starts ``argv`` in its own session, with exactly ``env`` as its environment.
 
@@ -84,6 +115,7 @@ class SidecarProcess:
             cwd=cwd,
             env=dict(env),
             start_new_session=True,
+            pass_fds=pass_fds,
             limit=_MAX_LINE * 4,
         )
         return cls(proc, tag)

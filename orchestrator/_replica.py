@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from google.protobuf import duration_pb2, json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator._process import SidecarProcess, describe_exit
+from sidecars.sandbox import PreparedSidecar
 from sidemesh.v1 import mesh_pb2, plugin_pb2, plugin_pb2_grpc
 
 log = logging.getLogger("sidemesh.supervisor")
@@ -34,8 +35,10 @@ class LaunchSpec:
     socket_path: Path
     #: False when the launcher itself ties the sidecar's life to ours.
     die_with_parent: bool = True
-    #: Files to remove when the process is gone.
-    cleanup: list[Path] = field(default_factory=list)
+    #: Descriptors the process inherits (the sandbox's bind sources and filter).
+    pass_fds: tuple[int, ...] = ()
+    #: The sandbox the process runs in, if any: why it exited, limits it hit.
+    sandbox: PreparedSidecar | None = None
 
 
 class ReplicaStartError(Exception):
@@ -105,10 +108,14 @@ class Replica:
             spec.socket_path.unlink()
         self.started_at = time.time()
         t0 = time.monotonic()
-        self.process = await SidecarProcess.spawn(
-            spec.argv, env=spec.env, cwd=spec.cwd, tag=self.tag,
-            die_with_parent=spec.die_with_parent,
-        )  # fmt: skip
+        try:
+            self.process = await SidecarProcess.spawn(
+                spec.argv, env=spec.env, cwd=spec.cwd, tag=self.tag,
+                die_with_parent=spec.die_with_parent, pass_fds=spec.pass_fds,
+            )  # fmt: skip
+        finally:
+            if spec.sandbox is not None:
+                spec.sandbox.close_fds()  # the child has its copies
         process = self.process
         if on_spawn is not None:
             on_spawn(process.pid)
@@ -123,10 +130,11 @@ class Replica:
                 self.startup_duration = time.monotonic() - t0
                 return describe
             if exited in done:
+                self.last_exit = self.exit_reason()
                 raise ReplicaStartError(
-                    f"sidecar exited before it was ready ({describe_exit(process.returncode)})"
-                    + _tail(process)
+                    f"sidecar exited before it was ready ({self.last_exit})" + _tail(process)
                 )
+            self.last_exit = "killed: not ready within the startup timeout"
             raise ReplicaStartError(
                 f"sidecar was not ready within its startup timeout of {timeout:g}s"
                 + _waiting_for(spec)
@@ -227,9 +235,23 @@ class Replica:
         if channel is not None:
             await channel.close()
         if self._spec is not None:
-            for path in (self._spec.socket_path, *self._spec.cleanup):
-                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                    path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                self._spec.socket_path.unlink()
+            if self._spec.sandbox is not None:
+                await asyncio.to_thread(self._spec.sandbox.release)
+
+    def exit_reason(self) -> str:
+        """Why the sidecar's process ended, naming the sandbox limit that ended it, if one did."""
+        code = self.process.returncode if self.process else None
+        if self._spec is not None and self._spec.sandbox is not None:
+            return self._spec.sandbox.exit_reason(code)
+        return describe_exit(code)
+
+    def sandbox_events(self) -> list[str]:
+        """Sandbox limits the sidecar ran into since the last call."""
+        if self._spec is None or self._spec.sandbox is None:
+            return []
+        return self._spec.sandbox.new_events()
 
 
 async def _checked(what: str, call: Any) -> Any:

@@ -14,7 +14,6 @@ from orchestrator._config import SupervisorSettings
 from orchestrator._events import EventBus
 from orchestrator._launch import Launcher
 from orchestrator._plugin import PluginRuntime
-from orchestrator._process import describe_exit
 from orchestrator._replica import Replica, ReplicaStartError
 from sidemesh.v1 import mesh_pb2
 
@@ -86,9 +85,6 @@ class Supervisor:
                     plugin.error = f"replica {replica.index} {reason}" + _tail(replica)
                 else:
                     reason = failure
-                replica.last_exit = (
-                    describe_exit(replica.process.returncode) if replica.process else ""
-                )
                 if time.monotonic() - t0 < settings.min_uptime:
                     quick_failures += 1
                 else:  # it ran a good while: a fresh failure, not a loop
@@ -118,14 +114,6 @@ class Supervisor:
         """Spawns the replica and waits for it to be ready; returns why not (None when ready)."""
         assert plugin.manifest is not None and plugin.paths is not None
         self._set_replica(plugin, replica, S.REPLICA_STATE_STARTING)
-        spec = self._launcher.launch_spec(
-            plugin.manifest,
-            plugin.override,
-            plugin.paths,
-            replica.index,
-            self._log_level,
-            self._telemetry_env,
-        )
 
         def spawned(pid: int) -> None:
             self._events.emit(
@@ -133,6 +121,9 @@ class Supervisor:
             )
 
         try:
+            spec = self._launcher.launch_spec(
+                plugin, replica.index, self._log_level, self._telemetry_env
+            )
             describe = await replica.start(
                 spec, plugin.config, plugin.startup_timeout, on_spawn=spawned
             )
@@ -173,13 +164,20 @@ class Supervisor:
                 if done:
                     if self._stopping:
                         return "stopped"
-                    code = exited.result()
-                    reason = f"exited: {describe_exit(code)}"
+                    replica.last_exit = replica.exit_reason()  # before the sandbox is released
+                    reason = f"exited: {replica.last_exit}"
                     log.error("%s: %s", replica.tag, reason)
                     await replica.kill()
                     return reason
                 if self._stopping:
                     return "stopped"
+                for event in replica.sandbox_events():
+                    log.warning("%s: sandbox: %s", replica.tag, event)
+                    self._events.emit(
+                        plugin.name,
+                        "sandbox_violation",
+                        S.SandboxViolation(replica=replica.index, detail=event),
+                    )
                 if await replica.healthy(settings.health_timeout):
                     failures = 0
                     continue
@@ -193,7 +191,8 @@ class Supervisor:
                 if failures >= settings.health_failures:
                     self._set_replica(plugin, replica, S.REPLICA_STATE_UNHEALTHY)
                     await replica.kill()
-                    return f"was unhealthy: {failures} health checks failed; replaced"
+                    replica.last_exit = f"unhealthy: {failures} health checks failed; replaced"
+                    return f"was {replica.last_exit}"
         finally:
             exited.cancel()
 

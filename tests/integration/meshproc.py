@@ -53,6 +53,20 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a sandboxed sidecar runs below bwrap)."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                todo += [int(child) for child in children.read_text().split()]
+            except OSError:
+                continue
+    return tree
+
+
 def wait_until(
     predicate: Callable[[], Any],
     timeout: float,
@@ -74,8 +88,11 @@ def wait_until(
 class Mesh:
     """``sidemesh serve`` in a subprocess with its own config, state and sockets."""
 
-    def __init__(self, workdir: Path, **config: Any) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None, **config: Any) -> None:
+        """``config`` becomes top-level keys of its sidemesh.yaml; ``env`` is added to the
+        orchestrator process's environment."""
         self.workdir = workdir
+        self.env = dict(env or {})
         # Unix socket paths must stay short: keep the runtime dir directly under /tmp.
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="smt", dir="/tmp"))
         self.state_dir = workdir / "state"
@@ -106,6 +123,7 @@ class Mesh:
             [shutil.which("setpriv") or "setpriv", "--pdeathsig", "KILL", "--",
              sys.executable, "-m", "orchestrator.cli", "serve", "-c", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env} if self.env else None,
         )  # fmt: skip
         log.close()
         wait_until(self._endpoints, 20, lambda: f"the orchestrator to listen\n{self.log()}")

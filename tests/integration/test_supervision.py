@@ -12,7 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from meshproc import EXAMPLE_PLUGINS, TEST_PLUGINS, Mesh, processes_with, wait_until
+from meshproc import (
+    EXAMPLE_PLUGINS,
+    TEST_PLUGINS,
+    Mesh,
+    process_tree,
+    processes_with,
+    wait_until,
+)
 
 from clients import AsyncMeshClient, UnavailableError
 from sidemesh.v1 import agent_pb2, mesh_pb2
@@ -137,7 +144,9 @@ def test_serve_with_a_bad_config_exits_2_naming_the_field(tmp_path: Path) -> Non
 async def test_a_hung_replica_is_marked_unhealthy_and_replaced(make_mesh: MakeMesh) -> None:
     mesh = make_mesh(plugin_dirs=[WORKERS]).start(ready=["workers"])
     pid = _ready_pid(mesh, "workers")
-    os.kill(pid, signal.SIGSTOP)
+    stopped = process_tree(pid)  # in a sandbox the sidecar runs below bwrap
+    for member in stopped:
+        os.kill(member, signal.SIGSTOP)
     try:
         async with AsyncMeshClient(mesh.address) as client:
             async for event in client.watch_events(plugin="workers", lifecycle_only=True):
@@ -154,8 +163,9 @@ async def test_a_hung_replica_is_marked_unhealthy_and_replaced(make_mesh: MakeMe
         )
         assert status
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+        for member in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, signal.SIGCONT)
 
 
 def test_no_sidecar_outlives_an_orchestrator_killed_with_sigkill(make_mesh: MakeMesh) -> None:
@@ -212,8 +222,8 @@ async def test_calls_spread_over_replicas(make_mesh: MakeMesh, routing: str) -> 
     mesh = make_mesh(
         plugin_dirs=[WORKERS], plugins={"workers": {"replicas": 2, "routing": routing}}
     ).start(ready=["workers"])
-    pids = {r.pid for r in mesh.plugin("workers").replicas}
-    assert len(pids) == 2
+    replicas = {r.index for r in mesh.plugin("workers").replicas}
+    assert replicas == {0, 1}
     async with AsyncMeshClient(mesh.address) as client:
         if routing == "least_loaded":
             # One replica is busy with a long call: the next calls go to the other.
@@ -223,5 +233,5 @@ async def test_calls_spread_over_replicas(make_mesh: MakeMesh, routing: str) -> 
         if routing == "least_loaded":
             busy.cancel()
     seen = {s["result"] for s in served if s}
-    assert seen <= pids
+    assert seen <= replicas
     assert len(seen) == (2 if routing == "round_robin" else 1)

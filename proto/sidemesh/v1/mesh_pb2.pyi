@@ -677,6 +677,7 @@ class WatchEventsResponse(_message.Message):
     CALL_FINISHED_FIELD_NUMBER: _builtins.int
     CALL_FAILED_FIELD_NUMBER: _builtins.int
     PERMISSION_DENIED_FIELD_NUMBER: _builtins.int
+    SANDBOX_VIOLATION_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Increases by one with every event the orchestrator emits; a gap means
     events were dropped because this client read too slowly.
@@ -719,6 +720,13 @@ class WatchEventsResponse(_message.Message):
     def permission_denied(self) -> Global___PermissionDenied:
         """A call was refused because the caller lacks permission."""
 
+    @_builtins.property
+    def sandbox_violation(self) -> Global___SandboxViolation:
+        """A sidecar ran into a limit of its sandbox (memory, processes) and was
+        stopped or refused; a sidecar *killed* by a limit is reported by
+        `replica_exited`, whose reason names the limit.
+        """
+
     def __init__(
         self,
         *,
@@ -733,12 +741,13 @@ class WatchEventsResponse(_message.Message):
         call_finished: Global___CallEnded | None = ...,
         call_failed: Global___CallEnded | None = ...,
         permission_denied: Global___PermissionDenied | None = ...,
+        sandbox_violation: Global___SandboxViolation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call_failed", b"call_failed", "call_finished", b"call_finished", "call_started", b"call_started", "event", b"event", "permission_denied", b"permission_denied", "plugin_state_changed", b"plugin_state_changed", "replica_exited", b"replica_exited", "replica_ready", b"replica_ready", "replica_started", b"replica_started", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call_failed", b"call_failed", "call_finished", b"call_finished", "call_started", b"call_started", "event", b"event", "permission_denied", b"permission_denied", "plugin_state_changed", b"plugin_state_changed", "replica_exited", b"replica_exited", "replica_ready", b"replica_ready", "replica_started", b"replica_started", "sandbox_violation", b"sandbox_violation", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_failed", b"call_failed", "call_finished", b"call_finished", "call_started", b"call_started", "event", b"event", "permission_denied", b"permission_denied", "plugin", b"plugin", "plugin_state_changed", b"plugin_state_changed", "replica_exited", b"replica_exited", "replica_ready", b"replica_ready", "replica_started", b"replica_started", "sequence", b"sequence", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_failed", b"call_failed", "call_finished", b"call_finished", "call_started", b"call_started", "event", b"event", "permission_denied", b"permission_denied", "plugin", b"plugin", "plugin_state_changed", b"plugin_state_changed", "replica_exited", b"replica_exited", "replica_ready", b"replica_ready", "replica_started", b"replica_started", "sandbox_violation", b"sandbox_violation", "sequence", b"sequence", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["plugin_state_changed", "replica_started", "replica_ready", "replica_exited", "call_started", "call_finished", "call_failed", "permission_denied"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["plugin_state_changed", "replica_started", "replica_ready", "replica_exited", "call_started", "call_finished", "call_failed", "permission_denied", "sandbox_violation"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -975,6 +984,32 @@ class CallEnded(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CallEnded: _TypeAlias = CallEnded  # noqa: Y015
+
+@_typing.final
+class SandboxViolation(_message.Message):
+    """A sidecar ran into a limit of its sandbox."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    replica: _builtins.int
+    """Replica index."""
+    detail: _builtins.str
+    """What happened, for example `process limit (64) reached: 3 fork(s) refused`."""
+    def __init__(
+        self,
+        *,
+        replica: _builtins.int = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "replica", b"replica"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SandboxViolation: _TypeAlias = SandboxViolation  # noqa: Y015
 
 @_typing.final
 class PermissionDenied(_message.Message):

@@ -25,8 +25,8 @@ async def echo(text: str) -> str:
 
 @app.tool(read_only=True)
 async def whoami() -> int:
-    """The pid of the sidecar that served the call."""
-    return os.getpid()
+    """The replica that served the call."""
+    return int(os.environ["SIDEMESH_REPLICA"])
 
 
 @app.tool()

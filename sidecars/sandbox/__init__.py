@@ -1,0 +1,40 @@
+"""The sidecar sandbox: a plugin gets only what its manifest asks and the operator allows.
+
+Layers, each reported per plugin (``sidemesh plugins -v``):
+
+- ``namespaces``: bubblewrap (user, mount, PID, IPC, UTS, network, cgroup), all
+  capabilities dropped, ``--die-with-parent``, ``--new-session``; uid 65534
+  inside, and its own unprivileged host uid when the orchestrator is root;
+- ``filesystem``: read-only binds of only the interpreter, its packages and
+  the plugin's directory; a private ``/tmp`` and the plugin's data directory;
+- ``network``: none (its own loopback) unless the manifest asks and the
+  operator grants;
+- ``rlimits``: address space, CPU time, processes, open files, file size;
+- ``cgroups``: memory and process limits where the host lets us write cgroups;
+- ``seccomp``: a deny-list of dangerous system calls, with no_new_privs;
+- ``landlock``: filesystem (and TCP) rules enforced by the kernel;
+- ``environment``: scrubbed (only what the manifest declares and the operator gives).
+"""
+
+from sidecars.sandbox._cgroups import remove_mesh_cgroups
+from sidecars.sandbox._command import INSIDE_LISTEN, INSIDE_MESH, PreparedSidecar, prepare
+from sidecars.sandbox._host import HostSupport, probe
+from sidecars.sandbox._policy import LAYERS, Layer, Limits, Policy, SandboxRequest, policy
+from sidecars.sandbox._uids import UidAllocator
+
+__all__ = [
+    "INSIDE_LISTEN",
+    "INSIDE_MESH",
+    "LAYERS",
+    "HostSupport",
+    "Layer",
+    "Limits",
+    "Policy",
+    "PreparedSidecar",
+    "SandboxRequest",
+    "UidAllocator",
+    "policy",
+    "prepare",
+    "probe",
+    "remove_mesh_cgroups",
+]

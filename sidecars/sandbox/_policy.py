@@ -1,0 +1,176 @@
+"""The effective sandbox of one plugin: what its manifest asks, what the operator grants.
+
+A policy is computed once per plugin; every layer is either active or says
+why not (relaxed by the operator, or missing on this host). In strict mode a
+layer missing on the host keeps the plugin from starting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidecars.sandbox._host import HostSupport
+
+LAYERS = (
+    "namespaces", "filesystem", "network", "rlimits", "cgroups", "seccomp", "landlock",
+    "environment",
+)  # fmt: skip
+
+#: The uid the plugin has inside its user namespace.
+SANDBOX_UID = 65534
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of each sidecar process (tree) of a plugin."""
+
+    memory_mb: int
+    cpu_seconds: int
+    max_processes: int
+    max_open_files: int
+    max_file_size_mb: int
+
+    @property
+    def address_space_bytes(self) -> int:
+        """RLIMIT_AS: generous, since a Python/gRPC process reserves far more than it uses.
+
+        The cgroup enforces ``memory_mb`` on real memory; where there is no cgroup,
+        this is the only memory limit there is.
+        """
+        return max(self.memory_mb * 4, self.memory_mb + 1536) << 20
+
+
+@dataclass(frozen=True)
+class SandboxRequest:
+    """Everything the sandbox needs to know about one plugin."""
+
+    plugin: str
+    plugin_dir: Path
+    data_dir: Path
+    limits: Limits
+    #: The manifest asks for network access / the operator grants it.
+    wants_network: bool = False
+    network_granted: bool = False
+    #: Extra host paths the manifest asks for / whether the operator grants them.
+    read_paths: tuple[str, ...] = ()
+    write_paths: tuple[str, ...] = ()
+    paths_granted: bool = False
+    #: Environment variables declared by the manifest, and how many the operator provides.
+    env_declared: tuple[str, ...] = ()
+    env_provided: int = 0
+    #: The operator turned the sandbox off for this plugin.
+    relaxed: bool = False
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of a plugin's sandbox: active or not, and what it does or why not."""
+
+    name: str
+    active: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The sandbox one plugin gets on this host."""
+
+    request: SandboxRequest
+    layers: tuple[Layer, ...]
+    #: Host uid the plugin runs as (None: the orchestrator's own uid, mapped).
+    host_uid: int | None
+    #: Layers this host cannot provide, with the reason (for strict mode).
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def active(self, name: str) -> bool:
+        """Whether layer ``name`` is applied."""
+        return any(layer.name == name and layer.active for layer in self.layers)
+
+    @property
+    def network(self) -> bool:
+        """The plugin gets the host's network."""
+        return self.request.wants_network and self.request.network_granted
+
+    def refusal(self) -> str:
+        """Why strict mode refuses to start the plugin; empty if it does not."""
+        if not self.unavailable:
+            return ""
+        missing = "; ".join(f"{k}: {v}" for k, v in self.unavailable.items())
+        return (
+            f"strict sandbox mode: refusing to start plugin {self.request.plugin!r} because "
+            f"required sandbox layers are unavailable on this host ({missing})"
+        )
+
+
+def policy(request: SandboxRequest, host: HostSupport, host_uid: int | None) -> Policy:
+    """Works out every layer of ``request``'s sandbox on ``host``.
+
+    ``host_uid`` is the plugin's own unprivileged uid when the orchestrator is root.
+    """
+    if request.relaxed:
+        off = "off: the operator disabled the sandbox for this plugin (plugins.<name>.sandbox)"
+        return Policy(request, tuple(Layer(n, False, off) for n in LAYERS), None)
+    lim = request.limits
+    unavailable: dict[str, str] = {}
+    host_uid = host_uid if host.root else None
+    bwrap = host.bwrap is not None and not host.bwrap_why
+    if not bwrap:
+        for name in ("namespaces", "filesystem", "network", "seccomp"):
+            unavailable[name] = host.bwrap_why or "bubblewrap is missing"
+    if not host.seccomp:
+        unavailable["seccomp"] = host.seccomp_why
+    if not host.landlock_abi:
+        unavailable["landlock"] = host.landlock_why
+    if not host.cgroups:
+        unavailable["cgroups"] = host.cgroup_why
+
+    uid = f"host uid {host_uid}" if host_uid is not None else "the orchestrator's uid"
+    net = request.wants_network and request.network_granted
+    if request.wants_network and not request.network_granted:
+        net_detail = (
+            "none (loopback only): the manifest asks for network access but the operator "
+            "has not granted it (plugins.<name>.sandbox.allow_network)"
+        )
+    else:
+        net_detail = "host network (granted by the operator)" if net else "none (loopback only)"
+    writable = ["/tmp (private)", "its data dir"]
+    if request.write_paths and request.paths_granted:
+        writable += list(request.write_paths)
+    fs_detail = f"read-only runtime and plugin dir; writable: {', '.join(writable)}"
+    if (request.read_paths or request.write_paths) and not request.paths_granted:
+        fs_detail += "; extra paths requested but not granted (plugins.<name>.sandbox.allow_paths)"
+    candidates = {
+        "namespaces": (
+            f"mount, pid, ipc, uts, net, cgroup; runs as {uid}, no capabilities"
+            if host_uid is not None
+            else f"user, mount, pid, ipc, uts, net, cgroup; uid {SANDBOX_UID} inside; "
+            "no capabilities"
+        ),
+        "filesystem": fs_detail,
+        "network": net_detail,
+        "rlimits": (
+            f"address space {lim.address_space_bytes >> 20} MiB, CPU {lim.cpu_seconds} s, "
+            f"{lim.max_processes} processes, {lim.max_open_files} files, "
+            f"file size {lim.max_file_size_mb} MiB"
+        ),
+        "cgroups": f"memory {lim.memory_mb} MiB, {lim.max_processes} processes",
+        "seccomp": "deny-list of dangerous system calls (EPERM), no_new_privs",
+        "landlock": (
+            f"ABI {host.landlock_abi}: writes only to writable paths"
+            + ("" if net or host.landlock_abi < 4 else ", no TCP connect/bind")
+            + (", signals scoped" if host.landlock_abi >= 6 else "")
+        ),
+        "environment": (
+            f"scrubbed: Sidemesh's variables plus {request.env_provided} of "
+            f"{len(request.env_declared)} declared"
+        ),
+    }
+    layers = tuple(
+        Layer(name, False, f"UNAVAILABLE: {unavailable[name]}")
+        if name in unavailable
+        # A granted network is the isolation deliberately lifted, not a layer in force.
+        else Layer(name, not (name == "network" and net), candidates[name])
+        for name in LAYERS
+    )
+    return Policy(request, layers, host_uid, unavailable)
