@@ -235,9 +235,10 @@ class Orchestrator:
         self.events.close()  # event streams never end by themselves: end them now
         if self._server is not None:
             await self._server.stop(grace)
-        # Callbacks made by calls that are still finishing were served until now.
-        await asyncio.gather(*(s.stop(1.0) for s in self._callback_servers))
+        # The callback sockets stay open while sidecars drain: calls still finishing
+        # make callbacks, and sidecars send their last spans there as they exit.
         await self.supervisor.stop(grace)
+        await asyncio.gather(*(s.stop(1.0) for s in self._callback_servers))
         remove_mesh_cgroups()
         self._launcher.close()
         await asyncio.to_thread(self.telemetry.shutdown)
