@@ -113,8 +113,10 @@ def policy(request: SandboxRequest, host: HostSupport, host_uid: int | None) -> 
         return Policy(request, tuple(Layer(n, False, off) for n in LAYERS), None)
     lim = request.limits
     unavailable: dict[str, str] = {}
-    host_uid = host_uid if host.root else None
     bwrap = host.bwrap is not None and not host.bwrap_why
+    # Without its own mount namespace, a plugin under another uid could not even reach
+    # an interpreter installed in a private home: the uid drop needs bwrap.
+    host_uid = host_uid if host.root and bwrap else None
     if not bwrap:
         for name in ("namespaces", "filesystem", "network", "seccomp"):
             unavailable[name] = host.bwrap_why or "bubblewrap is missing"
