@@ -56,6 +56,9 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.max_reconnect_backoff_ms", 250),
         # Never share a subchannel with another replica's channel.
         ("grpc.use_local_subchannel_pool", 1),
+        # No transparent retries: a call whose sidecar died must fail (UNAVAILABLE), not
+        # be replayed on whatever listens on the socket next. The router decides retries.
+        ("grpc.enable_retries", 0),
     ]
 
 
@@ -70,7 +73,8 @@ class Replica:
         self.process: SidecarProcess | None = None
         self.channel: grpc.aio.Channel | None = None
         self.describe: plugin_pb2.DescribeResponse | None = None
-        self.in_flight = 0
+        #: Calls the router has in flight on this replica's channel.
+        self.calls: set[Any] = set()
         self.restarts = 0
         self.started_at = 0.0
         self.startup_duration = 0.0
@@ -78,6 +82,11 @@ class Replica:
         self._max_message_bytes = max_message_bytes
         self._methods: dict[str, Any] = {}
         self._spec: LaunchSpec | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Calls in flight on this replica."""
+        return len(self.calls)
 
     @property
     def address(self) -> str:
@@ -232,6 +241,10 @@ class Replica:
     async def _release(self) -> None:
         channel, self.channel = self.channel, None
         self._methods = {}
+        # grpc.aio's close() only finds calls through the tasks' top frames, which a
+        # router call is not: cancel ours first, so each ends (as UNAVAILABLE) at once.
+        for call in list(self.calls):
+            call.cancel()
         if channel is not None:
             await channel.close()
         if self._spec is not None:

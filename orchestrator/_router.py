@@ -174,7 +174,7 @@ class Router:
         call = replica.method(route.path, route.kind)(
             payload, timeout=context.time_remaining(), metadata=metadata
         )
-        replica.in_flight += 1
+        replica.calls.add(call)
         watched = self._events.wants_call_events
         if watched:
             self._call_started(entry, route.path, call_id, replica)
@@ -189,18 +189,23 @@ class Router:
         except grpc.aio.AioRpcError as exc:
             code, details, trailers = await self._upstream_error(exc, plugin, replica)
             await context.abort(code, details, trailers)
-        except (asyncio.CancelledError, GeneratorExit):
-            # grpc.aio cancels the handler both when the caller cancels and at its deadline.
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed"
-            else:
-                code, details = grpc.StatusCode.CANCELLED, "cancelled by the caller"
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0:
+                # Not this handler being cancelled: the replica went away and its channel
+                # cancelled our call to it. The caller must hear that, not silence.
+                gone = _sidecar_gone(plugin, replica, "its connection was closed")
+                code, details = gone.code, gone.message
+                await gone.abort(context)
+            code, details = _interruption(context)
+            raise
+        except GeneratorExit:
+            code, details = _interruption(context)
             raise
         finally:
             if not call.done():
                 call.cancel()
-            replica.in_flight -= 1
+            replica.calls.discard(call)
             self._admission.leave()
             if client_span is not None:
                 _end(client_span, code, details, count)
@@ -342,15 +347,7 @@ class Router:
             transport = await _exits_soon(replica, 0.25)
         if not transport:
             return code, exc.details() or "", tuple(exc.trailing_metadata() or ())
-        died = replica.process is not None and replica.process.returncode is not None
-        what = "exited" if died else "became unreachable"
-        err = UnavailableError(
-            f"plugin {plugin.name!r} replica {replica.index} {what} during the call "
-            f"({exc.details()}); the call did not complete. The replica is being restarted: retry",
-            reason="SIDECAR_UNAVAILABLE",
-            metadata={"plugin": plugin.name, "replica": str(replica.index)},
-            retry_delay=1.0,
-        )
+        err = _sidecar_gone(plugin, replica, exc.details() or code.name)
         return err.code, err.message, err.trailing_metadata()
 
     # -- events ----------------------------------------------------------------
@@ -390,6 +387,28 @@ class Router:
             ended,
             also=(self._caller_name,) if self._caller_name else (),
         )
+
+
+def _sidecar_gone(plugin: PluginRuntime, replica: Replica, how: str) -> UnavailableError:
+    """The error for a call whose sidecar died or went away while it ran."""
+    died = replica.process is None or replica.process.returncode is not None
+    what = "exited" if died else "became unreachable"
+    return UnavailableError(
+        f"plugin {plugin.name!r} replica {replica.index} {what} during the call ({how}); "
+        "the call did not complete. The replica is being restarted: retry",
+        reason="SIDECAR_UNAVAILABLE",
+        metadata={"plugin": plugin.name, "replica": str(replica.index)},
+        retry_delay=1.0,
+    )
+
+
+def _interruption(context: Context) -> tuple[grpc.StatusCode, str]:
+    """Why this handler is being cancelled: the caller's deadline, or the caller."""
+    # grpc.aio cancels the handler both when the caller cancels and at its deadline.
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed"
+    return grpc.StatusCode.CANCELLED, "cancelled by the caller"
 
 
 def _end(span: trace.Span, code: grpc.StatusCode, details: str, count: int) -> None:
