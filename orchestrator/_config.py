@@ -114,7 +114,11 @@ class SandboxSettings(_Strict):
         "strict: refuse plugins when a layer is missing; off: no sandbox",
     )
     uid_base: int = Field(
-        61000, ge=1000, description="as root, plugin N runs as host uid uid_base + N"
+        3_100_000,
+        ge=1000,
+        description="as root, each plugin runs as its own host uid from uid_base up (uids "
+        "of existing accounts are skipped); the default is far from login, system, "
+        "systemd DynamicUser and /etc/subuid ranges",
     )
     bwrap: str = Field("bwrap", description="the bubblewrap command")
 

@@ -44,7 +44,12 @@ class SandboxNeeds(_Strict):
     cpu_seconds: int = Field(
         3600, gt=0, description="CPU time limit per sidecar process in seconds, e.g. 3600"
     )
-    max_processes: int = Field(64, gt=0, le=100_000, description="process/thread limit, e.g. 64")
+    max_processes: int = Field(
+        64,
+        gt=0,
+        le=100_000,
+        description="limit on processes and threads together (a gRPC sidecar uses ~15), e.g. 64",
+    )
     max_open_files: int = Field(256, ge=16, le=1 << 20, description="open file limit, e.g. 256")
     max_file_size_mb: int = Field(
         64, gt=0, description="largest file the plugin may write, in MiB, e.g. 64"

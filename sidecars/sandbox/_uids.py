@@ -10,11 +10,36 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
+import pwd
 from pathlib import Path
 
 #: Where the lock files live (root-only).
 LOCK_DIR = Path("/run/sidemesh-uids") if Path("/run").is_dir() else Path("/tmp/sidemesh-uids")
+
+
+def _taken_by_account(uid: int) -> bool:
+    """Whether ``uid`` belongs to an account, or to a user's /etc/subuid range, on this host."""
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        pass
+    return any(start <= uid < start + count for start, count in _subuid_ranges())
+
+
+@functools.cache
+def _subuid_ranges() -> tuple[tuple[int, int], ...]:
+    ranges = []
+    try:
+        for line in Path("/etc/subuid").read_text().splitlines():
+            parts = line.split(":")
+            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                ranges.append((int(parts[1]), int(parts[2])))
+    except OSError:
+        pass
+    return tuple(ranges)
 
 
 class UidAllocator:
@@ -32,6 +57,8 @@ class UidAllocator:
             return self._held[owner][0]
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for uid in range(self._base, self._base + self._count):
+            if _taken_by_account(uid):
+                continue
             fd = os.open(self._dir / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
