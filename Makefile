@@ -14,7 +14,7 @@ export PATH := $(BIN):$(PATH)
 # Arguments for pytest, e.g. `make test PYTEST_ARGS="-k manifest -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps run test unit proto proto-check lint typecheck breaking bench lock clean
+.PHONY: help setup system-deps node-deps run test unit proto proto-check lint typecheck breaking bench lock clean
 
 help:
 	@echo "make run | test | proto | proto-check | lint | typecheck | breaking | bench | clean"
@@ -24,13 +24,17 @@ help:
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-	    -c constraints.txt -e '.[dev]'
+	    -c constraints.txt -e '.[dev,examples,bench]'
 	@touch $@
 
 system-deps:
 	@scripts/system-deps.sh
 
-setup: $(STAMP) system-deps
+# npm packages of bundled plugins (each plugin directory with a package-lock.json).
+node-deps:
+	@scripts/node-deps.sh
+
+setup: $(STAMP) system-deps node-deps
 
 ## Main jobs ------------------------------------------------------------------
 
@@ -72,7 +76,7 @@ bench: setup
 # Re-resolve the pinned dependency set after changing pyproject.toml.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	.lock-venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev,examples,bench]'
 	.lock-venv/bin/python -m pip freeze --exclude-editable > constraints.txt
 	rm -rf .lock-venv
 

@@ -46,10 +46,12 @@ class Launcher(Protocol):
 
 
 def plugin_command(manifest: PluginManifest) -> list[str]:
-    """The sidecar's argv: the SDK's Python runtime, or the manifest's entrypoint."""
+    """The sidecar's argv: the SDK's Python runtime, the MCP bridge, or the entrypoint."""
     if manifest.runtime == "python":
         assert manifest.app is not None
         return [sys.executable, "-m", "sidecars.python", manifest.app]
+    if manifest.runtime == "mcp":
+        return [sys.executable, "-m", "sidecars.mcp"]
     assert manifest.entrypoint is not None
     command = list(manifest.entrypoint)
     if "/" in command[0] and not command[0].startswith("/"):
@@ -105,6 +107,9 @@ def sidecar_environment(
     for name in manifest.sandbox.env:
         if name in override.env:
             env[name] = override.env[name]
+    if manifest.mcp is not None:
+        # The bridge's instructions: which MCP server to run, and how.
+        env["SIDEMESH_MCP_SERVER"] = manifest.mcp.model_dump_json()
     return env
 
 

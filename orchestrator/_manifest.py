@@ -93,6 +93,34 @@ class Permissions(_Strict):
     )
 
 
+class McpServerSpec(_Strict):
+    """An existing MCP server, run inside the plugin's sandbox and bridged into the mesh."""
+
+    command: str = Field(
+        min_length=1,
+        description="the MCP server's command, e.g. mcp-server-time or node",
+    )
+    args: list[str] = Field(default_factory=list, description="its arguments")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="environment variables for the MCP server"
+    )
+    transport: Literal["stdio", "streamable-http"] = Field(
+        "stdio", description="stdio (the server is a child process) or streamable-http"
+    )
+    url: str | None = Field(
+        None, description="for streamable-http: the server's URL, e.g. http://127.0.0.1:8000/mcp"
+    )
+    request_timeout: float = Field(
+        30.0, gt=0, description="seconds an MCP request may take when the caller sets no deadline"
+    )
+
+    @model_validator(mode="after")
+    def _url_for_http(self) -> McpServerSpec:
+        if self.transport == "streamable-http" and not self.url:
+            raise ValueError("transport streamable-http needs 'url'")
+        return self
+
+
 class PluginManifest(_Strict):
     """A plugin's ``plugin.yaml``."""
 
@@ -100,8 +128,10 @@ class PluginManifest(_Strict):
     version: str = Field(min_length=1, description="the plugin's version, e.g. 0.1.0")
     description: str = Field("", description="what the plugin does, in a sentence")
     author: str = Field("", description="who wrote it")
-    runtime: Literal["python"] | None = Field(
-        None, description="'python' for a plugin written with plugins_sdk (then set 'app')"
+    runtime: Literal["python", "mcp"] | None = Field(
+        None,
+        description="'python' for a plugin written with plugins_sdk (then set 'app'); "
+        "'mcp' for an existing MCP server (then set 'mcp')",
     )
     app: str | None = Field(
         None,
@@ -112,6 +142,9 @@ class PluginManifest(_Strict):
         None,
         min_length=1,
         description="the command that starts the sidecar, e.g. ['./my-plugin', '--serve']",
+    )
+    mcp: McpServerSpec | None = Field(
+        None, description="for runtime mcp: the MCP server to run and bridge"
     )
     provides: Provides = Field(default_factory=Provides, description="what the plugin offers")
     config_schema: dict[str, Any] | None = Field(
@@ -162,8 +195,12 @@ class PluginManifest(_Strict):
             raise ValueError("give either 'entrypoint' or 'runtime'/'app', not both")
         if self.runtime == "python" and not self.app:
             raise ValueError("'runtime: python' needs 'app: module:attribute', e.g. my_plugin:app")
-        if self.app and self.runtime is None:
+        if self.app and self.runtime != "python":
             raise ValueError("'app' needs 'runtime: python'")
+        if self.runtime == "mcp" and self.mcp is None:
+            raise ValueError("'runtime: mcp' needs 'mcp: {command: ..., args: [...]}'")
+        if self.mcp is not None and self.runtime != "mcp":
+            raise ValueError("'mcp' needs 'runtime: mcp'")
         return self
 
     def default_config(self) -> dict[str, Any]:
