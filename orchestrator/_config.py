@@ -123,6 +123,17 @@ class SandboxSettings(_Strict):
     bwrap: str = Field("bwrap", description="the bubblewrap command")
 
 
+class RemotePlugin(_Strict):
+    """A sidecar the mesh routes to but does not launch (another host, a benchmark)."""
+
+    address: str = Field(description="where it serves: host:port or unix:/path")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, address: str) -> str:
+        return normalize_address(address)
+
+
 class TelemetrySettings(_Strict):
     """Tracing and metrics: the embedded trace store and OTLP export."""
 
@@ -156,6 +167,11 @@ class MeshConfig(_Strict):
     )
     plugins: dict[str, PluginOverride] = Field(
         default_factory=dict, description="per-plugin settings, keyed by plugin name"
+    )
+    remote_plugins: dict[str, RemotePlugin] = Field(
+        default_factory=dict,
+        description="sidecars already running elsewhere, keyed by plugin name; the mesh "
+        "routes to them without launching them",
     )
     limits: Limits = Field(default_factory=Limits, description="message size and call limits")
     supervisor: SupervisorSettings = Field(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from orchestrator._config import MeshConfig
 from orchestrator._manifest import MANIFEST_FILE, PluginManifest, load_manifest
-from orchestrator._yaml_models import ConfigError, Problem
+from orchestrator._yaml_models import ConfigError, Problem, validate_model
 
 log = logging.getLogger("sidemesh.discovery")
 
@@ -26,11 +26,15 @@ class DiscoveredPlugin:
     directory: Path
     manifest: PluginManifest | None
     error: ConfigError | None = None
+    #: The name the plugin goes by when its manifest is broken (default: its directory's).
+    fallback_name: str = ""
 
     @property
     def name(self) -> str:
-        """The manifest's name, or the directory's when the manifest is broken."""
-        return self.manifest.name if self.manifest else self.directory.name
+        """The manifest's name, or the fallback when the manifest is broken."""
+        if self.manifest:
+            return self.manifest.name
+        return self.fallback_name or self.directory.name
 
 
 def plugin_directories(config: MeshConfig) -> list[Path]:
@@ -92,4 +96,25 @@ def discover(config: MeshConfig) -> list[DiscoveredPlugin]:
             continue
         by_name[manifest.name] = manifest.directory
         plugins.append(DiscoveredPlugin(manifest.directory, manifest))
+    for name, remote in config.remote_plugins.items():
+        plugins.append(_remote(name, remote.address, by_name))
     return plugins
+
+
+def _remote(name: str, address: str, by_name: dict[str, Path]) -> DiscoveredPlugin:
+    """A plugin from ``remote_plugins``: a manifest made from its name and address."""
+    where = Path(f"remote:{address}")
+    try:
+        if name in by_name:
+            raise ValueError(f"plugin {name!r} is also in {by_name[name]}: rename one of them")
+        manifest = validate_model(
+            {"name": name, "version": "remote", "runtime": "remote", "address": address,
+             "description": f"a sidecar running at {address}"},
+            PluginManifest, f"remote_plugins.{name}", "remote plugin",
+        )  # fmt: skip
+    except (ConfigError, ValueError) as exc:
+        error = exc if isinstance(exc, ConfigError) else ConfigError(
+            f"remote_plugins.{name}", "remote plugin", [Problem("", str(exc))]
+        )  # fmt: skip
+        return DiscoveredPlugin(where, None, error, fallback_name=name)
+    return DiscoveredPlugin(where, manifest)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from clients import normalize_address
 from orchestrator._names import ItemName, PluginName
 from orchestrator._yaml_models import load_yaml_model
 
@@ -128,10 +129,15 @@ class PluginManifest(_Strict):
     version: str = Field(min_length=1, description="the plugin's version, e.g. 0.1.0")
     description: str = Field("", description="what the plugin does, in a sentence")
     author: str = Field("", description="who wrote it")
-    runtime: Literal["python", "mcp"] | None = Field(
+    runtime: Literal["python", "mcp", "remote"] | None = Field(
         None,
         description="'python' for a plugin written with plugins_sdk (then set 'app'); "
-        "'mcp' for an existing MCP server (then set 'mcp')",
+        "'mcp' for an existing MCP server (then set 'mcp'); 'remote' for a sidecar that "
+        "runs elsewhere (then set 'address')",
+    )
+    address: str | None = Field(
+        None,
+        description="for runtime remote: the running sidecar, host:port or unix:/path",
     )
     app: str | None = Field(
         None,
@@ -201,7 +207,16 @@ class PluginManifest(_Strict):
             raise ValueError("'runtime: mcp' needs 'mcp: {command: ..., args: [...]}'")
         if self.mcp is not None and self.runtime != "mcp":
             raise ValueError("'mcp' needs 'runtime: mcp'")
+        if (self.runtime == "remote") != (self.address is not None):
+            raise ValueError("'runtime: remote' and 'address: host:port' go together")
+        if self.address is not None:
+            normalize_address(self.address)  # raises ValueError with the fix
         return self
+
+    @property
+    def remote(self) -> bool:
+        """The sidecar runs elsewhere: the mesh connects to it and does not launch it."""
+        return self.runtime == "remote"
 
     def default_config(self) -> dict[str, Any]:
         """The top-level ``default`` values of the config schema's properties."""

@@ -35,7 +35,7 @@ from orchestrator._router import Admission, Router
 from orchestrator._routes import AGENT_SERVICE, MCP_SERVICE, TOOL_SERVICE
 from orchestrator._supervisor import Supervisor
 from orchestrator._telemetry import Telemetry
-from sidecars.sandbox import remove_mesh_cgroups
+from sidecars.sandbox import LAYERS, remove_mesh_cgroups
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("sidemesh.orchestrator")
@@ -94,7 +94,9 @@ class Orchestrator:
             self.addresses.append(_bind(self._server, address))
         await self._server.start()
         for plugin in self.plugins.values():
-            if plugin.paths is not None:
+            if plugin.manifest is not None and plugin.manifest.remote and plugin.replicas:
+                self.supervisor.start(plugin)
+            elif plugin.paths is not None:
                 server = self._new_server(caller=plugin)
                 _bind(server, f"unix:{plugin.paths.mesh_socket}")
                 await server.start()
@@ -110,7 +112,7 @@ class Orchestrator:
         name = found.name
         override = self.config.override(name)
         paths = None
-        if manifest is not None and override.enabled:
+        if manifest is not None and override.enabled and not manifest.remote:
             assert self._run_dir is not None
             index = len(self.plugins)
             paths = PluginPaths(
@@ -126,7 +128,11 @@ class Orchestrator:
         elif manifest is not None and override.enabled:
             try:
                 plugin.config = plugin.effective_config()
-                refusal = self._launcher.prepare(plugin)
+                refusal = (
+                    self._remote_layers(plugin)
+                    if manifest.remote
+                    else self._launcher.prepare(plugin)
+                )
                 if refusal:
                     raise ValueError(refusal)
             except ValueError as exc:
@@ -149,6 +155,14 @@ class Orchestrator:
                 )
         self.plugins[name] = plugin
         self.supervisor.add(plugin)
+
+    @staticmethod
+    def _remote_layers(plugin: PluginRuntime) -> str:
+        off = "off: a remote plugin runs outside this mesh's sandbox"
+        plugin.sandbox_layers = [
+            mesh_pb2.SandboxLayer(name=n, active=False, detail=off) for n in LAYERS
+        ]
+        return ""
 
     def _new_server(self, caller: PluginRuntime | None) -> grpc.aio.Server:
         limit = self.config.limits.max_message_bytes

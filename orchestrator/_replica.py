@@ -156,6 +156,32 @@ class Replica:
         finally:
             exited.cancel()
 
+    async def connect(
+        self, address: str, config: dict[str, Any], timeout: float
+    ) -> plugin_pb2.DescribeResponse:
+        """Connects to a sidecar running elsewhere (a remote plugin) and waits until it is ready."""
+        self._spec = None
+        self._methods = {}
+        self.started_at = time.time()
+        t0 = time.monotonic()
+        self.channel = grpc.aio.insecure_channel(
+            address, options=channel_options(self._max_message_bytes)
+        )
+        try:
+            describe = await asyncio.wait_for(self._describe_and_configure(config), timeout)
+        except TimeoutError:
+            await self._release()
+            raise ReplicaStartError(
+                f"the remote sidecar at {address} was not ready within {timeout:g}s: is it "
+                "running, and is the address right?"
+            ) from None
+        except ReplicaStartError:
+            await self._release()
+            raise
+        self.describe = describe
+        self.startup_duration = time.monotonic() - t0
+        return describe
+
     async def _handshake(
         self, spec: LaunchSpec, config: dict[str, Any]
     ) -> plugin_pb2.DescribeResponse:
@@ -164,6 +190,11 @@ class Replica:
         self.channel = grpc.aio.insecure_channel(
             f"unix:{spec.socket_path}", options=channel_options(self._max_message_bytes)
         )
+        return await self._describe_and_configure(config)
+
+    async def _describe_and_configure(self, config: dict[str, Any]) -> plugin_pb2.DescribeResponse:
+        """Describe (checking the name), Configure, then wait for health SERVING."""
+        assert self.channel is not None
         stub = plugin_pb2_grpc.PluginServiceStub(self.channel)
         describe: plugin_pb2.DescribeResponse = await _checked(
             "PluginService.Describe",

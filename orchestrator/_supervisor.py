@@ -77,14 +77,20 @@ class Supervisor:
         try:
             while not self._stopping:
                 t0 = time.monotonic()
-                failure = await self._start_once(plugin, replica)
-                if failure is None:  # it was ready; now it has stopped serving
-                    reason = await self._watch(plugin, replica)
-                    if self._stopping:
-                        return
-                    plugin.error = f"replica {replica.index} {reason}" + _tail(replica)
-                else:
-                    reason = failure
+                try:
+                    failure = await self._start_once(plugin, replica)
+                    if failure is None:  # it was ready; now it has stopped serving
+                        reason = await self._watch(plugin, replica)
+                        if self._stopping:
+                            return
+                        plugin.error = f"replica {replica.index} {reason}" + _tail(replica)
+                    else:
+                        reason = failure
+                except Exception as exc:  # a bug of ours: never let it stall the plugin silently
+                    log.exception("%s: supervising the replica failed", replica.tag)
+                    await replica.kill()
+                    failure = reason = f"internal error of the supervisor: {exc!r}"
+                    plugin.error = f"replica {replica.index}: {reason}"
                 if time.monotonic() - t0 < settings.min_uptime:
                     quick_failures += 1
                 else:  # it ran a good while: a fresh failure, not a loop
@@ -112,7 +118,7 @@ class Supervisor:
 
     async def _start_once(self, plugin: PluginRuntime, replica: Replica) -> str | None:
         """Spawns the replica and waits for it to be ready; returns why not (None when ready)."""
-        assert plugin.manifest is not None and plugin.paths is not None
+        assert plugin.manifest is not None
         self._set_replica(plugin, replica, S.REPLICA_STATE_STARTING)
 
         def spawned(pid: int) -> None:
@@ -121,12 +127,18 @@ class Supervisor:
             )
 
         try:
-            spec = self._launcher.launch_spec(
-                plugin, replica.index, self._log_level, self._telemetry_env
-            )
-            describe = await replica.start(
-                spec, plugin.config, plugin.startup_timeout, on_spawn=spawned
-            )
+            if plugin.manifest.remote:
+                assert plugin.manifest.address is not None
+                describe = await replica.connect(
+                    plugin.manifest.address, plugin.config, plugin.startup_timeout
+                )
+            else:
+                spec = self._launcher.launch_spec(
+                    plugin, replica.index, self._log_level, self._telemetry_env
+                )
+                describe = await replica.start(
+                    spec, plugin.config, plugin.startup_timeout, on_spawn=spawned
+                )
             _check_provides(plugin, describe)
         except (ReplicaStartError, OSError, RuntimeError) as exc:
             await replica.kill()
@@ -154,9 +166,10 @@ class Supervisor:
 
     async def _watch(self, plugin: PluginRuntime, replica: Replica) -> str:
         """Waits while the replica serves; returns why it stopped serving."""
-        assert replica.process is not None
         settings = self._settings
-        exited = asyncio.create_task(replica.process.wait())
+        # A remote plugin has no process of ours: only its health tells.
+        waiting = replica.process.wait() if replica.process else asyncio.Event().wait()
+        exited = asyncio.create_task(waiting)
         failures = 0
         try:
             while True:
