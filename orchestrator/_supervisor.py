@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 
+import grpc
 from google.protobuf import duration_pb2
 
 from orchestrator._catalog import Catalog
@@ -15,7 +16,7 @@ from orchestrator._events import EventBus
 from orchestrator._launch import Launcher
 from orchestrator._plugin import PluginRuntime
 from orchestrator._replica import Replica, ReplicaStartError
-from sidemesh.v1 import mesh_pb2
+from sidemesh.v1 import mcp_pb2, mcp_pb2_grpc, mesh_pb2, plugin_pb2, plugin_pb2_grpc
 
 S = mesh_pb2
 log = logging.getLogger("sidemesh.supervisor")
@@ -170,6 +171,9 @@ class Supervisor:
         # A remote plugin has no process of ours: only its health tells.
         waiting = replica.process.wait() if replica.process else asyncio.Event().wait()
         exited = asyncio.create_task(waiting)
+        catalog_watch = None
+        if replica.describe is not None and replica.describe.HasField("mcp_server"):
+            catalog_watch = asyncio.create_task(self._follow_catalog(plugin, replica))
         failures = 0
         try:
             while True:
@@ -208,6 +212,27 @@ class Supervisor:
                     return f"was {replica.last_exit}"
         finally:
             exited.cancel()
+            if catalog_watch is not None:
+                catalog_watch.cancel()
+
+    async def _follow_catalog(self, plugin: PluginRuntime, replica: Replica) -> None:
+        """Re-reads an MCP plugin's catalog whenever its server's tool list changes."""
+        if replica.channel is None:
+            return
+        mcp = mcp_pb2_grpc.McpServiceStub(replica.channel)
+        describe = plugin_pb2_grpc.PluginServiceStub(replica.channel).Describe
+        try:
+            async for event in mcp.Watch(mcp_pb2.WatchRequest(server=plugin.name)):
+                if event.HasField("tools_list_changed"):
+                    fresh = await describe(plugin_pb2.DescribeRequest(), timeout=10)
+                    replica.describe = fresh
+                    self._catalog.set_plugin(
+                        plugin.name, fresh.agents, fresh.tools, fresh.mcp_server
+                    )
+                    log.info("%s: tool list changed: %d tools now", replica.tag, len(fresh.tools))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                log.warning("%s: stopped following its MCP catalog: %s", replica.tag, exc.details())
 
     # -- state ---------------------------------------------------------------
 
@@ -265,10 +290,9 @@ class Supervisor:
         )
 
 
-def _check_provides(plugin: PluginRuntime, describe: object) -> None:
-    from sidemesh.v1 import plugin_pb2
-
-    assert plugin.manifest is not None and isinstance(describe, plugin_pb2.DescribeResponse)
+def _check_provides(plugin: PluginRuntime, describe: plugin_pb2.DescribeResponse) -> None:
+    """Raises when the plugin lacks something its manifest's ``provides`` declares."""
+    assert plugin.manifest is not None
     declared = plugin.manifest.provides
     agents = {a.name for a in describe.agents}
     tools = {t.name for t in describe.tools}
