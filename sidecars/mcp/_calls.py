@@ -1,0 +1,99 @@
+"""What every bridged call shares: its deadline, its span, and the tool call's event stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import struct_pb2
+
+from clients import struct_to_dict
+from plugins_sdk import Plugin
+from plugins_sdk._context import CallInfo, Event
+from plugins_sdk._failures import end_call
+from plugins_sdk._pump import EventPump
+from plugins_sdk._tracing import CallSpan, ServerSpans
+from sidecars.mcp import _convert as convert
+from sidecars.mcp._arguments import check_arguments
+from sidecars.mcp._link import ServerLink
+
+Context = grpc.aio.ServicerContext[Any, Any]
+R = TypeVar("R")
+#: ``time_remaining()`` above this means the call has no deadline.
+_NO_DEADLINE = 1e8
+
+
+def call_timeout(context: Context, link: ServerLink) -> float:
+    """The MCP request timeout: what is left of the gRPC deadline, else ``request_timeout``."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining < _NO_DEADLINE:
+        return max(0.0, remaining)
+    return link.spec.request_timeout
+
+
+def server_spans(link: ServerLink, service: str) -> ServerSpans:
+    """The SDK's SERVER spans, named after the plugin and versioned like its MCP server."""
+    return ServerSpans(Plugin(link.plugin, version=link.info.version or "0.0.0"), service)
+
+
+async def unary(
+    spans: ServerSpans,
+    method: str,
+    context: Context,
+    target: str,
+    body: Callable[[float], Awaitable[R]],
+    link: ServerLink,
+) -> R:
+    """Runs ``body(timeout)`` in the call's SERVER span; a failure ends the call with its status."""
+    info = CallInfo.from_grpc(context)
+    span = spans.start(method, info, target)
+    try:
+        with span, span.current():
+            result = await body(call_timeout(context, link))
+            span.messages = 1
+            return result
+    except Exception as error:
+        await end_call(context, error, f"{method} {target}".strip(), info.call_id, span=span)
+
+
+async def tool_call_events(
+    link: ServerLink, name: str, arguments: struct_pb2.Struct, timeout: float, span: CallSpan
+) -> AsyncGenerator[Event, None]:
+    """A tool call's events: the server's progress, in order, then its result.
+
+    Arguments are checked against the tool's input schema first. The MCP
+    request runs in its own task, with the call's span current (the SDK
+    passes its trace context on in ``_meta``); if the gRPC call ends early,
+    closing this generator cancels the task, and the SDK sends the server
+    ``notifications/cancelled``.
+    """
+    entry = link.catalog.tool(name)
+    tool = entry.tool.name
+    span.set_target(tool)
+    values = struct_to_dict(arguments)
+    check_arguments(tool, entry.validator, values)
+    pump = EventPump()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        pump.emit(("progress", convert.progress(progress, total, message)))
+
+    async def run() -> Event:
+        result = await link.request(
+            f"tool {tool!r}",
+            lambda client, seconds: client.call_tool(
+                tool, values, read_timeout_seconds=seconds, progress_callback=on_progress
+            ),
+            timeout,
+        )
+        proto = convert.tool_result(result)
+        span.tool_result(proto)
+        return ("result", proto)
+
+    with span.current():
+        pump.start(run())
+    try:
+        while (event := await pump.next()) is not None:
+            yield event
+    finally:
+        await pump.close()

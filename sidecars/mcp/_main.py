@@ -1,0 +1,139 @@
+"""``python -m sidecars.mcp``: start the MCP server, then serve it to the mesh until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from clients import normalize_address
+from plugins_sdk._plugin import PLUGIN_ENV
+from plugins_sdk._runner import LISTEN_ENV, MAX_MESSAGE_BYTES, SIGNAL_GRACE
+from sidecars.mcp._link import ServerLink, StartupError
+from sidecars.mcp._mcp_service import McpServicer
+from sidecars.mcp._services import PluginServicer, ToolServicer
+from sidecars.mcp._spec import ServerSpec, SpecError
+from sidecars.mcp._watchers import Watchers
+from sidecars.python._logging import LOG_LEVEL_ENV, configure_logging
+from sidecars.python._telemetry import configure_tracing
+from sidemesh.v1 import mcp_pb2_grpc, plugin_pb2_grpc, tool_pb2_grpc
+
+log = logging.getLogger("sidecars.mcp")
+
+#: Exit statuses: the sidecar cannot run (bad environment), the MCP server failed.
+EXIT_UNUSABLE, EXIT_SERVER_FAILED = 2, 3
+_USAGE = "usage: python -m sidecars.mcp  (the MCP server comes from $SIDEMESH_MCP_SERVER)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the bridge; returns the process's exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    configure_logging(os.environ.get(LOG_LEVEL_ENV))
+    if args:
+        print(_USAGE, file=sys.stderr)
+        return EXIT_UNUSABLE
+    try:
+        address = normalize_address(os.environ.get(LISTEN_ENV, ""))
+        spec = ServerSpec.from_environment()
+    except (ValueError, SpecError) as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    plugin = os.environ.get(PLUGIN_ENV) or "mcp"
+    tracing = configure_tracing(plugin)
+    try:
+        return asyncio.run(_serve(plugin, spec, address))
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
+
+
+class _Bridge:
+    """The running sidecar: its link to the MCP server, its gRPC server, its stop."""
+
+    def __init__(self, plugin: str, spec: ServerSpec) -> None:
+        self.watchers = Watchers()
+        self.link = ServerLink(spec, plugin, self.watchers)
+        self.health = health_aio.HealthServicer()
+        self._stop = asyncio.Event()
+        self._grace = SIGNAL_GRACE
+
+    async def request_stop(self, grace: float) -> None:
+        """Starts draining: health ``NOT_SERVING``, watch streams end, calls get ``grace``."""
+        if self._stop.is_set():
+            return
+        self._grace = grace
+        self._stop.set()
+        await self.health.enter_graceful_shutdown()
+        self.watchers.close()
+
+    def build_server(self) -> grpc.aio.Server:
+        """The gRPC server with every service of the bridge."""
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        plugin_pb2_grpc.add_PluginServiceServicer_to_server(
+            PluginServicer(self.link, self.request_stop), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        tool_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(self.link), server)
+        mcp_pb2_grpc.add_McpServiceServicer_to_server(McpServicer(self.link), server)
+        return server
+
+    async def wait(self) -> float:
+        """Waits for a stop request, or for the link to give up; returns the grace period."""
+        stop = asyncio.create_task(self._stop.wait())
+        failed = asyncio.create_task(self.link.failed.wait())
+        try:
+            await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            failed.cancel()
+        if not self._stop.is_set():
+            await self.request_stop(0.0)
+        return self._grace
+
+
+async def _serve(plugin: str, spec: ServerSpec, address: str) -> int:
+    bridge = _Bridge(plugin, spec)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: loop.create_task(bridge.request_stop(SIGNAL_GRACE)))
+    try:
+        await bridge.link.start()
+    except StartupError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return EXIT_SERVER_FAILED
+    server = bridge.build_server()
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError:
+        await bridge.link.close()
+        print(f"sidecar: cannot listen on {address}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    await server.start()
+    try:
+        await bridge.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "plugin %s bridging MCP server %s %s (%d tools) on %s", plugin,
+            bridge.link.info.name, bridge.link.info.version, len(bridge.link.catalog), address,
+        )  # fmt: skip
+        grace = await bridge.wait()
+        log.info("plugin %s stopping (grace %s s)", plugin, grace)
+        await server.stop(grace)
+    finally:
+        await server.stop(None)
+        await bridge.link.close()
+    if bridge.link.failed.is_set():
+        print(f"sidecar: {bridge.link.failure}", file=sys.stderr)
+        return EXIT_SERVER_FAILED
+    return 0

@@ -1,0 +1,242 @@
+"""``McpService`` of the bridge: the MCP server's whole surface, request by request.
+
+Lists pass MCP's opaque cursors through as page tokens. The ``server`` field
+of each request is the orchestrator's routing key; the bridge ignores it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import TypeVar
+
+import mcp_types as types
+from mcp import Client
+
+from clients import UnavailableError
+from plugins_sdk._context import CallInfo, response
+from plugins_sdk._failures import end_call
+from sidecars.mcp import _convert as convert
+from sidecars.mcp._calls import Context, call_timeout, server_spans, tool_call_events, unary
+from sidecars.mcp._link import ServerLink
+from sidemesh.v1 import mcp_pb2, mcp_pb2_grpc
+
+R = TypeVar("R")
+
+
+def _page(token: str) -> types.PaginatedRequestParams:
+    return types.PaginatedRequestParams(cursor=token or None)
+
+
+class McpServicer(mcp_pb2_grpc.McpServiceServicer):
+    """Serves one MCP server's tools, resources, prompts, completions and notifications."""
+
+    def __init__(self, link: ServerLink) -> None:
+        self._link = link
+        self._spans = server_spans(link, "sidemesh.v1.McpService")
+
+    async def GetServerInfo(
+        self, request: mcp_pb2.GetServerInfoRequest, context: Context
+    ) -> mcp_pb2.GetServerInfoResponse:
+        """The server's identity, protocol version and capabilities."""
+        return mcp_pb2.GetServerInfoResponse(info=self._link.info)
+
+    async def ListTools(
+        self, request: mcp_pb2.McpServiceListToolsRequest, context: Context
+    ) -> mcp_pb2.McpServiceListToolsResponse:
+        """One page of the server's tools, as the server pages them."""
+
+        async def send(client: Client, seconds: float) -> mcp_pb2.McpServiceListToolsResponse:
+            result = await client.session.send_request(
+                types.ListToolsRequest(params=_page(request.page_token)),
+                types.ListToolsResult,
+                request_read_timeout_seconds=seconds,
+            )
+            return mcp_pb2.McpServiceListToolsResponse(
+                tools=[convert.tool_descriptor(t) for t in result.tools],
+                next_page_token=convert.page(result.next_cursor),
+            )
+
+        return await self._unary("ListTools", context, "tools/list", send)
+
+    async def CallTool(
+        self, request: mcp_pb2.McpServiceCallToolRequest, context: Context
+    ) -> AsyncIterator[mcp_pb2.McpServiceCallToolResponse]:
+        """Calls a tool: progress events in order, then its result (``is_error`` included)."""
+        info = CallInfo.from_grpc(context)
+        span = self._spans.start("CallTool", info, request.name)
+        timeout = call_timeout(context, self._link)
+        try:
+            with span:
+                events = tool_call_events(
+                    self._link, request.name, request.arguments, timeout, span
+                )
+                async with aclosing(events):
+                    async for event in events:
+                        span.messages += 1
+                        yield response(mcp_pb2.McpServiceCallToolResponse, event)
+        except Exception as error:
+            await end_call(context, error, f"tool {request.name!r}", info.call_id, span=span)
+
+    async def ListResources(
+        self, request: mcp_pb2.ListResourcesRequest, context: Context
+    ) -> mcp_pb2.ListResourcesResponse:
+        """One page of the server's resources."""
+
+        async def send(client: Client, seconds: float) -> mcp_pb2.ListResourcesResponse:
+            result = await client.session.send_request(
+                types.ListResourcesRequest(params=_page(request.page_token)),
+                types.ListResourcesResult,
+                request_read_timeout_seconds=seconds,
+            )
+            return mcp_pb2.ListResourcesResponse(
+                resources=[convert.resource(r) for r in result.resources],
+                next_page_token=convert.page(result.next_cursor),
+            )
+
+        return await self._unary("ListResources", context, "resources/list", send)
+
+    async def ListResourceTemplates(
+        self, request: mcp_pb2.ListResourceTemplatesRequest, context: Context
+    ) -> mcp_pb2.ListResourceTemplatesResponse:
+        """One page of the server's resource templates."""
+
+        async def send(client: Client, seconds: float) -> mcp_pb2.ListResourceTemplatesResponse:
+            result = await client.session.send_request(
+                types.ListResourceTemplatesRequest(params=_page(request.page_token)),
+                types.ListResourceTemplatesResult,
+                request_read_timeout_seconds=seconds,
+            )
+            return mcp_pb2.ListResourceTemplatesResponse(
+                resource_templates=[
+                    convert.resource_template(t) for t in result.resource_templates
+                ],
+                next_page_token=convert.page(result.next_cursor),
+            )
+
+        return await self._unary("ListResourceTemplates", context, "resources/templates/list", send)
+
+    async def ReadResource(
+        self, request: mcp_pb2.ReadResourceRequest, context: Context
+    ) -> mcp_pb2.ReadResourceResponse:
+        """A resource's contents, text or bytes; ``NOT_FOUND`` for an unknown URI."""
+
+        async def send(client: Client, seconds: float) -> mcp_pb2.ReadResourceResponse:
+            result = await client.session.send_request(
+                types.ReadResourceRequest(params=types.ReadResourceRequestParams(uri=request.uri)),
+                types.ReadResourceResult,
+                request_read_timeout_seconds=seconds,
+            )
+            return mcp_pb2.ReadResourceResponse(
+                contents=[convert.resource_contents(c) for c in result.contents]
+            )
+
+        return await self._unary(
+            "ReadResource", context, f"resources/read {request.uri}", send, lookup=True
+        )
+
+    async def ListPrompts(
+        self, request: mcp_pb2.ListPromptsRequest, context: Context
+    ) -> mcp_pb2.ListPromptsResponse:
+        """One page of the server's prompts."""
+
+        async def send(client: Client, seconds: float) -> mcp_pb2.ListPromptsResponse:
+            result = await client.session.send_request(
+                types.ListPromptsRequest(params=_page(request.page_token)),
+                types.ListPromptsResult,
+                request_read_timeout_seconds=seconds,
+            )
+            return mcp_pb2.ListPromptsResponse(
+                prompts=[convert.prompt(p) for p in result.prompts],
+                next_page_token=convert.page(result.next_cursor),
+            )
+
+        return await self._unary("ListPrompts", context, "prompts/list", send)
+
+    async def GetPrompt(
+        self, request: mcp_pb2.GetPromptRequest, context: Context
+    ) -> mcp_pb2.GetPromptResponse:
+        """A prompt rendered with the arguments; ``NOT_FOUND`` for an unknown prompt."""
+
+        async def send(client: Client, seconds: float) -> mcp_pb2.GetPromptResponse:
+            params = types.GetPromptRequestParams(
+                name=request.name, arguments=dict(request.arguments) or None
+            )
+            result = await client.session.send_request(
+                types.GetPromptRequest(params=params),
+                types.GetPromptResult,
+                request_read_timeout_seconds=seconds,
+            )
+            return convert.prompt_result(result)
+
+        return await self._unary(
+            "GetPrompt", context, f"prompts/get {request.name}", send, lookup=True
+        )
+
+    async def Complete(
+        self, request: mcp_pb2.CompleteRequest, context: Context
+    ) -> mcp_pb2.CompleteResponse:
+        """Completions of a prompt argument or a resource template variable."""
+
+        async def send(client: Client, seconds: float) -> mcp_pb2.CompleteResponse:
+            ref: types.PromptReference | types.ResourceTemplateReference
+            if request.WhichOneof("ref") == "resource_template":
+                ref = types.ResourceTemplateReference(uri=request.resource_template)
+            else:
+                ref = types.PromptReference(name=request.prompt)
+            context_args = dict(request.context_arguments)
+            params = types.CompleteRequestParams(
+                ref=ref,
+                argument=types.CompletionArgument(
+                    name=request.argument_name, value=request.argument_value
+                ),
+                context=types.CompletionContext(arguments=context_args) if context_args else None,
+            )
+            result = await client.session.send_request(
+                types.CompleteRequest(params=params),
+                types.CompleteResult,
+                request_read_timeout_seconds=seconds,
+            )
+            return convert.completion(result)
+
+        return await self._unary("Complete", context, "completion/complete", send)
+
+    async def Watch(
+        self, request: mcp_pb2.WatchRequest, context: Context
+    ) -> AsyncIterator[mcp_pb2.WatchResponse]:
+        """The server's notifications until the client leaves or the plugin stops."""
+        info = CallInfo.from_grpc(context)
+        span = self._spans.start("Watch", info)
+        notifications = self._link.notifications
+        try:
+            with span:
+                watcher = await notifications.watch(
+                    list(request.resource_uris), call_timeout(context, self._link)
+                )
+                try:
+                    while (event := await watcher.next()) is not None:
+                        span.messages += 1
+                        yield event
+                finally:
+                    await notifications.unwatch(watcher)
+                raise UnavailableError(
+                    f"plugin {self._link.plugin!r} is stopping", reason="PLUGIN_STOPPING"
+                )
+        except Exception as error:
+            await end_call(context, error, "Watch", info.call_id, span=span)
+
+    async def _unary(
+        self,
+        method: str,
+        context: Context,
+        what: str,
+        send: Callable[[Client, float], Awaitable[R]],
+        *,
+        lookup: bool = False,
+    ) -> R:
+        """A unary call in its SERVER span: ``send`` through the link, failures as statuses."""
+
+        async def body(timeout: float) -> R:
+            return await self._link.request(what, send, timeout, lookup=lookup)
+
+        return await unary(self._spans, method, context, what, body, self._link)
