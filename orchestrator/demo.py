@@ -35,6 +35,8 @@ SESSION: list[tuple[str, list[str], int]] = [
     ("A tool call with progress events (on stderr) and a typed result",
      ["call", "tools-demo/slow_count", "n=4", "delay=0.15"], 0),
     ("Structured results", ["call", "tools-demo/word_count", "text=the quick brown fox"], 0),
+    ("A tool of a third-party MCP server (mcp-server-time), bridged by its manifest alone",
+     ["call", "mcp-time/get_current_time", "timezone=Europe/Paris"], 0),
     ("A tool failing at its task is a result, not an error (exit code 3)",
      ["call", "tools-demo/divide", "a=1", "b=0"], 3),
     ("A wrong name is NOT_FOUND, naming the closest (exit code 1)",
