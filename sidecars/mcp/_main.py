@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the bridge; returns the process's exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     configure_logging(os.environ.get(LOG_LEVEL_ENV))
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per HTTP request otherwise
     if args:
         print(_USAGE, file=sys.stderr)
         return EXIT_UNUSABLE

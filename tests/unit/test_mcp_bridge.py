@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -71,7 +72,10 @@ def crash() -> str:
 
 
 print("fixture server starting", file=sys.stderr, flush=True)
-anyio.run(server.run_stdio_async)
+if len(sys.argv) > 1:  # a port: streamable HTTP on 127.0.0.1
+    anyio.run(lambda: server.run_streamable_http_async(port=int(sys.argv[1])))
+else:
+    anyio.run(server.run_stdio_async)
 '''
 
 
@@ -234,3 +238,33 @@ async def test_a_server_that_exits_at_once_says_so(tmp_path: Path) -> None:
     link = ServerLink(ServerSpec(command=sys.executable, args=(str(script),)), "x", Watchers())
     with pytest.raises(StartupError, match="exited or closed its output before it answered"):
         await link.start()
+
+
+async def test_a_streamable_http_server_on_loopback(server_script: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spec = ServerSpec(
+        command=sys.executable, args=(str(server_script), str(port)),
+        transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp", request_timeout=10,
+    )  # fmt: skip
+    link = ServerLink(spec, "fixture", Watchers())
+    await link.start()
+    progress: list[float] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append(value)
+
+    try:
+        result = await link.request(
+            "tool 'wait'",
+            lambda client, seconds: client.call_tool(
+                "wait", {"steps": 3}, read_timeout_seconds=seconds, progress_callback=on_progress
+            ),
+            10,
+        )
+    finally:
+        await link.close()
+    assert result.content[0].text == "waited"  # type: ignore[union-attr]
+    assert progress == [1, 2, 3]
+    assert link.info.name == "fixture"
