@@ -91,6 +91,10 @@ async def test_time_server_tools_are_mesh_tools(
     info = (await mcp.GetServerInfo(mcp_pb2.GetServerInfoRequest(server="mcp-time"))).info
     assert info.name == "mcp-time"
     assert info.protocol_version == "2026-07-28"  # the SDK's automatic mode chose the new era
+    watch = mcp.Watch(mcp_pb2.WatchRequest(server="mcp-time", resource_uris=["time://now"]))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await anext(aiter(watch))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # no resource subscriptions
 
 
 async def test_time_server_calls_and_a_bad_timezone_is_a_tool_error(
