@@ -9,7 +9,8 @@ without one raises ``InternalError`` instead of handing back truncated data.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
@@ -45,10 +46,11 @@ async def unary(call: grpc.aio.UnaryUnaryCall[Any, T], description: str) -> T:
 class ServerStream(AsyncIterator[ResponseT]):
     """The responses of one server-streaming call, in order.
 
-    ``async for`` reads it, and leaving that loop early (``break``, an
-    exception, the task being cancelled) cancels the call so the server stops
-    working on it. ``await anext(stream)`` reads one response without that
-    guard. A stream is read once.
+    ``async for`` or ``await anext(stream)`` read it; a stream is read once,
+    in any mix of the two. A stream dropped before its end (leaving ``async
+    for`` early over ``client.invoke(...)``, an exception, the task being
+    cancelled) cancels its call, so the server stops working on it. Keep a
+    reference and the call goes on: end it with ``cancel()`` or ``async with``.
     """
 
     def __init__(self, call: grpc.aio.UnaryStreamCall[Any, ResponseT], description: str) -> None:
@@ -85,20 +87,15 @@ class ServerStream(AsyncIterator[ResponseT]):
     ) -> None:
         self.cancel()
 
-    def __aiter__(self) -> AsyncIterator[ResponseT]:
-        return self._guarded()
+    def __aiter__(self) -> Self:
+        return self
 
-    async def _guarded(self) -> AsyncGenerator[ResponseT, None]:
-        try:
-            while True:
-                try:
-                    response = await self.__anext__()
-                except StopAsyncIteration:
-                    return
-                yield response
-        finally:
-            # Reached on a normal end too, where the call is done and this does nothing.
-            self.cancel()
+    def __del__(self) -> None:
+        # Dropped unfinished: nobody will read the rest, so stop the server's work.
+        call = getattr(self, "_call", None)
+        if call is not None and not call.done():
+            with contextlib.suppress(Exception):  # e.g. the loop is already closed
+                call.cancel()
 
     async def __anext__(self) -> ResponseT:
         if self._error is not None:

@@ -69,6 +69,7 @@ def sidecar_environment(
     data_dir: Path,
     mesh_dir: Path,
     log_level: str,
+    startup_timeout: float,
     telemetry_env: Mapping[str, str],
 ) -> dict[str, str]:
     """The sidecar's whole environment: nothing leaks from the orchestrator's own.
@@ -94,6 +95,7 @@ def sidecar_environment(
         "SIDEMESH_PLUGIN_DIR": str(manifest.directory),
         "SIDEMESH_DATA_DIR": str(data_dir),
         "SIDEMESH_LOG_LEVEL": log_level,
+        "SIDEMESH_STARTUP_TIMEOUT": f"{startup_timeout:g}",
     }
     env.update(telemetry_env)
     if env.get("OTEL_SDK_DISABLED") != "true":
@@ -157,7 +159,8 @@ class ProcessLauncher:
         env = sidecar_environment(
             plugin.manifest, plugin.override, listen=f"unix:{socket}",
             mesh_address=f"unix:{paths.mesh_socket}", replica=replica, data_dir=paths.data_dir,
-            mesh_dir=paths.run_dir.parent, log_level=log_level, telemetry_env=telemetry_env,
+            mesh_dir=paths.run_dir.parent, log_level=log_level,
+            startup_timeout=plugin.startup_timeout, telemetry_env=telemetry_env,
         )  # fmt: skip
         return LaunchSpec(
             argv=plugin_command(plugin.manifest), env=env, cwd=plugin.manifest.directory,
@@ -235,7 +238,8 @@ class SandboxLauncher:
         env = sidecar_environment(
             plugin.manifest, plugin.override, listen=prepared.listen,
             mesh_address=prepared.mesh_address, replica=replica, data_dir=paths.data_dir,
-            mesh_dir=paths.run_dir.parent, log_level=log_level, telemetry_env=telemetry_env,
+            mesh_dir=paths.run_dir.parent, log_level=log_level,
+            startup_timeout=plugin.startup_timeout, telemetry_env=telemetry_env,
         )  # fmt: skip
         # die_with_parent: bwrap's outer process dies with us; its sandbox dies with it.
         return LaunchSpec(

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SERVER_ENV = "SIDEMESH_MCP_SERVER"
+#: The seconds the orchestrator gives the sidecar to become ready.
+STARTUP_ENV = "SIDEMESH_STARTUP_TIMEOUT"
 #: ``PluginInfo.runtime`` of every bridged plugin.
 RUNTIME = "sidemesh-mcp-bridge/0.1.0"
 #: The longest the MCP server may take to answer its first request. The
@@ -40,8 +42,18 @@ class ServerSpec:
 
     @property
     def startup_timeout(self) -> float:
-        """Seconds the server gets to answer its first request (the probe or ``initialize``)."""
-        return min(self.request_timeout, MAX_STARTUP_TIMEOUT)
+        """Seconds the server gets to answer its first request (the probe or ``initialize``).
+
+        A request's timeout, within most of the plugin's startup budget
+        (``$SIDEMESH_STARTUP_TIMEOUT``): the bridge gives up before the orchestrator
+        does, so the plugin's error is the bridge's clear message.
+        """
+        try:
+            budget = float(os.environ.get(STARTUP_ENV, "0"))
+        except ValueError:
+            budget = 0.0
+        limit = max(1.0, budget * 0.8) if budget > 0 else MAX_STARTUP_TIMEOUT
+        return min(self.request_timeout, limit)
 
     @property
     def display(self) -> str:

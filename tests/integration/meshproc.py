@@ -22,6 +22,8 @@ from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 ROOT = Path(__file__).resolve().parents[2]
 TEST_PLUGINS = ROOT / "tests" / "plugins"
 EXAMPLE_PLUGINS = ROOT / "examples" / "plugins"
+#: The two example plugins most tests need (without the MCP ones, which start node).
+DEMO_PLUGINS = [str(EXAMPLE_PLUGINS / "tools-demo"), str(EXAMPLE_PLUGINS / "assistant")]
 
 #: Supervisor settings that make failures show up within seconds.
 FAST_SUPERVISOR: dict[str, Any] = {
@@ -101,7 +103,7 @@ class Mesh:
         self.log_path = workdir / "orchestrator.log"
         self.config: dict[str, Any] = {
             "listen": [self.address, "127.0.0.1:0"],
-            "plugin_dirs": [str(EXAMPLE_PLUGINS)],
+            "plugin_dirs": DEMO_PLUGINS,
             "entry_points": False,
             "state_dir": str(self.state_dir),
             "runtime_dir": str(self.runtime_dir),

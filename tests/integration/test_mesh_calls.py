@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from meshproc import EXAMPLE_PLUGINS, TEST_PLUGINS, Mesh, wait_until
+from meshproc import DEMO_PLUGINS, TEST_PLUGINS, Mesh, wait_until
 
 from clients import (
     AsyncMeshClient,
@@ -28,7 +28,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     """One mesh for this module: the example plugins and the test workers."""
     m = Mesh(
         tmp_path_factory.mktemp("calls"),
-        plugin_dirs=[str(EXAMPLE_PLUGINS), str(TEST_PLUGINS / "workers")],
+        plugin_dirs=[*DEMO_PLUGINS, str(TEST_PLUGINS / "workers")],
     )
     try:
         m.start(ready=["tools-demo", "assistant", "workers"])

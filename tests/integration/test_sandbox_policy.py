@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
-from meshproc import EXAMPLE_PLUGINS, Mesh
+from meshproc import DEMO_PLUGINS, EXAMPLE_PLUGINS, Mesh
 
 from clients import AsyncMeshClient
 from sidemesh.v1 import mesh_pb2
@@ -47,7 +47,7 @@ async def test_enforce_mode_runs_without_a_missing_layer_and_says_so(make_mesh: 
 
 def test_the_operator_can_relax_and_tighten_per_plugin(make_mesh: MakeMesh) -> None:
     mesh = make_mesh(
-        plugin_dirs=[str(EXAMPLE_PLUGINS)],
+        plugin_dirs=DEMO_PLUGINS,
         plugins={
             "tools-demo": {"sandbox": {"enabled": False}},
             "assistant": {"sandbox": {"memory_mb": 200, "max_processes": 40}},

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-from meshproc import EXAMPLE_PLUGINS, TEST_PLUGINS, Mesh, wait_until
+from meshproc import DEMO_PLUGINS, TEST_PLUGINS, Mesh, wait_until
 from opentelemetry import trace
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -90,7 +90,7 @@ def client_tracer() -> tuple[trace.Tracer, InMemorySpanExporter]:
 
 
 def _mesh(make_mesh: MakeMesh, **config: Any) -> Mesh:
-    dirs = [str(EXAMPLE_PLUGINS), str(TEST_PLUGINS / "workers")]
+    dirs = [*DEMO_PLUGINS, str(TEST_PLUGINS / "workers")]
     return make_mesh(plugin_dirs=dirs, **config).start(ready=["tools-demo", "assistant", "workers"])
 
 

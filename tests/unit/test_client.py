@@ -528,6 +528,17 @@ async def test_stream_cancel_reaches_the_server(client: AsyncMeshClient, mesh: M
         await stream.collect()
 
 
+async def test_reading_one_event_then_the_rest_is_one_call(
+    client: AsyncMeshClient, mesh: MeshServer
+) -> None:
+    stream = client.invoke("echo", "hi")
+    first = await anext(aiter(stream))  # a one-off iterator must not end the call
+    rest = [event async for event in stream]
+    kinds = [e.WhichOneof("event") for e in (first, *rest)]
+    assert kinds == ["progress", "text_delta", "text_delta", "output", "result"]
+    assert not mesh.rec.cancelled.is_set()
+
+
 async def test_leaving_async_for_early_cancels_the_call(
     client: AsyncMeshClient, mesh: MeshServer
 ) -> None:
