@@ -1,0 +1,56 @@
+"""``python -m bench --smoke``: every benchmark topology for seconds, outputs validated.
+
+This keeps the benchmark harness honest in ``make test``: each topology (direct,
+nginx, the orchestrator with tracing on and off, sandboxed and unsandboxed
+sidecars) must answer every phase without an error, and the run must write a
+valid ``latest.json``, ``latest.md`` and ``latest.png``, and leave no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from meshproc import ROOT, processes_with, wait_until
+
+pytestmark = pytest.mark.integration
+
+TOPOLOGIES = {"direct", "nginx", "orchestrator", "tracing_off", "sandboxed", "unsandboxed"}
+
+
+def _installed(command: str) -> bool:
+    return shutil.which(command) is not None or os.access(f"/usr/sbin/{command}", os.X_OK)
+
+
+@pytest.mark.timeout(90)
+def test_bench_smoke_runs_every_topology_and_writes_valid_results(tmp_path: Path) -> None:
+    missing = [c for c in ("nginx", "h2load") if not _installed(c)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (scripts/system-deps.sh bench)")
+    out = tmp_path / "results"
+    # The run's work directory lands in tmp_path too, so leftovers can be found by path.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=80,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+    results = json.loads((out / "latest.json").read_text())
+    assert set(results["topologies"]) == TOPOLOGIES
+    for key, topology in results["topologies"].items():
+        assert topology["median"]["errors"] == 0, key
+        assert topology["median"]["latency_p50_ms"] > 0, key
+        assert topology["median"]["rps_h2load"] > 0, key
+    assert results["remote_plugins"] is True  # direct, nginx and orchestrator share a sidecar
+    assert results["idle_streams"]["all_completed"] is True
+    assert (out / results["timestamp_file"]).is_file()
+    assert "| orchestrator |" in (out / "latest.md").read_text()
+    assert (out / "latest.png").read_bytes()[:4] == b"\x89PNG"
+    # Every process the run started is gone (nginx workers and sidecars too).
+    wait_until(lambda: not processes_with(str(tmp_path)), 10, "the benchmark's processes to exit")
