@@ -37,6 +37,7 @@ from clients._errors import (
     from_status,
 )
 from clients._results import AgentReply, ToolCallResult
+from clients._server_options import server_options
 from clients._streams import AgentStream, ServerStream, ToolCallStream
 from clients._sync import MeshClient
 from clients._sync_streams import SyncAgentStream, SyncChatSession, SyncStream, SyncToolCallStream
@@ -77,6 +78,7 @@ __all__ = [
     "UnknownError",
     "from_status",
     "normalize_address",
+    "server_options",
     "struct_to_dict",
     "to_struct",
     "tracing_interceptors",

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import Observation
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
+from clients import server_options
 from orchestrator._catalog import Catalog
 from orchestrator._config import MeshConfig
 from orchestrator._discovery import DiscoveredPlugin, discover
@@ -166,14 +167,8 @@ class Orchestrator:
 
     def _new_server(self, caller: PluginRuntime | None) -> grpc.aio.Server:
         limit = self.config.limits.max_message_bytes
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-                # Refuse a port another process holds, rather than silently sharing it.
-                ("grpc.so_reuseport", 0),
-            ]
-        )
+        # so_reuseport 0: refuse a port another process holds, rather than silently share it.
+        server = grpc.aio.server(options=[*server_options(limit), ("grpc.so_reuseport", 0)])
         Router(
             self.catalog, self.plugins, self.events, self._admission, self.telemetry, caller=caller
         ).register(server)

@@ -13,7 +13,7 @@ from typing import Any, Self
 
 import grpc
 
-from clients import AsyncMeshClient, SidemeshError
+from clients import AsyncMeshClient, SidemeshError, server_options
 from plugins_sdk._mesh_endpoint import EndpointCatalog, Routes, add_endpoint
 from plugins_sdk._plugin import Plugin
 from plugins_sdk._runner import serve_runtime
@@ -138,7 +138,7 @@ class PluginHarness:
         await self.configure(self._config)
 
     async def _start_endpoint(self, caller: str, address: str) -> None:
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=server_options(16 * 1024 * 1024))
         add_endpoint(server, Routes(self._runtimes, caller=caller))
         server.add_insecure_port(address)
         await server.start()

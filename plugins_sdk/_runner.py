@@ -12,7 +12,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from clients import normalize_address
+from clients import normalize_address, server_options
 from plugins_sdk._agent_service import AgentServicer
 from plugins_sdk._plugin import Plugin
 from plugins_sdk._plugin_service import PluginServicer
@@ -33,12 +33,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 def build_server(runtime: PluginRuntime) -> grpc.aio.Server:
     """A gRPC server with every service a sidecar serves, for ``runtime``."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
-    )
+    server = grpc.aio.server(options=server_options(MAX_MESSAGE_BYTES))
     plugin_pb2_grpc.add_PluginServiceServicer_to_server(PluginServicer(runtime), server)
     health_pb2_grpc.add_HealthServicer_to_server(runtime.health, server)
     tool_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(runtime), server)

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from clients import normalize_address
+from clients import normalize_address, server_options
 from plugins_sdk._plugin import PLUGIN_ENV
 from plugins_sdk._runner import LISTEN_ENV, MAX_MESSAGE_BYTES, SIGNAL_GRACE
 from sidecars.mcp._link import ServerLink, StartupError
@@ -76,12 +76,7 @@ class _Bridge:
 
     def build_server(self) -> grpc.aio.Server:
         """The gRPC server with every service of the bridge."""
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ]
-        )
+        server = grpc.aio.server(options=server_options(MAX_MESSAGE_BYTES))
         plugin_pb2_grpc.add_PluginServiceServicer_to_server(
             PluginServicer(self.link, self.request_stop), server
         )
