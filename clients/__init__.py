@@ -36,6 +36,7 @@ from clients._errors import (
     UnknownError,
     from_status,
 )
+from clients._event_loop import run_loop
 from clients._results import AgentReply, ToolCallResult
 from clients._server_options import server_options
 from clients._streams import AgentStream, ServerStream, ToolCallStream
@@ -78,6 +79,7 @@ __all__ = [
     "UnknownError",
     "from_status",
     "normalize_address",
+    "run_loop",
     "server_options",
     "struct_to_dict",
     "to_struct",

@@ -8,6 +8,7 @@ when an OTLP endpoint is configured, the official OTLP exporter.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -28,6 +29,7 @@ from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import StatusCode
 
 from orchestrator._config import TelemetrySettings
 from orchestrator._trace_store import TraceStore, stamp_resource
@@ -39,14 +41,48 @@ _STOP = object()
 
 
 class _SinkExporter(SpanExporter):
-    """Hands the orchestrator's own finished spans to the sink, as OTLP."""
+    """The orchestrator's own finished spans: rows for the store, OTLP for an endpoint.
 
-    def __init__(self, sink: Callable[[ExportTraceServiceRequest], None]) -> None:
-        self._sink = sink
+    Rows are made straight from the SDK's spans; encoding them to OTLP protobuf
+    (and the store decoding them again) would cost the router's thread its GIL.
+    """
+
+    def __init__(
+        self,
+        store: TraceStore | None,
+        forwarder: _Forwarder | None,
+        service: str,
+    ) -> None:
+        self._store = store
+        self._forwarder = forwarder
+        self._service = service
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self._sink(encode_spans(spans))
+        if self._store is not None:
+            self._store.add([_row(span, self._service) for span in spans])
+        if self._forwarder is not None:
+            self._forwarder.submit(encode_spans(spans))
         return SpanExportResult.SUCCESS
+
+
+def _row(span: ReadableSpan, service: str) -> tuple[Any, ...]:
+    """A trace store row (see ``span_rows``) for one of the orchestrator's spans."""
+    context = span.context
+    assert context is not None
+    parent = f"{span.parent.span_id:016x}" if span.parent is not None else ""
+    attributes = {
+        key: value if isinstance(value, str) else json.dumps(
+            list(value) if isinstance(value, tuple) else value
+        )
+        for key, value in (span.attributes or {}).items()
+    }  # fmt: skip
+    error = span.status.status_code is StatusCode.ERROR
+    return (
+        f"{context.trace_id:032x}", f"{context.span_id:016x}", parent, span.name, service,
+        span.kind.value + 1,  # the API counts from INTERNAL = 0, OTLP from INTERNAL = 1
+        span.start_time or 0, span.end_time or 0, int(error), span.status.description or "",
+        json.dumps(attributes),
+    )  # fmt: skip
 
 
 class _Forwarder(OTLPSpanExporter):
@@ -122,9 +158,8 @@ class Telemetry:
         self._forwarder: _Forwarder | None = None
         self._tracer_provider: TracerProvider | None = None
         self._meter_provider: MeterProvider | None = None
-        resource = Resource.create(
-            {"service.name": os.environ.get("OTEL_SERVICE_NAME", "sidemesh-orchestrator")}
-        )
+        service = os.environ.get("OTEL_SERVICE_NAME", "sidemesh-orchestrator")
+        resource = Resource.create({"service.name": service})
         if self.enabled:
             self.store = TraceStore(state_dir / TRACES_FILE, settings.max_traces)
             if self.endpoint:
@@ -132,7 +167,8 @@ class Telemetry:
             self._tracer_provider = TracerProvider(resource=resource)
             self._tracer_provider.add_span_processor(
                 BatchSpanProcessor(
-                    _SinkExporter(self.accept), schedule_delay_millis=settings.export_delay_ms
+                    _SinkExporter(self.store, self._forwarder, service),
+                    schedule_delay_millis=settings.export_delay_ms,
                 )
             )
             self.tracer: trace.Tracer = self._tracer_provider.get_tracer("sidemesh.orchestrator")

@@ -122,8 +122,11 @@ class TraceStore:
 
     # -- writing ---------------------------------------------------------------
 
-    def add(self, request: ExportTraceServiceRequest) -> None:
-        """Queues ``request``'s spans for storage. Thread-safe; never blocks."""
+    def add(self, request: ExportTraceServiceRequest | list[tuple[Any, ...]]) -> None:
+        """Queues spans for storage: an OTLP request, or rows (see :func:`span_rows`).
+
+        Thread-safe; never blocks.
+        """
         try:
             self._queue.put_nowait(request)
         except queue.Full:
@@ -142,7 +145,7 @@ class TraceStore:
                 item.set()
                 continue
             try:
-                rows = span_rows(item)
+                rows = item if isinstance(item, list) else span_rows(item)
                 with db:
                     db.executemany(
                         "INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows

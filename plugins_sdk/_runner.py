@@ -12,7 +12,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from clients import normalize_address, server_options
+from clients import normalize_address, run_loop, server_options
 from plugins_sdk._agent_service import AgentServicer
 from plugins_sdk._plugin import Plugin
 from plugins_sdk._plugin_service import PluginServicer
@@ -103,7 +103,7 @@ def run(app: Plugin) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     runtime = PluginRuntime(app, mesh_address=os.environ.get(MESH_ADDRESS_ENV) or None)
-    asyncio.run(_main(runtime, address))
+    run_loop(_main(runtime, address))
 
 
 async def _main(runtime: PluginRuntime, address: str) -> None:

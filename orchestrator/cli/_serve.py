@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from clients import run_loop
 from orchestrator._config import load_config
 from orchestrator._logging import configure_logging
 from orchestrator._orchestrator import Orchestrator
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(config.log_level)
     try:
-        return asyncio.run(_serve(Orchestrator(config)))
+        return run_loop(_serve(Orchestrator(config)))
     except OSError as exc:
         log.error("%s", exc)
         return 1

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from clients import normalize_address, server_options
+from clients import normalize_address, run_loop, server_options
 from plugins_sdk._plugin import PLUGIN_ENV
 from plugins_sdk._runner import LISTEN_ENV, MAX_MESSAGE_BYTES, SIGNAL_GRACE
 from sidecars.mcp._link import ServerLink, StartupError
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plugin = os.environ.get(PLUGIN_ENV) or "mcp"
     tracing = configure_tracing(plugin)
     try:
-        return asyncio.run(_serve(plugin, spec, address))
+        return run_loop(_serve(plugin, spec, address))
     finally:
         if tracing is not None:
             tracing.shutdown()

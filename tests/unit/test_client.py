@@ -382,6 +382,7 @@ def test_public_names_are_pinned() -> None:
             *("DEFAULT_TCP_ADDRESS", "ERROR_DOMAIN", "FieldViolation", "SidemeshError"),
             *("from_status", "normalize_address", "unix_socket_path"),
             *("struct_to_dict", "to_struct", "tracing_interceptors", "server_options"),
+            "run_loop",
             *("AbortedError", "AlreadyExistsError", "CallCancelledError", "DataLossError"),
             *("DeadlineExceededError", "FailedPreconditionError", "InternalError"),
             *("InvalidArgumentError", "NotFoundError", "OutOfRangeError"),

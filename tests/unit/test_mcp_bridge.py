@@ -209,7 +209,8 @@ async def test_a_tool_list_change_is_listed_again_before_watchers_hear_of_it(
 
 async def test_a_crashed_server_is_restarted(bridge: tuple[_Bridge, str]) -> None:
     running, address = bridge
-    async with AsyncMeshClient(address, tracing=False, timeout=10) as client:
+    # 30 s: time enough for a restart on a loaded machine
+    async with AsyncMeshClient(address, tracing=False, timeout=30) as client:
         with pytest.raises(UnavailableError, match="exited or closed its connection"):
             await client.call_tool("crash")
         assert (await client.call_tool("wait", steps=1)).text == "waited"
