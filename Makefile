@@ -42,6 +42,7 @@ run: setup
 	$(BIN)/python -m orchestrator.demo
 
 test: setup proto-check lint
+	@scripts/system-deps.sh bench  # the benchmark's smoke test needs nginx and h2load
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Contracts ------------------------------------------------------------------
