@@ -30,8 +30,9 @@ from sidemesh.v1 import mcp_pb2, mcp_pb2_grpc
 pytestmark = pytest.mark.integration
 
 EVERYTHING_DIR = EXAMPLE_PLUGINS / "mcp-everything"
-if not (EVERYTHING_DIR / "node_modules" / "@modelcontextprotocol" / "server-everything").is_dir():
-    pytest.skip("run `make setup` (npm ci) to install server-everything", allow_module_level=True)
+# `make setup` (npm ci) installs it; a missing one must fail these tests, not skip them.
+_INSTALLED = EVERYTHING_DIR / "node_modules" / "@modelcontextprotocol" / "server-everything"
+assert _INSTALLED.is_dir(), "server-everything is missing: run `make setup` (npm ci installs it)"
 
 TEXT_URI = "demo://resource/dynamic/text/1"
 BLOB_URI = "demo://resource/dynamic/blob/1"
