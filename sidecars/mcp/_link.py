@@ -76,6 +76,8 @@ class ServerLink:
         self.failure = ""
         self.notifications = Notifications(self, watchers)
         self._client: Client | None = None
+        #: Set when the current session's transport has closed (the server died).
+        self._closed: asyncio.Event | None = None
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -153,7 +155,7 @@ class ServerLink:
             async with client:
                 tools = await list_all_tools(client.session)
                 timer.cancel()
-                self._install(client, tools)
+                self._install(client, tools, transport.closed)
                 restarted = first.done()
                 if not restarted:
                     first.set_result(None)
@@ -172,8 +174,9 @@ class ServerLink:
             self._ready.clear()
             self._client = None
 
-    def _install(self, client: Client, tools: list[types.Tool]) -> None:
+    def _install(self, client: Client, tools: list[types.Tool], closed: asyncio.Event) -> None:
         """Makes ``client`` the current session, with its identity and tools."""
+        self._closed = closed
         self.catalog.replace(tools)
         self.info = server_info(
             client.server_info, client.protocol_version, client.instructions,
@@ -190,6 +193,11 @@ class ServerLink:
 
     async def ready_client(self, timeout: float, what: str) -> Client:
         """The current session's client, waiting up to ``timeout`` for a restart to finish."""
+        if self._closed is not None and self._closed.is_set():
+            # The server died; the session loop has not noticed yet. Calls wait for the
+            # restart instead of reaching a dead session.
+            self._client = None
+            self._ready.clear()
         client = self._client
         if client is not None:
             return client
