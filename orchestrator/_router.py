@@ -93,8 +93,13 @@ class Router:
         self._caller_name = caller.name if caller else ""
         self._allowed: dict[str, bool] = {}
         self._call_ids = _CallIds()
-        self._durations = telemetry.meter.create_histogram(
-            "rpc.server.call.duration", unit="s", description="Duration of routed calls"
+        # Only when metrics are exported: recording costs an attribute dict per call.
+        self._durations = (
+            telemetry.meter.create_histogram(
+                "rpc.server.call.duration", unit="s", description="Duration of routed calls"
+            )
+            if telemetry.metrics_exported
+            else None
         )
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -210,11 +215,12 @@ class Router:
             if client_span is not None:
                 _end(client_span, code, details, count)
             self._end_span(span, code, details, entry, count)
-            self._durations.record(
-                time.monotonic() - started,
-                {"rpc.method": route.path, "sidemesh.target": entry.qualified,
-                 "rpc.grpc.status_code": code.value[0]},
-            )  # fmt: skip
+            if self._durations is not None:
+                self._durations.record(
+                    time.monotonic() - started,
+                    {"rpc.method": route.path, "sidemesh.target": entry.qualified,
+                     "rpc.grpc.status_code": code.value[0]},
+                )  # fmt: skip
             if watched or self._events.wants_call_events:
                 self._call_ended(entry, route.path, call_id, code, details, started, count)
 

@@ -184,6 +184,11 @@ class Telemetry:
         else:
             self.meter = metrics.NoOpMeter("sidemesh.orchestrator")
 
+    @property
+    def metrics_exported(self) -> bool:
+        """Whether metrics go anywhere (an OTLP endpoint is configured)."""
+        return self._meter_provider is not None
+
     def accept(self, request: ExportTraceServiceRequest) -> None:
         """The sink: stores a batch of spans and forwards it to the endpoint, if any."""
         if self.store is not None:
