@@ -14,6 +14,13 @@ from sidemesh.v1 import plugin_pb2, plugin_pb2_grpc
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+def grace_period(request: plugin_pb2.ShutdownRequest) -> float:
+    """Seconds calls in flight get to finish: the request's, else ``DEFAULT_GRACE``."""
+    if request.HasField("grace_period"):
+        return request.grace_period.ToNanoseconds() / 1e9
+    return DEFAULT_GRACE
+
+
 class PluginServicer(plugin_pb2_grpc.PluginServiceServicer):
     """Serves one plugin's identity, takes its config, and starts its shutdown."""
 
@@ -41,10 +48,5 @@ class PluginServicer(plugin_pb2_grpc.PluginServiceServicer):
         self, request: plugin_pb2.ShutdownRequest, context: Context
     ) -> plugin_pb2.ShutdownResponse:
         """Starts draining: health turns ``NOT_SERVING``, calls in flight get the grace period."""
-        grace = (
-            request.grace_period.ToNanoseconds() / 1e9
-            if request.HasField("grace_period")
-            else DEFAULT_GRACE
-        )
-        await self._runtime.request_stop(grace)
+        await self._runtime.request_stop(grace_period(request))
         return plugin_pb2.ShutdownResponse()

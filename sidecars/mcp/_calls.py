@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 
 from clients import struct_to_dict
 from plugins_sdk import Plugin
-from plugins_sdk._context import CallInfo, Event
+from plugins_sdk._context import CallInfo, Event, response
 from plugins_sdk._failures import end_call
 from plugins_sdk._pump import EventPump
 from plugins_sdk._tracing import CallSpan, ServerSpans
@@ -20,6 +22,7 @@ from sidecars.mcp._link import ServerLink
 
 Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
+M = TypeVar("M", bound=Message)
 #: ``time_remaining()`` above this means the call has no deadline.
 _NO_DEADLINE = 1e8
 
@@ -55,6 +58,30 @@ async def unary(
             return result
     except Exception as error:
         await end_call(context, error, f"{method} {target}".strip(), info.call_id, span=span)
+
+
+async def stream_tool_call(
+    spans: ServerSpans,
+    link: ServerLink,
+    context: Context,
+    name: str,
+    arguments: struct_pb2.Struct,
+    response_cls: type[M],
+) -> AsyncGenerator[M, None]:
+    """A whole ``CallTool`` (of ToolService or McpService): its SERVER span, its deadline,
+    its events as ``response_cls`` messages; a failure ends the call with its status."""
+    info = CallInfo.from_grpc(context)
+    span = spans.start("CallTool", info, name)
+    timeout = call_timeout(context, link)
+    try:
+        with span:
+            events = tool_call_events(link, name, arguments, timeout, span)
+            async with aclosing(events):
+                async for event in events:
+                    span.messages += 1
+                    yield response(response_cls, event)
+    except Exception as error:
+        await end_call(context, error, f"tool {name!r}", info.call_id, span=span)
 
 
 async def tool_call_events(

@@ -14,10 +14,10 @@ import mcp_types as types
 from mcp import Client
 
 from clients import UnavailableError
-from plugins_sdk._context import CallInfo, response
+from plugins_sdk._context import CallInfo
 from plugins_sdk._failures import end_call
 from sidecars.mcp import _convert as convert
-from sidecars.mcp._calls import Context, call_timeout, server_spans, tool_call_events, unary
+from sidecars.mcp._calls import Context, call_timeout, server_spans, stream_tool_call, unary
 from sidecars.mcp._link import ServerLink
 from sidemesh.v1 import mcp_pb2, mcp_pb2_grpc
 
@@ -63,20 +63,13 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
         self, request: mcp_pb2.McpServiceCallToolRequest, context: Context
     ) -> AsyncIterator[mcp_pb2.McpServiceCallToolResponse]:
         """Calls a tool: progress events in order, then its result (``is_error`` included)."""
-        info = CallInfo.from_grpc(context)
-        span = self._spans.start("CallTool", info, request.name)
-        timeout = call_timeout(context, self._link)
-        try:
-            with span:
-                events = tool_call_events(
-                    self._link, request.name, request.arguments, timeout, span
-                )
-                async with aclosing(events):
-                    async for event in events:
-                        span.messages += 1
-                        yield response(mcp_pb2.McpServiceCallToolResponse, event)
-        except Exception as error:
-            await end_call(context, error, f"tool {request.name!r}", info.call_id, span=span)
+        calls = stream_tool_call(
+            self._spans, self._link, context, request.name, request.arguments,
+            mcp_pb2.McpServiceCallToolResponse,
+        )  # fmt: skip
+        async with aclosing(calls):
+            async for message in calls:
+                yield message
 
     async def ListResources(
         self, request: mcp_pb2.ListResourcesRequest, context: Context

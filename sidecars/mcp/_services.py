@@ -5,15 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
-from plugins_sdk._context import CallInfo, response
-from plugins_sdk._failures import end_call
-from sidecars.mcp._calls import Context, call_timeout, server_spans, tool_call_events, unary
+from plugins_sdk._plugin_service import grace_period
+from sidecars.mcp._calls import Context, server_spans, stream_tool_call, unary
 from sidecars.mcp._link import ServerLink
 from sidecars.mcp._spec import RUNTIME
 from sidemesh.v1 import plugin_pb2, plugin_pb2_grpc, tool_pb2, tool_pb2_grpc
-
-#: Grace period for calls in flight when ``Shutdown`` does not say.
-DEFAULT_GRACE = 10.0
 
 
 class PluginServicer(plugin_pb2_grpc.PluginServiceServicer):
@@ -50,12 +46,7 @@ class PluginServicer(plugin_pb2_grpc.PluginServiceServicer):
         self, request: plugin_pb2.ShutdownRequest, context: Context
     ) -> plugin_pb2.ShutdownResponse:
         """Starts draining; calls in flight get the grace period, then the server is stopped."""
-        grace = (
-            request.grace_period.ToNanoseconds() / 1e9
-            if request.HasField("grace_period")
-            else DEFAULT_GRACE
-        )
-        await self._stop(grace)
+        await self._stop(grace_period(request))
         return plugin_pb2.ShutdownResponse()
 
 
@@ -82,17 +73,10 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
         self, request: tool_pb2.CallToolRequest, context: Context
     ) -> AsyncIterator[tool_pb2.CallToolResponse]:
         """Checks the arguments, calls the MCP tool, streams its progress, then its result."""
-        info = CallInfo.from_grpc(context)
-        span = self._spans.start("CallTool", info, request.tool)
-        timeout = call_timeout(context, self._link)
-        try:
-            with span:
-                events = tool_call_events(
-                    self._link, request.tool, request.arguments, timeout, span
-                )
-                async with aclosing(events):
-                    async for event in events:
-                        span.messages += 1
-                        yield response(tool_pb2.CallToolResponse, event)
-        except Exception as error:
-            await end_call(context, error, f"tool {request.tool!r}", info.call_id, span=span)
+        calls = stream_tool_call(
+            self._spans, self._link, context, request.tool, request.arguments,
+            tool_pb2.CallToolResponse,
+        )  # fmt: skip
+        async with aclosing(calls):
+            async for message in calls:
+                yield message
