@@ -31,7 +31,7 @@ from orchestrator._launch import (
     undeclared_env,
 )
 from orchestrator._mesh_service import MeshService
-from orchestrator._plugin import PluginPaths, PluginRuntime
+from orchestrator._plugin import PluginPaths, PluginRuntime, state_name
 from orchestrator._router import Admission, Router
 from orchestrator._routes import AGENT_SERVICE, MCP_SERVICE, TOOL_SERVICE
 from orchestrator._supervisor import Supervisor
@@ -229,10 +229,7 @@ class Orchestrator:
 
     def plugin_states(self) -> dict[str, str]:
         """Plugin name -> state name, for logs and the demo."""
-        return {
-            n: mesh_pb2.PluginState.Name(p.state).removeprefix("PLUGIN_STATE_")  # type: ignore[arg-type]
-            for n, p in self.plugins.items()
-        }
+        return {n: state_name(p.state) for n, p in self.plugins.items()}
 
     # -- stop ----------------------------------------------------------------
 

@@ -122,7 +122,7 @@ class PluginRuntime:
 
     def unavailable(self) -> UnavailableError:
         """The error for a call when no replica is ready, saying why."""
-        state = S.PluginState.Name(self.state).removeprefix("PLUGIN_STATE_")  # type: ignore[arg-type]
+        state = state_name(self.state)
         why = f" (last error: {self.error.splitlines()[0]})" if self.error else ""
         return UnavailableError(
             f"plugin {self.name!r} has no ready replica: it is {state}{why}",
@@ -186,8 +186,13 @@ class PluginRuntime:
             if r.pid:
                 replica.started_at.CopyFrom(_timestamp(r.started_at))
             if r.state == S.REPLICA_STATE_READY:
-                replica.startup_duration.CopyFrom(_duration(r.startup_duration))
+                replica.startup_duration.CopyFrom(duration(r.startup_duration))
         return status
+
+
+def state_name(state: int) -> str:
+    """``READY`` for ``PLUGIN_STATE_READY``: a plugin state as people read it."""
+    return S.PluginState.Name(state).removeprefix("PLUGIN_STATE_")  # type: ignore[arg-type]
 
 
 def _timestamp(t: float) -> timestamp_pb2.Timestamp:
@@ -196,7 +201,8 @@ def _timestamp(t: float) -> timestamp_pb2.Timestamp:
     return ts
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
+def duration(seconds: float) -> duration_pb2.Duration:
+    """A ``google.protobuf.Duration`` of ``seconds``."""
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(seconds * 1e9))
     return d

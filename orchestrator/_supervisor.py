@@ -8,13 +8,12 @@ import logging
 import time
 
 import grpc
-from google.protobuf import duration_pb2
 
 from orchestrator._catalog import Catalog
 from orchestrator._config import SupervisorSettings
 from orchestrator._events import EventBus
 from orchestrator._launch import Launcher
-from orchestrator._plugin import PluginRuntime
+from orchestrator._plugin import PluginRuntime, duration, state_name
 from orchestrator._replica import Replica, ReplicaStartError
 from sidemesh.v1 import mcp_pb2, mcp_pb2_grpc, mesh_pb2, plugin_pb2, plugin_pb2_grpc
 
@@ -160,7 +159,7 @@ class Supervisor:
             plugin.name,
             "replica_ready",
             S.ReplicaReady(
-                replica=replica.index, startup_duration=_duration(replica.startup_duration)
+                replica=replica.index, startup_duration=duration(replica.startup_duration)
             ),
         )
         return None
@@ -251,8 +250,8 @@ class Supervisor:
         log.info(
             "plugin %s: %s -> %s%s",
             plugin.name,
-            _state_name(old),
-            _state_name(new),
+            state_name(old),
+            state_name(new),
             f" ({why})" if why else "",
         )
         self._events.emit(
@@ -319,20 +318,10 @@ def _exited(
         signal=-code if code is not None and code < 0 else 0,
         reason=reason,
         will_restart=will_restart,
-        restart_delay=_duration(delay),
+        restart_delay=duration(delay),
     )
 
 
 def _tail(replica: Replica) -> str:
     tail = replica.process.stderr_tail() if replica.process else ""
     return f"\n--- last lines of its stderr ---\n{tail}" if tail else ""
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
-
-
-def _state_name(state: int) -> str:
-    return S.PluginState.Name(state).removeprefix("PLUGIN_STATE_")  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from clients import AsyncMeshClient, struct_to_dict
+from orchestrator._plugin import state_name
 from orchestrator.cli._common import (
     EXIT_OK,
     add_mesh_options,
@@ -54,10 +55,6 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _state(state: int) -> str:
-    return mesh_pb2.PluginState.Name(state).removeprefix("PLUGIN_STATE_")  # type: ignore[arg-type]
-
-
 def _replica_state(state: int) -> str:
     return mesh_pb2.ReplicaState.Name(state).removeprefix("REPLICA_STATE_")  # type: ignore[arg-type]
 
@@ -77,7 +74,7 @@ async def _plugins(client: AsyncMeshClient, args: argparse.Namespace) -> int:
     for p in plugins:
         ready = sum(r.state == mesh_pb2.REPLICA_STATE_READY for r in p.replicas)
         error = p.error.splitlines()[0] if p.error else ""
-        rows.append([p.name, _state(p.state), f"{ready}/{len(p.replicas)}", str(p.restarts),
+        rows.append([p.name, state_name(p.state), f"{ready}/{len(p.replicas)}", str(p.restarts),
                      p.version or "-", sandbox_summary(p), error[:70]])  # fmt: skip
     print(table(rows, ["NAME", "STATE", "READY", "RESTARTS", "VERSION", "SANDBOX", "ERROR"]))
     if args.verbose:
@@ -148,7 +145,8 @@ def format_event(event: mesh_pb2.WatchEventsResponse) -> str:
     kind = event.WhichOneof("event") or "?"
     fields = to_json(getattr(event, kind))
     if kind == "plugin_state_changed":
-        detail = f"{_state(getattr(event, kind).previous)} -> {_state(getattr(event, kind).state)}"
+        change = event.plugin_state_changed
+        detail = f"{state_name(change.previous)} -> {state_name(change.state)}"
         if fields.get("reason"):
             detail += f" ({fields['reason']})"
     else:
