@@ -350,7 +350,12 @@ class Router:
         code = exc.code()
         transport = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         if not transport and code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-            transport = await _exits_soon(replica, 0.25)
+            # Connected still: the plugin's own error, passed on at once. Otherwise the
+            # sidecar may be dying: give its exit a moment to show.
+            connected = replica.channel is not None and (
+                replica.channel.get_state() == grpc.ChannelConnectivity.READY
+            )
+            transport = not connected and await _exits_soon(replica, 0.25)
         if not transport:
             return code, exc.details() or "", tuple(exc.trailing_metadata() or ())
         err = _sidecar_gone(plugin, replica, exc.details() or code.name)
