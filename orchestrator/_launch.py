@@ -14,6 +14,8 @@ from orchestrator._config import PluginOverride, SandboxSettings
 from orchestrator._manifest import PluginManifest
 from orchestrator._replica import LaunchSpec
 from sidecars import sandbox
+from sidemesh.core import REPLICA_SOCKET
+from sidemesh.core import SidecarEnv as E
 from sidemesh.v1 import mesh_pb2
 
 if TYPE_CHECKING:
@@ -87,15 +89,15 @@ def sidecar_environment(
         # glibc reserves 64 MiB of address space per thread arena: keep RLIMIT_AS meaningful.
         "MALLOC_ARENA_MAX": "2",
         # Names the mesh the process belongs to (its run dir), for operators and tests.
-        "SIDEMESH_MESH": str(mesh_dir),
-        "SIDEMESH_LISTEN": listen,
-        "SIDEMESH_MESH_ADDRESS": mesh_address,
-        "SIDEMESH_PLUGIN": manifest.name,
-        "SIDEMESH_REPLICA": str(replica),
-        "SIDEMESH_PLUGIN_DIR": str(manifest.directory),
-        "SIDEMESH_DATA_DIR": str(data_dir),
-        "SIDEMESH_LOG_LEVEL": log_level,
-        "SIDEMESH_STARTUP_TIMEOUT": f"{startup_timeout:g}",
+        E.MESH: str(mesh_dir),
+        E.LISTEN: listen,
+        E.MESH_ADDRESS: mesh_address,
+        E.PLUGIN: manifest.name,
+        E.REPLICA: str(replica),
+        E.PLUGIN_DIR: str(manifest.directory),
+        E.DATA_DIR: str(data_dir),
+        E.LOG_LEVEL: log_level,
+        E.STARTUP_TIMEOUT: f"{startup_timeout:g}",
     }
     env.update(telemetry_env)
     if env.get("OTEL_SDK_DISABLED") != "true":
@@ -111,7 +113,7 @@ def sidecar_environment(
             env[name] = override.env[name]
     if manifest.mcp is not None:
         # The bridge's instructions: which MCP server to run, and how.
-        env["SIDEMESH_MCP_SERVER"] = manifest.mcp.model_dump_json()
+        env[E.MCP_SERVER] = manifest.mcp.model_dump_json()
     return env
 
 
@@ -155,7 +157,7 @@ class ProcessLauncher:
         assert plugin.manifest is not None and plugin.paths is not None
         paths = plugin.paths
         replica_dir = ensure_private_dir(paths.replica_dir(replica))
-        socket = replica_dir / "plugin.sock"
+        socket = replica_dir / REPLICA_SOCKET
         env = sidecar_environment(
             plugin.manifest, plugin.override, listen=f"unix:{socket}",
             mesh_address=f"unix:{paths.mesh_socket}", replica=replica, data_dir=paths.data_dir,

@@ -14,6 +14,7 @@ from orchestrator._config import MeshConfig, PluginOverride
 from orchestrator._manifest import PluginManifest
 from orchestrator._process import tree_rss_bytes
 from orchestrator._replica import Replica
+from sidemesh.core import MESH_SOCKET
 from sidemesh.v1 import mesh_pb2
 
 S = mesh_pb2
@@ -26,7 +27,7 @@ class PluginPaths:
         #: Short-pathed directory for the plugin's sockets.
         self.run_dir = run_dir
         #: The orchestrator's callback socket for this plugin.
-        self.mesh_socket = run_dir / "mesh.sock"
+        self.mesh_socket = run_dir / MESH_SOCKET
         #: The plugin's own writable directory (kept across restarts).
         self.data_dir = data_dir
 

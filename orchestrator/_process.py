@@ -12,6 +12,8 @@ import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from sidemesh.core import Child, spawn
+
 log = logging.getLogger("sidemesh.process")
 
 _STDERR_TAIL_LINES = 30
@@ -69,16 +71,21 @@ def tree_rss_bytes(pid: int) -> int:
 
 
 class SidecarProcess:
-    """One running sidecar. Its stdout/stderr lines go to the log, tagged with its name."""
+    """One running sidecar. Its stdout/stderr lines go to the log, tagged with its name.
 
-    def __init__(self, proc: asyncio.subprocess.Process, tag: str) -> None:
-        self._proc = proc
+    It is started with ``posix_spawn``, never ``fork()`` (see :mod:`sidemesh.core`'s
+    ``spawn``): the orchestrator runs gRPC's threads.
+    """
+
+    def __init__(self, child: Child, tag: str, streams: list[asyncio.StreamReader]) -> None:
+        self._child = child
         self.tag = tag
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._logger = logging.getLogger(f"plugin.{tag}")
+        stdout, stderr = streams
         self._pumps = [
-            asyncio.create_task(self._pump(proc.stdout, logging.INFO, keep=False)),
-            asyncio.create_task(self._pump(proc.stderr, logging.INFO, keep=True)),
+            asyncio.create_task(self._pump(stdout, logging.INFO, keep=False)),
+            asyncio.create_task(self._pump(stderr, logging.INFO, keep=True)),
         ]
         self._exited = asyncio.create_task(self._wait())
 
@@ -107,28 +114,21 @@ class SidecarProcess:
                     "orchestrator; install util-linux"
                 )
             command = [_SETPRIV, "--pdeathsig", "KILL", "--", *command]
-        proc = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=cwd,
-            env=dict(env),
-            start_new_session=True,
-            pass_fds=pass_fds,
-            limit=_MAX_LINE * 4,
-        )
-        return cls(proc, tag)
+        child = spawn(command, env=env, cwd=cwd, pass_fds=pass_fds)
+        child.watch()
+        assert child.stdout is not None and child.stderr is not None
+        streams = [await _reader(fd) for fd in (child.stdout, child.stderr)]
+        return cls(child, tag, streams)
 
     @property
     def pid(self) -> int:
         """The host process id."""
-        return self._proc.pid
+        return self._child.pid
 
     @property
     def returncode(self) -> int | None:
         """The exit status (negative: killed by that signal), or None while running."""
-        return self._proc.returncode
+        return self._child.returncode
 
     def stderr_tail(self) -> str:
         """The last lines the process wrote to stderr."""
@@ -139,21 +139,18 @@ class SidecarProcess:
         return await asyncio.shield(self._exited)
 
     async def _wait(self) -> int:
-        code = await self._proc.wait()
+        code = await self._child.wait()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*self._pumps), 2.0)
         return code
 
     def kill_group(self, sig: signal.Signals) -> None:
         """Sends ``sig`` to the process and everything in its session."""
-        if self._proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, sig)
+        self._child.send_signal_to_group(sig)
 
     async def terminate(self, grace: float) -> int:
         """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit status."""
-        if self._proc.returncode is None:
+        if self._child.returncode is None:
             self.kill_group(signal.SIGTERM)
             try:
                 return await asyncio.wait_for(self.wait(), grace)
@@ -161,9 +158,7 @@ class SidecarProcess:
                 self.kill_group(signal.SIGKILL)
         return await self.wait()
 
-    async def _pump(self, stream: asyncio.StreamReader | None, level: int, *, keep: bool) -> None:
-        if stream is None:
-            return
+    async def _pump(self, stream: asyncio.StreamReader, level: int, *, keep: bool) -> None:
         while True:
             try:
                 raw = await stream.readline()
@@ -183,3 +178,13 @@ class SidecarProcess:
                 self._logger.log(line_level, "%s", rest)
             else:
                 self._logger.log(level, "%s", line)
+
+
+async def _reader(fd: int) -> asyncio.StreamReader:
+    """An asyncio stream reading the pipe ``fd`` (which it then owns)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_MAX_LINE * 4)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    return reader

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator._process import SidecarProcess, describe_exit
 from sidecars.sandbox import PreparedSidecar
+from sidemesh.core import contract_refusal
 from sidemesh.v1 import mesh_pb2, plugin_pb2, plugin_pb2_grpc
 
 log = logging.getLogger("sidemesh.supervisor")
@@ -205,6 +206,9 @@ class Replica:
                 f"the sidecar says it is plugin {describe.plugin.name!r}, but its manifest "
                 f"names it {self.plugin!r}: make the names match"
             )
+        refusal = contract_refusal(describe.plugin.contract_version)
+        if refusal:
+            raise ReplicaStartError(f"the sidecar cannot be served: {refusal}")
         request = plugin_pb2.ConfigureRequest()
         json_format.ParseDict(config, request.config)
         await _checked("PluginService.Configure", stub.Configure(request, wait_for_ready=True))

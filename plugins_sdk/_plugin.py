@@ -16,15 +16,15 @@ from clients import FieldViolation, InvalidArgumentError
 from plugins_sdk._agents import AgentSpec
 from plugins_sdk._schema import json_path
 from plugins_sdk._tools import ToolSpec
+from sidemesh.core import CONTRACT_VERSION, SidecarEnv
 from sidemesh.v1 import plugin_pb2, tool_pb2
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: The environment variable the orchestrator sets to the plugin's name.
-PLUGIN_ENV = "SIDEMESH_PLUGIN"
+PLUGIN_ENV = SidecarEnv.PLUGIN
 #: The SDK's name and version, reported in ``PluginInfo.runtime``.
 RUNTIME = "sidemesh-python/0.1.0"
-CONTRACT_VERSION = "sidemesh.v1"
 
 _PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _ITEM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")

@@ -18,12 +18,13 @@ from plugins_sdk._plugin import Plugin
 from plugins_sdk._plugin_service import PluginServicer
 from plugins_sdk._runtime import PluginRuntime
 from plugins_sdk._tool_service import ToolServicer
+from sidemesh.core import SidecarEnv
 from sidemesh.v1 import agent_pb2_grpc, plugin_pb2_grpc, tool_pb2_grpc
 
 log = logging.getLogger("plugins_sdk")
 
-LISTEN_ENV = "SIDEMESH_LISTEN"
-MESH_ADDRESS_ENV = "SIDEMESH_MESH_ADDRESS"
+LISTEN_ENV = SidecarEnv.LISTEN
+MESH_ADDRESS_ENV = SidecarEnv.MESH_ADDRESS
 #: Seconds calls in flight get after SIGTERM or SIGINT. The orchestrator sends
 #: SIGTERM only once its own grace period is over, so this one is short.
 SIGNAL_GRACE = 3.0

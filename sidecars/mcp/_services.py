@@ -9,6 +9,7 @@ from plugins_sdk._plugin_service import grace_period
 from sidecars.mcp._calls import Context, server_spans, stream_tool_call, unary
 from sidecars.mcp._link import ServerLink
 from sidecars.mcp._spec import RUNTIME
+from sidemesh.core import CONTRACT_VERSION
 from sidemesh.v1 import plugin_pb2, plugin_pb2_grpc, tool_pb2, tool_pb2_grpc
 
 
@@ -29,7 +30,7 @@ class PluginServicer(plugin_pb2_grpc.PluginServiceServicer):
                 name=self._link.plugin,
                 version=info.version,
                 description=info.title or f"MCP server {info.name}",
-                contract_version="sidemesh.v1",
+                contract_version=CONTRACT_VERSION,
                 runtime=RUNTIME,
             ),
             tools=self._link.catalog.descriptors(),

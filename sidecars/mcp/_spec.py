@@ -13,9 +13,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-SERVER_ENV = "SIDEMESH_MCP_SERVER"
+from sidemesh.core import SidecarEnv
+
+SERVER_ENV = SidecarEnv.MCP_SERVER
 #: The seconds the orchestrator gives the sidecar to become ready.
-STARTUP_ENV = "SIDEMESH_STARTUP_TIMEOUT"
+STARTUP_ENV = SidecarEnv.STARTUP_TIMEOUT
 #: ``PluginInfo.runtime`` of every bridged plugin.
 RUNTIME = "sidemesh-mcp-bridge/0.1.0"
 #: The longest the MCP server may take to answer its first request. The

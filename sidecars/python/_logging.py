@@ -14,7 +14,9 @@ from typing import TextIO
 
 from opentelemetry import trace
 
-LOG_LEVEL_ENV = "SIDEMESH_LOG_LEVEL"
+from sidemesh.core import SidecarEnv
+
+LOG_LEVEL_ENV = SidecarEnv.LOG_LEVEL
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _FORMAT = "%(levelname)s %(name)s: %(message)s"
 

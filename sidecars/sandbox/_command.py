@@ -31,11 +31,18 @@ from sidecars.sandbox._cgroups import ReplicaCgroup
 from sidecars.sandbox._host import HostSupport
 from sidecars.sandbox._policy import SANDBOX_UID, Policy
 from sidecars.sandbox._seccomp import filter_fd
+from sidemesh.core import (
+    MESH_SOCKET,
+    REPLICA_SOCKET,
+    SANDBOX_LISTEN,
+    SANDBOX_MESH_ADDRESS,
+    SANDBOX_RUN_DIR,
+)
 
-#: Where the sidecar finds its sockets inside the sandbox.
-INSIDE_RUN_DIR = "/run/sidemesh"
-INSIDE_LISTEN = f"unix:{INSIDE_RUN_DIR}/plugin.sock"
-INSIDE_MESH = f"unix:{INSIDE_RUN_DIR}/mesh.sock"
+#: Where the sidecar finds its sockets inside the sandbox (the sidecar contract's paths).
+INSIDE_RUN_DIR = SANDBOX_RUN_DIR
+INSIDE_LISTEN = SANDBOX_LISTEN
+INSIDE_MESH = SANDBOX_MESH_ADDRESS
 
 _LANDLOCK_EXEC = Path(__file__).with_name("landlock_exec.py")
 _JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
@@ -143,7 +150,7 @@ def prepare(
         argv += ["--chdir", str(req.plugin_dir), "--"]
         listen, mesh_address = INSIDE_LISTEN, INSIDE_MESH
     else:
-        listen, mesh_address = f"unix:{replica_dir / 'plugin.sock'}", f"unix:{mesh_socket}"
+        listen, mesh_address = f"unix:{replica_dir / REPLICA_SOCKET}", f"unix:{mesh_socket}"
     if policy.host_uid is not None:
         uid = str(policy.host_uid)
         argv += [
@@ -155,7 +162,7 @@ def prepare(
         argv += _landlock_options(policy, host, replica_dir, runtime_paths, bwrapped)
     argv += ["--", *command]
     return PreparedSidecar(
-        argv=argv, pass_fds=tuple(fds), socket_path=replica_dir / "plugin.sock",
+        argv=argv, pass_fds=tuple(fds), socket_path=replica_dir / REPLICA_SOCKET,
         listen=listen, mesh_address=mesh_address, policy=policy, cgroup=cgroup,
         bwrapped=bwrapped,
     )  # fmt: skip
@@ -215,7 +222,7 @@ def _bwrap_options(
                 opts += ["--bind-fd", _bind_fd(fds, extra), extra]
     opts += ["--bind-fd", _bind_fd(fds, req.data_dir), str(req.data_dir)]
     opts += ["--bind-fd", _bind_fd(fds, replica_dir), INSIDE_RUN_DIR]
-    opts += ["--bind-fd", _bind_fd(fds, mesh_socket), f"{INSIDE_RUN_DIR}/mesh.sock"]
+    opts += ["--bind-fd", _bind_fd(fds, mesh_socket), f"{INSIDE_RUN_DIR}/{MESH_SOCKET}"]
     return opts
 
 
