@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import jsonschema
 from google.protobuf import json_format, struct_pb2
 
-from clients import FieldViolation, InvalidArgumentError, NotFoundError, struct_to_dict
+from clients import (
+    FieldViolation,
+    InvalidArgumentError,
+    NotFoundError,
+    SidemeshError,
+    struct_to_dict,
+)
 from orchestrator._names import is_item_name, is_plugin_name, qualify, split_target
 from sidemesh.v1 import agent_pb2, mcp_pb2, tool_pb2
 
@@ -126,9 +132,18 @@ class _Index(Generic[D]):
 
 
 class Catalog:
-    """Every agent, tool and MCP server the mesh knows, indexed for routing."""
+    """Every agent, tool and MCP server the mesh knows, indexed for routing.
+
+    What a plugin *declares* in its manifest is known before it starts: a call
+    to a plugin that is not serving (STARTING, FAILED, CRASH_LOOP) is then
+    UNAVAILABLE with the plugin's state (:attr:`not_serving`), not NOT_FOUND.
+    """
 
     def __init__(self) -> None:
+        #: Plugin name -> the error for a call to it when it has no ready replica, or None
+        #: when it serves (set by the orchestrator).
+        self.not_serving: Callable[[str], SidemeshError | None] = lambda _plugin: None
+        self._declared: dict[str, dict[str, set[str]]] = {"agent": {}, "tool": {}}
         self._agents_of: dict[str, list[AgentEntry]] = {}
         self._tools_of: dict[str, list[ToolEntry]] = {}
         self._mcp: dict[str, mcp_pb2.McpServerInfo] = {}
@@ -151,6 +166,21 @@ class Catalog:
             self._mcp.pop(plugin, None)
         self._rebuild()
 
+    def declare(self, plugin: str, agents: Iterable[str], tools: Iterable[str]) -> None:
+        """Records what ``plugin``'s manifest says it provides (before it starts)."""
+        for kind, names in (("agent", agents), ("tool", tools)):
+            for name in names:
+                self._declared[kind].setdefault(name, set()).add(plugin)
+
+    def _not_serving(self, kind: str, target: str) -> None:
+        """Raises UNAVAILABLE when ``target`` belongs to a plugin that is not serving."""
+        plugin, name = split_target(target)
+        owners = {plugin} if plugin else self._declared[kind].get(name, set())
+        for owner in sorted(owners):
+            error = self.not_serving(owner)
+            if error is not None:
+                raise error
+
     def remove_plugin(self, plugin: str) -> None:
         """Forgets everything ``plugin`` offered."""
         self._agents_of.pop(plugin, None)
@@ -166,14 +196,22 @@ class Catalog:
 
     def tool(self, target: str) -> ToolEntry:
         """The tool a request names; ``NOT_FOUND`` / ``INVALID_ARGUMENT`` otherwise."""
-        entry = self._tools.resolve(target)
+        try:
+            entry = self._tools.resolve(target)
+        except NotFoundError:
+            self._not_serving("tool", target)
+            raise
         assert isinstance(entry, ToolEntry)
         return entry
 
     def agent(self, target: str, capability: str = "") -> AgentEntry:
         """The agent a request names, or the first declaring ``capability``."""
         if target:
-            return self._agents.resolve(target)
+            try:
+                return self._agents.resolve(target)
+            except NotFoundError:
+                self._not_serving("agent", target)
+                raise
         if not capability:
             raise InvalidArgumentError(
                 "name an agent (plugin/agent or a unique agent name) or a capability",
@@ -195,6 +233,9 @@ class Catalog:
         """The plugin bridging MCP server ``server``; ``NOT_FOUND`` otherwise."""
         if server in self._mcp:
             return server
+        error = self.not_serving(server)
+        if error is not None:
+            raise error
         close = difflib.get_close_matches(server, list(self._mcp), n=3, cutoff=0.4)
         known = ", ".join(sorted(self._mcp)) or "none"
         hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"known: {known}"

@@ -50,6 +50,63 @@ class SandboxGrant(_Strict):
     max_file_size_mb: int | None = Field(None, gt=0, description="largest file in MiB")
 
 
+class RetryPolicy(_Strict):
+    """When and how the mesh retries a call that failed on its way to a replica.
+
+    A call is retried only when that is safe: the tool is declared idempotent
+    or read-only (or the MCP request only reads), or the attempt provably never
+    reached a sidecar. Only before any response message reached the caller, on
+    another replica, within the caller's deadline, and within the retry budget.
+    """
+
+    max_attempts: int = Field(
+        3, ge=1, le=10, description="attempts per call, the first included; 1 turns retries off"
+    )
+    backoff_initial: float = Field(
+        0.025, gt=0, le=10, description="seconds of the first retry's backoff (with full jitter)"
+    )
+    backoff_max: float = Field(0.25, gt=0, le=60, description="longest backoff in seconds")
+    budget_percent: float = Field(
+        20.0,
+        ge=0,
+        le=100,
+        description="retries may add at most this percentage to a plugin's calls, so that "
+        "retries cannot multiply an outage",
+    )
+    budget_min_per_second: float = Field(
+        10.0, ge=0, description="retries a plugin may always make per second, whatever its load"
+    )
+    per_try_timeout: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="seconds an attempt of a unary call may wait for its first response "
+        "before it counts as a failure of its replica (and is retried when safe); "
+        "none by default",
+    )
+
+
+class OutlierDetection(_Strict):
+    """Takes a replica that keeps failing out of rotation for a growing interval."""
+
+    consecutive_failures: int = Field(
+        5,
+        ge=1,
+        description="transport failures or per-try timeouts in a row that eject a replica",
+    )
+    base_ejection: float = Field(
+        2.0, gt=0, le=3600, description="seconds of the first ejection; doubles with each next"
+    )
+    max_ejection: float = Field(60.0, gt=0, le=86400, description="longest ejection in seconds")
+    max_ejected_percent: int = Field(
+        50,
+        ge=0,
+        le=100,
+        description="most replicas of a plugin ejected at once, in percent (one may always "
+        "be, but never the last one taking calls)",
+    )
+
+
 class PluginOverride(_Strict):
     """The operator's settings for one plugin, under ``plugins.<name>``."""
 
@@ -70,6 +127,13 @@ class PluginOverride(_Strict):
     )
     sandbox: SandboxGrant = Field(
         default_factory=SandboxGrant, description="what the plugin's sandbox grants or limits"
+    )
+    retries: RetryPolicy | None = Field(
+        None, description="this plugin's retry policy (default: the mesh's 'retries')"
+    )
+    outlier_detection: OutlierDetection | None = Field(
+        None,
+        description="this plugin's outlier ejection (default: the mesh's 'outlier_detection')",
     )
 
 
@@ -174,6 +238,13 @@ class MeshConfig(_Strict):
         "routes to them without launching them",
     )
     limits: Limits = Field(default_factory=Limits, description="message size and call limits")
+    retries: RetryPolicy = Field(
+        default_factory=RetryPolicy, description="retries of failed calls, for every plugin"
+    )
+    outlier_detection: OutlierDetection = Field(
+        default_factory=OutlierDetection,
+        description="ejection of replicas that keep failing, for every plugin",
+    )
     supervisor: SupervisorSettings = Field(
         default_factory=SupervisorSettings, description="health checks, restarts, shutdown"
     )

@@ -38,12 +38,14 @@ class EventBus:
     """Numbers events, keeps the recent ones, and delivers them to subscribers.
 
     A subscriber that reads too slowly loses events (its queue is bounded); it
-    sees the loss as a gap in ``sequence``. Publishing never blocks.
+    sees the loss as a gap in ``sequence``. Publishing never blocks. Every
+    event is kept in the history, calls made while nobody watched included
+    (a replay shows them); an event's message is built only when someone
+    receives it (``payload`` may be a function that builds it).
     """
 
     def __init__(self, history: int = 1000, queue_size: int = 10_000) -> None:
-        self._history: collections.deque[tuple[mesh_pb2.WatchEventsResponse, str, tuple[str, ...]]]
-        self._history = collections.deque(maxlen=history)
+        self._history: collections.deque[_Recorded] = collections.deque(maxlen=history)
         self._queue_size = queue_size
         self._subscribers: set[_Subscriber] = set()
         self._call_watchers = 0
@@ -51,29 +53,24 @@ class EventBus:
 
     @property
     def wants_call_events(self) -> bool:
-        """Whether anyone listens for call events; callers skip building them otherwise."""
+        """Whether anyone listens for call events now."""
         return self._call_watchers > 0
 
     def emit(self, plugin: str, kind: str, payload: Any, *, also: tuple[str, ...] = ()) -> None:
         """Publishes an event about ``plugin``; ``kind`` names the oneof field ``payload`` fills.
 
-        ``also`` names other plugins the event involves (a callback's caller).
+        ``payload`` is the message, or a function of no arguments that makes it
+        (for events that are often not watched). ``also`` names other plugins
+        the event involves (a callback's caller).
         """
         self._sequence += 1
-        now = time.time_ns()
-        event = mesh_pb2.WatchEventsResponse(
-            sequence=self._sequence,
-            time=timestamp_pb2.Timestamp(seconds=now // 1_000_000_000, nanos=now % 1_000_000_000),
-            plugin=plugin,
-            **{kind: payload},
-        )
-        involved = (plugin, *also)
-        self._history.append((event, kind, involved))
+        recorded = _Recorded(self._sequence, time.time_ns(), plugin, kind, payload, (plugin, *also))
+        self._history.append(recorded)
         for sub in self._subscribers:
-            if sub.wants(kind, involved):
+            if sub.wants(kind, recorded.involved):
                 # A full queue drops the event: the subscriber sees a gap in the sequence.
                 with contextlib.suppress(asyncio.QueueFull):
-                    sub.queue.put_nowait(event)
+                    sub.queue.put_nowait(recorded.event())
 
     async def subscribe(
         self, *, plugin: str = "", lifecycle_only: bool = False, replay: int = 0
@@ -81,9 +78,9 @@ class EventBus:
         """Yields events as they happen (after up to ``replay`` recent ones) until :meth:`close`."""
         sub = _Subscriber(plugin, lifecycle_only, self._queue_size)
         if replay:
-            recent = [e for e, kind, inv in self._history if sub.wants(kind, inv)]
-            for event in recent[-replay:]:
-                sub.queue.put_nowait(event)
+            recent = [r for r in self._history if sub.wants(r.kind, r.involved)]
+            for recorded in recent[-replay:]:
+                sub.queue.put_nowait(recorded.event())
         self._subscribers.add(sub)
         if not lifecycle_only:
             self._call_watchers += 1
@@ -107,3 +104,39 @@ class EventBus:
                     break
                 except asyncio.QueueFull:
                     sub.queue.get_nowait()
+
+
+class _Recorded:
+    """One event as the history keeps it; its message is made on first delivery."""
+
+    __slots__ = ("_event", "involved", "kind", "payload", "plugin", "sequence", "time_ns")
+
+    def __init__(
+        self,
+        sequence: int,
+        time_ns: int,
+        plugin: str,
+        kind: str,
+        payload: Any,
+        involved: tuple[str, ...],
+    ) -> None:
+        self.sequence = sequence
+        self.time_ns = time_ns
+        self.plugin = plugin
+        self.kind = kind
+        self.payload = payload
+        self.involved = involved
+        self._event: mesh_pb2.WatchEventsResponse | None = None
+
+    def event(self) -> mesh_pb2.WatchEventsResponse:
+        if self._event is None:
+            payload = self.payload() if callable(self.payload) else self.payload
+            seconds, nanos = divmod(self.time_ns, 1_000_000_000)
+            self._event = mesh_pb2.WatchEventsResponse(
+                sequence=self.sequence,
+                time=timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos),
+                plugin=self.plugin,
+                **{self.kind: payload},
+            )
+            self.payload = None
+        return self._event

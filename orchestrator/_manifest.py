@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from clients import normalize_address
 from orchestrator._names import ItemName, PluginName
-from orchestrator._yaml_models import load_yaml_model
+from orchestrator._yaml_models import Problem, load_yaml_model
 
 MANIFEST_FILE = "plugin.yaml"
 
@@ -230,3 +232,30 @@ def load_manifest(directory: Path) -> PluginManifest:
     manifest = load_yaml_model(directory / MANIFEST_FILE, PluginManifest, "plugin manifest")
     manifest._directory = directory
     return manifest
+
+
+def start_problem(manifest: PluginManifest) -> Problem | None:
+    """Why the plugin could not start, as far as we can tell without starting it.
+
+    ``sidemesh validate`` reports it; ``sidemesh serve`` refuses to start the plugin.
+    """
+    if manifest.app:
+        module = manifest.app.split(":")[0]
+        top = module.split(".")[0]
+        local = manifest.directory / f"{top}.py", manifest.directory / top / "__init__.py"
+        if not any(p.is_file() for p in local) and importlib.util.find_spec(top) is None:
+            return Problem(
+                "app",
+                f"module {module!r} is neither in {manifest.directory} nor installed",
+                f"add {top}.py to the plugin directory, or fix 'app'",
+            )
+    elif manifest.entrypoint:
+        command = manifest.entrypoint[0]
+        found = (manifest.directory / command).exists() if "/" in command else shutil.which(command)
+        if not found:
+            return Problem(
+                "entrypoint",
+                f"command {command!r} was not found",
+                "use a path relative to the plugin directory (./my-plugin) or a command on PATH",
+            )
+    return None

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import Observation
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
-from clients import server_options
+from clients import SidemeshError, server_options
 from orchestrator._catalog import Catalog
 from orchestrator._config import MeshConfig
 from orchestrator._discovery import DiscoveredPlugin, discover
@@ -30,12 +30,15 @@ from orchestrator._launch import (
     ensure_private_dir,
     undeclared_env,
 )
+from orchestrator._manifest import MANIFEST_FILE, start_problem
 from orchestrator._mesh_service import MeshService
-from orchestrator._plugin import PluginPaths, PluginRuntime, state_name
+from orchestrator._plugin import PluginPaths, PluginRuntime, duration, state_name
+from orchestrator._replica import Replica
 from orchestrator._router import Admission, Router
 from orchestrator._routes import AGENT_SERVICE, MCP_SERVICE, TOOL_SERVICE
 from orchestrator._supervisor import Supervisor
 from orchestrator._telemetry import Telemetry
+from orchestrator._yaml_models import ConfigError
 from sidecars.sandbox import LAYERS, remove_mesh_cgroups
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
@@ -51,6 +54,7 @@ class Orchestrator:
     def __init__(self, config: MeshConfig, *, launcher: Launcher | None = None) -> None:
         self.config = config
         self.catalog = Catalog()
+        self.catalog.not_serving = self._not_serving
         self.events = EventBus()
         self.plugins: dict[str, PluginRuntime] = {}
         if launcher is None:
@@ -128,6 +132,10 @@ class Orchestrator:
             log.error("plugin in %s cannot be loaded:\n%s", found.directory, found.error)
         elif manifest is not None and override.enabled:
             try:
+                problem = start_problem(manifest)
+                if problem is not None:
+                    raise ValueError(str(ConfigError(manifest.directory / MANIFEST_FILE,
+                                                     "plugin manifest", [problem])))  # fmt: skip
                 plugin.config = plugin.effective_config()
                 refusal = (
                     self._remote_layers(plugin)
@@ -154,8 +162,37 @@ class Orchestrator:
                     name,
                     extra,
                 )
+        if manifest is not None:
+            self.catalog.declare(name, manifest.provides.agents, manifest.provides.tools)
+        self._watch_outliers(plugin)
         self.plugins[name] = plugin
         self.supervisor.add(plugin)
+
+    def _not_serving(self, name: str) -> SidemeshError | None:
+        """The error for a call to plugin ``name`` when it has no ready replica."""
+        plugin = self.plugins.get(name)
+        return plugin.unavailable() if plugin is not None and not plugin.ready else None
+
+    def _watch_outliers(self, plugin: PluginRuntime) -> None:
+        """Ejections and returns to rotation become events."""
+
+        def ejected(replica: Replica, seconds: float, reason: str) -> None:
+            self.events.emit(
+                plugin.name,
+                "replica_ejected",
+                mesh_pb2.ReplicaEjected(
+                    replica=replica.index, reason=reason, duration=duration(seconds),
+                    ejections=replica.ejections,
+                ),
+            )  # fmt: skip
+
+        def restored(replica: Replica) -> None:
+            self.events.emit(
+                plugin.name, "replica_restored", mesh_pb2.ReplicaRestored(replica=replica.index)
+            )
+
+        plugin.resilience.on_ejected = ejected
+        plugin.resilience.on_restored = restored
 
     @staticmethod
     def _remote_layers(plugin: PluginRuntime) -> str:
@@ -240,7 +277,7 @@ class Orchestrator:
         await self._health.enter_graceful_shutdown()
         self.events.close()  # event streams never end by themselves: end them now
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._drain(self._server, grace)
         # The callback sockets stay open while sidecars drain: calls still finishing
         # make callbacks, and sidecars send their last spans there as they exit.
         await self.supervisor.stop(grace)
@@ -256,6 +293,28 @@ class Orchestrator:
             if address.startswith("unix:"):
                 _remove(Path(address[len("unix:") :]))
         log.info("stopped")
+
+    async def _drain(self, server: grpc.aio.Server, grace: float) -> None:
+        """Stops accepting calls; after ``grace`` seconds, ends the rest saying why.
+
+        gRPC's own stop would cancel them as "Cancelling all calls"; instead
+        each call still running is told the mesh is shutting down (UNAVAILABLE).
+        """
+        stopped = asyncio.create_task(server.stop(grace + 2.0))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._admission.in_flight and loop.time() < deadline and not stopped.done():
+            await asyncio.sleep(0.05)
+        if self._admission.in_flight:
+            log.warning(
+                "ending %d calls still in flight after the grace period", self._admission.in_flight
+            )
+            self._admission.closing = True
+            for plugin in self.plugins.values():
+                for replica in plugin.replicas:
+                    for call in list(replica.calls):
+                        call.cancel()
+        await stopped
 
 
 def _bind(server: grpc.aio.Server, address: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from orchestrator._config import MeshConfig, PluginOverride
 from orchestrator._manifest import PluginManifest
 from orchestrator._process import tree_rss_bytes
 from orchestrator._replica import Replica
+from orchestrator._resilience import Resilience
 from sidemesh.core import MESH_SOCKET
 from sidemesh.v1 import mesh_pb2
 
@@ -66,6 +69,9 @@ class PluginRuntime:
             Replica(name, i, config.limits.max_message_bytes)
             for i in range(count if manifest else 0)
         ]
+        if not override.enabled:
+            for replica in self.replicas:
+                replica.state = S.REPLICA_STATE_STOPPED  # never started, not "starting"
         self.startup_timeout = override.startup_timeout or (
             manifest.startup_timeout if manifest else 30.0
         )
@@ -74,6 +80,12 @@ class PluginRuntime:
         self._rr = itertools.count()
         self.config: dict[str, Any] = {}
         self.sandbox_layers: list[mesh_pb2.SandboxLayer] = []
+        #: Retry budget and outlier ejection, from the plugin's settings or the mesh's.
+        self.resilience = Resilience(
+            name,
+            override.retries or config.retries,
+            override.outlier_detection or config.outlier_detection,
+        )
 
     @property
     def version(self) -> str:
@@ -111,15 +123,30 @@ class PluginRuntime:
         self.ready = [r for r in self.replicas if r.state == S.REPLICA_STATE_READY]
 
     def pick(self) -> Replica:
-        """The replica for the next call; ``UNAVAILABLE`` when none is ready."""
+        """The replica for the next call; ``UNAVAILABLE`` when none is ready.
+
+        Ejected replicas are skipped, unless every ready one is ejected (then
+        they all take calls again, rather than none).
+        """
         ready = self.ready
         if not ready:
             raise self.unavailable()
         if len(ready) == 1:
             return ready[0]
+        now = time.monotonic()
+        serving = [r for r in ready if not r.ejected(now)] or ready
+        return self._choose(serving)
+
+    def pick_other(self, tried: Collection[Replica]) -> Replica | None:
+        """A ready replica not in ``tried`` and not ejected, for a retry; None if there is none."""
+        now = time.monotonic()
+        others = [r for r in self.ready if r not in tried and not r.ejected(now)]
+        return self._choose(others) if others else None
+
+    def _choose(self, replicas: list[Replica]) -> Replica:
         if self.routing == "least_loaded":
-            return min(ready, key=lambda r: r.in_flight)
-        return ready[next(self._rr) % len(ready)]
+            return min(replicas, key=lambda r: r.in_flight)
+        return replicas[next(self._rr) % len(replicas)]
 
     def unavailable(self) -> UnavailableError:
         """The error for a call when no replica is ready, saying why."""
@@ -183,7 +210,13 @@ class PluginRuntime:
                 in_flight=r.in_flight,
                 last_exit=r.last_exit,
                 rss_bytes=tree_rss_bytes(r.pid),
+                ejections=r.ejections,
+                ejection_reason=r.ejection_reason if r.ejected_until else "",
             )
+            if r.ejected_until:
+                left = r.ejected_until - time.monotonic()
+                if left > 0:
+                    replica.ejected_until.CopyFrom(_timestamp(time.time() + left))
             if r.pid:
                 replica.started_at.CopyFrom(_timestamp(r.started_at))
             if r.state == S.REPLICA_STATE_READY:

@@ -46,6 +46,10 @@ class ReplicaStartError(Exception):
     """The replica did not become ready; the message says why, with its stderr tail."""
 
 
+class ReplicaGone(Exception):
+    """The replica was picked but has no connection any more (it is being torn down)."""
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     """Options of the orchestrator's channels to its sidecars."""
     return [
@@ -80,6 +84,15 @@ class Replica:
         self.started_at = 0.0
         self.startup_duration = 0.0
         self.last_exit = ""
+        #: Counts the replica's processes (and connections, for a remote one).
+        self.generation = 0
+        # Outlier ejection (see orchestrator._resilience): monotonic times.
+        self.consecutive_failures = 0
+        self.ejected_until = 0.0
+        self.ejection_reason = ""
+        self.ejection_kind = ""
+        self.ejections = 0
+        self.last_ejection_end = 0.0
         self._max_message_bytes = max_message_bytes
         self._methods: dict[str, Any] = {}
         self._spec: LaunchSpec | None = None
@@ -88,6 +101,29 @@ class Replica:
     def in_flight(self) -> int:
         """Calls in flight on this replica."""
         return len(self.calls)
+
+    def ejected(self, now: float) -> bool:
+        """True while the replica is out of rotation for failing too often."""
+        return self.ejected_until > now
+
+    def eject(self, until: float, reason: str, kind: str) -> None:
+        """Takes the replica out of rotation until ``until`` (monotonic)."""
+        self.ejected_until = until
+        self.ejection_reason = reason
+        self.ejection_kind = kind
+
+    def restore(self, now: float) -> None:
+        """Puts the replica back into rotation."""
+        self.ejected_until = 0.0
+        self.last_ejection_end = now
+
+    def _fresh(self) -> None:
+        """A new process or connection: its predecessor's failures are not its own."""
+        self.generation += 1
+        self._methods = {}
+        self.consecutive_failures = 0
+        self.ejected_until = 0.0
+        self.ejection_reason = ""
 
     @property
     def address(self) -> str:
@@ -113,7 +149,7 @@ class Replica:
         ``on_spawn`` is called with the pid as soon as the process exists.
         """
         self._spec = spec
-        self._methods = {}
+        self._fresh()
         with contextlib.suppress(FileNotFoundError):
             spec.socket_path.unlink()
         self.started_at = time.time()
@@ -162,7 +198,7 @@ class Replica:
     ) -> plugin_pb2.DescribeResponse:
         """Connects to a sidecar running elsewhere (a remote plugin) and waits until it is ready."""
         self._spec = None
-        self._methods = {}
+        self._fresh()
         self.started_at = time.time()
         t0 = time.monotonic()
         self.channel = grpc.aio.insecure_channel(
@@ -245,7 +281,8 @@ class Replica:
         key = kind + path
         callable_ = self._methods.get(key)
         if callable_ is None:
-            assert self.channel is not None
+            if self.channel is None:
+                raise ReplicaGone(f"{self.tag} has no connection (it is being stopped)")
             callable_ = getattr(self.channel, kind)(path)
             self._methods[key] = callable_
         return callable_

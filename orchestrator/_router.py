@@ -8,6 +8,7 @@ never decoded or re-encoded (see :meth:`Router._serve`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import logging
 import os
@@ -20,17 +21,14 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from clients import (
-    PermissionDeniedError,
-    ResourceExhaustedError,
-    SidemeshError,
-    UnavailableError,
-)
+from clients import PermissionDeniedError, ResourceExhaustedError, SidemeshError
+from orchestrator._attempts import AttemptFailed, attempt, give_up
 from orchestrator._catalog import Catalog, Entry
 from orchestrator._events import EventBus
 from orchestrator._plugin import PluginRuntime
 from orchestrator._replica import Replica
-from orchestrator._routes import ROUTES, TOOL_SERVICE, Route
+from orchestrator._resilience import backoff
+from orchestrator._routes import MCP_SERVICE, ROUTES, TOOL_SERVICE, Route
 from orchestrator._telemetry import Telemetry
 from sidemesh.v1 import mesh_pb2, tool_pb2
 
@@ -50,6 +48,8 @@ class Admission:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
+        #: Set when the mesh shuts down: calls cut off then say so.
+        self.closing = False
 
     def enter(self) -> None:
         """Admits one call, or raises ``RESOURCE_EXHAUSTED``."""
@@ -153,13 +153,14 @@ class Router:
 
         The sidecar's responses are yielded as the bytes they arrived as: the
         multicallables from :meth:`Replica.method` have no deserializer, and the
-        handler no serializer.
+        handler no serializer. A failed attempt is retried on another replica
+        when that is safe (:meth:`_retry`).
         """
         started = time.monotonic()
         metadata, carrier = self._split_metadata(context)
         span = self._server_span(route, carrier) if self._tracing else None
         entry: Entry[Any] | None = None
-        code, details, count = _OK, "", 0
+        code, details, count, attempts = _OK, "", 0, 0
         try:
             entry, payload = await route.resolve(self, payload)
             plugin = self._plugins[entry.plugin]
@@ -169,48 +170,62 @@ class Router:
             code, details = err.code, err.message
             self._end_span(span, code, details, entry, 0)
             await err.abort(context)
+        resilience = plugin.resilience
+        resilience.budget.deposit()
+        per_try = resilience.retries.per_try_timeout if route.kind != "stream_stream" else None
         call_id = self._call_ids.next()
         metadata.append(("sidemesh-call-id", call_id))
-        client_span = None
-        if span is not None:
-            client_span = self._client_span(route, span, entry, replica, call_id, metadata)
-        else:
+        if span is None:
             metadata += carrier.items()  # not tracing: pass the caller's context on as is
-        call = replica.method(route.path, route.kind)(
-            payload, timeout=context.time_remaining(), metadata=metadata
-        )
-        replica.calls.add(call)
-        watched = self._events.wants_call_events
-        if watched:
-            self._call_started(entry, route.path, call_id, replica)
+        self._call_started(entry, route.path, call_id, replica)
+        tried: list[Replica] = []
+        client_span: trace.Span | None = None
         try:
-            if route.kind == "unary_unary":
-                yield await call
-                count = 1
-            else:
-                async for message in call:
-                    count += 1
-                    yield message
-        except grpc.aio.AioRpcError as exc:
-            code, details, trailers = await self._upstream_error(exc, plugin, replica)
-            await context.abort(code, details, trailers)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling() == 0:
-                # Not this handler being cancelled: the replica went away and its channel
-                # cancelled our call to it. The caller must hear that, not silence.
-                gone = _sidecar_gone(plugin, replica, "its connection was closed")
-                code, details = gone.code, gone.message
-                await gone.abort(context)
-            code, details = _interruption(context)
-            raise
-        except GeneratorExit:
+            while True:
+                attempts += 1
+                tried.append(replica)
+                client_span, sent = None, metadata
+                if span is not None:
+                    client_span, sent = self._client_span(
+                        route, span, entry, replica, call_id, metadata, attempts
+                    )
+                messages = attempt(
+                    replica, route.path, route.kind, payload, metadata=sent,
+                    timeout=context.time_remaining(), per_try=per_try,
+                )  # fmt: skip
+                try:
+                    async with contextlib.aclosing(messages):  # ends the upstream call at once
+                        async for message in messages:
+                            count += 1
+                            yield message
+                except AttemptFailed as failure:
+                    if client_span is not None:
+                        _end(client_span, failure.code, failure.details, count)
+                        client_span = None
+                    if failure.kind is not None:
+                        resilience.failed(replica, failure.kind, plugin.ready)
+                    other = self._retry(route, entry, plugin, failure, attempts, count, tried)
+                    delay = backoff(resilience.retries, attempts) if other else 0.0
+                    if other is not None and _time_left(context, delay):
+                        if span is not None:
+                            why = {
+                                "sidemesh.replica": other.index,
+                                "sidemesh.failure": failure.kind,
+                            }
+                            span.add_event("retry", why)
+                        await asyncio.sleep(delay)
+                        replica = other
+                        continue
+                    code, details, trailers = await give_up(
+                        failure, plugin, replica, self._admission.closing
+                    )
+                    await context.abort(code, details, trailers)
+                resilience.succeeded(replica)
+                return
+        except (asyncio.CancelledError, GeneratorExit):
             code, details = _interruption(context)
             raise
         finally:
-            if not call.done():
-                call.cancel()
-            replica.calls.discard(call)
             self._admission.leave()
             if client_span is not None:
                 _end(client_span, code, details, count)
@@ -221,8 +236,34 @@ class Router:
                     {"rpc.method": route.path, "sidemesh.target": entry.qualified,
                      "rpc.grpc.status_code": code.value[0]},
                 )  # fmt: skip
-            if watched or self._events.wants_call_events:
-                self._call_ended(entry, route.path, call_id, code, details, started, count)
+            self._call_ended(entry, route.path, call_id, code, details, started, count, attempts)
+
+    def _retry(
+        self,
+        route: Route,
+        entry: Entry[Any],
+        plugin: PluginRuntime,
+        failure: AttemptFailed,
+        attempts: int,
+        count: int,
+        tried: list[Replica],
+    ) -> Replica | None:
+        """The replica to try next after ``failure``, or None: give up.
+
+        Only before any response reached the caller, never for a chat (its
+        requests are a stream), only when it is safe (:meth:`Resilience.may_retry`),
+        and on another replica.
+        """
+        if failure.kind is None or count or route.kind == "stream_stream":
+            return None
+        if self._admission.closing:
+            return None
+        other = plugin.pick_other(tried)
+        if other is None:
+            return None
+        if not plugin.resilience.may_retry(failure.kind, _idempotent(route, entry), attempts):
+            return None
+        return other
 
     def _split_metadata(self, context: Context) -> tuple[list[tuple[str, Any]], dict[str, str]]:
         """The caller's metadata to pass on, and its W3C trace context headers apart."""
@@ -262,10 +303,13 @@ class Router:
         replica: Replica,
         call_id: str,
         metadata: list[tuple[str, Any]],
-    ) -> trace.Span:
+        attempt: int,
+    ) -> tuple[trace.Span, list[tuple[str, Any]]]:
+        """The CLIENT span of one attempt, and the metadata that carries it to the sidecar."""
         plugin = self._plugins[entry.plugin]
-        server.set_attribute("sidemesh.target", entry.qualified)
-        server.set_attribute("sidemesh.call_id", call_id)
+        if attempt == 1:
+            server.set_attribute("sidemesh.target", entry.qualified)
+            server.set_attribute("sidemesh.call_id", call_id)
         server.add_event(
             "route",
             {"sidemesh.plugin": entry.plugin, "sidemesh.replica": replica.index,
@@ -280,12 +324,12 @@ class Router:
                 "server.address": replica.address, "network.transport": "unix",
                 "sidemesh.plugin": entry.plugin, "sidemesh.replica": replica.index,
                 "sidemesh.plugin.version": plugin.version, "sidemesh.call_id": call_id,
+                "sidemesh.attempt": attempt,
             },
         )  # fmt: skip
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
-        metadata += carrier.items()
-        return span
+        return span, metadata + list(carrier.items())
 
     def _end_span(
         self,
@@ -337,43 +381,19 @@ class Router:
             reason, reason="PERMISSION_DENIED", metadata={"caller": self._caller_name}
         )
 
-    # -- errors from the sidecar -----------------------------------------------
-
-    async def _upstream_error(
-        self, exc: grpc.aio.AioRpcError, plugin: PluginRuntime, replica: Replica
-    ) -> tuple[grpc.StatusCode, str, tuple[tuple[str, Any], ...]]:
-        """The status to give the caller for a failed call to a sidecar.
-
-        A transport failure (the sidecar died or went away) becomes UNAVAILABLE
-        with a message that says so; the plugin's own errors pass through.
-        """
-        code = exc.code()
-        transport = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-        if not transport and code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-            # Connected still: the plugin's own error, passed on at once. Otherwise the
-            # sidecar may be dying: give its exit a moment to show.
-            connected = replica.channel is not None and (
-                replica.channel.get_state() == grpc.ChannelConnectivity.READY
-            )
-            transport = not connected and await _exits_soon(replica, 0.25)
-        if not transport:
-            return code, exc.details() or "", tuple(exc.trailing_metadata() or ())
-        err = _sidecar_gone(plugin, replica, exc.details() or code.name)
-        return err.code, err.message, err.trailing_metadata()
-
     # -- events ----------------------------------------------------------------
 
     def _call_started(self, entry: Entry[Any], method: str, call_id: str, replica: Replica) -> None:
         trace_id = trace.get_current_span().get_span_context().trace_id
-        self._events.emit(
-            entry.plugin,
-            "call_started",
-            mesh_pb2.CallStarted(
-                call_id=call_id, method=method, target=entry.qualified, caller=self._caller_name,
-                replica=replica.index, trace_id=f"{trace_id:032x}" if trace_id else "",
-            ),
-            also=(self._caller_name,) if self._caller_name else (),
-        )  # fmt: skip
+        caller, target, index = self._caller_name, entry.qualified, replica.index
+
+        def build() -> mesh_pb2.CallStarted:
+            return mesh_pb2.CallStarted(
+                call_id=call_id, method=method, target=target, caller=caller, replica=index,
+                trace_id=f"{trace_id:032x}" if trace_id else "",
+            )  # fmt: skip
+
+        self._events.emit(entry.plugin, "call_started", build, also=(caller,) if caller else ())
 
     def _call_ended(
         self,
@@ -384,33 +404,44 @@ class Router:
         details: str,
         started: float,
         count: int,
+        attempts: int,
     ) -> None:
         trace_id = trace.get_current_span().get_span_context().trace_id
-        ended = mesh_pb2.CallEnded(
-            call_id=call_id, method=method, target=entry.qualified, caller=self._caller_name,
-            code=code.value[0], message=details, responses=count,
-            trace_id=f"{trace_id:032x}" if trace_id else "",
-        )  # fmt: skip
-        ended.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
+        caller, target = self._caller_name, entry.qualified
+        nanos = int((time.monotonic() - started) * 1e9)
+
+        def build() -> mesh_pb2.CallEnded:
+            ended = mesh_pb2.CallEnded(
+                call_id=call_id, method=method, target=target, caller=caller,
+                code=code.value[0], message=details, responses=count, attempts=attempts,
+                trace_id=f"{trace_id:032x}" if trace_id else "",
+            )  # fmt: skip
+            ended.duration.FromNanoseconds(nanos)
+            return ended
+
         self._events.emit(
             entry.plugin,
             "call_finished" if code == _OK else "call_failed",
-            ended,
-            also=(self._caller_name,) if self._caller_name else (),
+            build,
+            also=(caller,) if caller else (),
         )
 
 
-def _sidecar_gone(plugin: PluginRuntime, replica: Replica, how: str) -> UnavailableError:
-    """The error for a call whose sidecar died or went away while it ran."""
-    died = replica.process is None or replica.process.returncode is not None
-    what = "exited" if died else "became unreachable"
-    return UnavailableError(
-        f"plugin {plugin.name!r} replica {replica.index} {what} during the call ({how}); "
-        "the call did not complete. The replica is being restarted: retry",
-        reason="SIDECAR_UNAVAILABLE",
-        metadata={"plugin": plugin.name, "replica": str(replica.index)},
-        retry_delay=1.0,
-    )
+def _idempotent(route: Route, entry: Entry[Any]) -> bool:
+    """Whether calling ``entry`` twice is safe: a read-only or idempotent tool, an MCP read."""
+    if route.service == MCP_SERVICE and route.method not in ("CallTool", "Watch"):
+        return True
+    descriptor = entry.descriptor
+    if not isinstance(descriptor, tool_pb2.ToolDescriptor):
+        return False
+    hints = descriptor.annotations
+    return hints.read_only or hints.idempotent
+
+
+def _time_left(context: Context, delay: float) -> bool:
+    """Whether the caller's deadline leaves room for a retry after ``delay`` seconds."""
+    remaining = context.time_remaining()
+    return remaining is None or remaining > delay + 0.01
 
 
 def _interruption(context: Context) -> tuple[grpc.StatusCode, str]:
@@ -441,14 +472,3 @@ class _CallIds:
     def next(self) -> str:
         self._n += 1
         return f"{self._prefix}-{self._n}"
-
-
-async def _exits_soon(replica: Replica, within: float) -> bool:
-    process = replica.process
-    if process is None or process.returncode is not None:
-        return True
-    try:
-        await asyncio.wait_for(process.wait(), within)
-    except TimeoutError:
-        return False
-    return True

@@ -88,12 +88,15 @@ class Supervisor:
                         reason = failure
                 except Exception as exc:  # a bug of ours: never let it stall the plugin silently
                     log.exception("%s: supervising the replica failed", replica.tag)
+                    self._set_replica(plugin, replica, S.REPLICA_STATE_FAILED)
                     await replica.kill()
                     failure = reason = f"internal error of the supervisor: {exc!r}"
                     plugin.error = f"replica {replica.index}: {reason}"
-                if time.monotonic() - t0 < settings.min_uptime:
+                if failure is not None or time.monotonic() - t0 < settings.min_uptime:
+                    # It never became ready, however long that took, or it crashed soon
+                    # after: both count toward a crash loop.
                     quick_failures += 1
-                else:  # it ran a good while: a fresh failure, not a loop
+                else:  # it served a good while: a fresh failure, not a loop
                     quick_failures = 1
                     plugin.crash_loop = False
                 if quick_failures >= settings.crash_loop_after:
@@ -183,6 +186,9 @@ class Supervisor:
                     replica.last_exit = replica.exit_reason()  # before the sandbox is released
                     reason = f"exited: {replica.last_exit}"
                     log.error("%s: %s", replica.tag, reason)
+                    plugin.error = f"replica {replica.index} {reason}" + _tail(replica)
+                    # Out of rotation before it is torn down: no call may pick it meanwhile.
+                    self._set_replica(plugin, replica, S.REPLICA_STATE_BACKOFF)
                     await replica.kill()
                     return reason
                 if self._stopping:
@@ -196,8 +202,10 @@ class Supervisor:
                     )
                 if await replica.healthy(settings.health_timeout):
                     failures = 0
+                    plugin.resilience.health_passed(replica)
                     continue
                 failures += 1
+                plugin.resilience.health_failed(replica, plugin.ready)
                 log.warning(
                     "%s: health check failed (%d/%d)",
                     replica.tag,

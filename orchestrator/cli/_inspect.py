@@ -82,8 +82,14 @@ async def _plugins(client: AsyncMeshClient, args: argparse.Namespace) -> int:
             print(f"\n{p.name} ({p.directory})")
             for r in p.replicas:
                 started = f", up since {_time(r.started_at.ToNanoseconds())}" if r.pid else ""
+                ejected = ""
+                if r.HasField("ejected_until"):
+                    until = _time(r.ejected_until.ToNanoseconds())
+                    ejected = f", EJECTED until {until} ({r.ejection_reason})"
+                elif r.ejections:
+                    ejected = f", ejected {r.ejections}x recently"
                 print(f"  replica {r.index}: {_replica_state(r.state)}, pid {r.pid or '-'}, "
-                      f"{r.restarts} restarts, {r.rss_bytes // 1024} KiB RSS{started}"
+                      f"{r.restarts} restarts, {r.rss_bytes // 1024} KiB RSS{started}{ejected}"
                       + (f", last exit: {r.last_exit}" if r.last_exit else ""))  # fmt: skip
             for layer in p.sandbox:
                 print(f"  sandbox {layer.name}: {'on' if layer.active else 'OFF'} {layer.detail}")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import shutil
 import sys
 from pathlib import Path
 
 from orchestrator._config import load_config
 from orchestrator._discovery import discover
-from orchestrator._manifest import MANIFEST_FILE, PluginManifest, load_manifest
+from orchestrator._manifest import MANIFEST_FILE, load_manifest, start_problem
 from orchestrator._plugin import PluginRuntime
 from orchestrator._yaml_models import ConfigError, Problem
 from orchestrator.cli._common import EXIT_OK, EXIT_USAGE
@@ -46,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_plugin(directory: Path) -> str:
     manifest = load_manifest(directory)
-    problem = _start_problem(manifest)
+    problem = start_problem(manifest)
     if problem:
         raise ConfigError(directory / MANIFEST_FILE, "plugin manifest", [problem])
     provides = (
@@ -58,30 +56,6 @@ def _check_plugin(directory: Path) -> str:
         provides.append("an MCP server")
     summary = "; ".join(provides) or "provides nothing declared"
     return f"{directory}: plugin {manifest.name} {manifest.version} ({summary})"
-
-
-def _start_problem(manifest: PluginManifest) -> Problem | None:
-    """Why the plugin could not start, as far as we can tell without starting it."""
-    if manifest.app:
-        module = manifest.app.split(":")[0]
-        top = module.split(".")[0]
-        local = manifest.directory / f"{top}.py", manifest.directory / top / "__init__.py"
-        if not any(p.is_file() for p in local) and importlib.util.find_spec(top) is None:
-            return Problem(
-                "app",
-                f"module {module!r} is neither in {manifest.directory} nor installed",
-                f"add {top}.py to the plugin directory, or fix 'app'",
-            )
-    elif manifest.entrypoint:
-        command = manifest.entrypoint[0]
-        found = (manifest.directory / command).exists() if "/" in command else shutil.which(command)
-        if not found:
-            return Problem(
-                "entrypoint",
-                f"command {command!r} was not found",
-                "use a path relative to the plugin directory (./my-plugin) or a command on PATH",
-            )
-    return None
 
 
 def _check_config(path: Path) -> str:

@@ -145,7 +145,16 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"landlock_exec: cannot apply Landlock: {exc}", file=sys.stderr)
         return 126
-    os.execvp(command[0], command)
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        plugin = os.environ.get("SIDEMESH_PLUGIN", "?")  # SidecarEnv.PLUGIN (no imports here)
+        print(
+            f"landlock_exec: plugin {plugin}: cannot execute {command[0]!r} (from {os.getcwd()}): "
+            f"{exc.strerror}; check the command in its plugin.yaml",
+            file=sys.stderr,
+        )
+        return 127
     return 127  # unreachable: execvp replaces the process or raises
 
 

@@ -186,6 +186,9 @@ class ReplicaStatus(_message.Message):
     LAST_EXIT_FIELD_NUMBER: _builtins.int
     STARTUP_DURATION_FIELD_NUMBER: _builtins.int
     RSS_BYTES_FIELD_NUMBER: _builtins.int
+    EJECTED_UNTIL_FIELD_NUMBER: _builtins.int
+    EJECTIONS_FIELD_NUMBER: _builtins.int
+    EJECTION_REASON_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Replica index within the plugin, from 0."""
     state: Global___ReplicaState.ValueType
@@ -202,6 +205,12 @@ class ReplicaStatus(_message.Message):
     """
     rss_bytes: _builtins.int
     """Resident memory of the sidecar process in bytes, when known."""
+    ejections: _builtins.int
+    """How often the replica has been ejected recently; each ejection lasts
+    twice as long as the one before, up to the configured maximum.
+    """
+    ejection_reason: _builtins.str
+    """While ejected: why, for example `5 per-try timeouts in a row`."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the current process started."""
@@ -209,6 +218,12 @@ class ReplicaStatus(_message.Message):
     @_builtins.property
     def startup_duration(self) -> _duration_pb2.Duration:
         """Time from process start to ready, for the current process."""
+
+    @_builtins.property
+    def ejected_until(self) -> _timestamp_pb2.Timestamp:
+        """Set while the replica is ejected (out of rotation for failing too
+        often): when it takes calls again.
+        """
 
     def __init__(
         self,
@@ -222,10 +237,13 @@ class ReplicaStatus(_message.Message):
         last_exit: _builtins.str = ...,
         startup_duration: _duration_pb2.Duration | None = ...,
         rss_bytes: _builtins.int = ...,
+        ejected_until: _timestamp_pb2.Timestamp | None = ...,
+        ejections: _builtins.int = ...,
+        ejection_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at", "startup_duration", b"startup_duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ejected_until", b"ejected_until", "started_at", b"started_at", "startup_duration", b"startup_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "index", b"index", "last_exit", b"last_exit", "pid", b"pid", "restarts", b"restarts", "rss_bytes", b"rss_bytes", "started_at", b"started_at", "startup_duration", b"startup_duration", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ejected_until", b"ejected_until", "ejection_reason", b"ejection_reason", "ejections", b"ejections", "in_flight", b"in_flight", "index", b"index", "last_exit", b"last_exit", "pid", b"pid", "restarts", b"restarts", "rss_bytes", b"rss_bytes", "started_at", b"started_at", "startup_duration", b"startup_duration", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -678,6 +696,8 @@ class WatchEventsResponse(_message.Message):
     CALL_FAILED_FIELD_NUMBER: _builtins.int
     PERMISSION_DENIED_FIELD_NUMBER: _builtins.int
     SANDBOX_VIOLATION_FIELD_NUMBER: _builtins.int
+    REPLICA_EJECTED_FIELD_NUMBER: _builtins.int
+    REPLICA_RESTORED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Increases by one with every event the orchestrator emits; a gap means
     events were dropped because this client read too slowly.
@@ -727,6 +747,16 @@ class WatchEventsResponse(_message.Message):
         `replica_exited`, whose reason names the limit.
         """
 
+    @_builtins.property
+    def replica_ejected(self) -> Global___ReplicaEjected:
+        """A replica was taken out of rotation for failing too often (outlier
+        ejection); it keeps running and returns by itself.
+        """
+
+    @_builtins.property
+    def replica_restored(self) -> Global___ReplicaRestored:
+        """An ejected replica takes calls again."""
+
     def __init__(
         self,
         *,
@@ -742,12 +772,14 @@ class WatchEventsResponse(_message.Message):
         call_failed: Global___CallEnded | None = ...,
         permission_denied: Global___PermissionDenied | None = ...,
         sandbox_violation: Global___SandboxViolation | None = ...,
+        replica_ejected: Global___ReplicaEjected | None = ...,
+        replica_restored: Global___ReplicaRestored | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call_failed", b"call_failed", "call_finished", b"call_finished", "call_started", b"call_started", "event", b"event", "permission_denied", b"permission_denied", "plugin_state_changed", b"plugin_state_changed", "replica_exited", b"replica_exited", "replica_ready", b"replica_ready", "replica_started", b"replica_started", "sandbox_violation", b"sandbox_violation", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call_failed", b"call_failed", "call_finished", b"call_finished", "call_started", b"call_started", "event", b"event", "permission_denied", b"permission_denied", "plugin_state_changed", b"plugin_state_changed", "replica_ejected", b"replica_ejected", "replica_exited", b"replica_exited", "replica_ready", b"replica_ready", "replica_restored", b"replica_restored", "replica_started", b"replica_started", "sandbox_violation", b"sandbox_violation", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_failed", b"call_failed", "call_finished", b"call_finished", "call_started", b"call_started", "event", b"event", "permission_denied", b"permission_denied", "plugin", b"plugin", "plugin_state_changed", b"plugin_state_changed", "replica_exited", b"replica_exited", "replica_ready", b"replica_ready", "replica_started", b"replica_started", "sandbox_violation", b"sandbox_violation", "sequence", b"sequence", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_failed", b"call_failed", "call_finished", b"call_finished", "call_started", b"call_started", "event", b"event", "permission_denied", b"permission_denied", "plugin", b"plugin", "plugin_state_changed", b"plugin_state_changed", "replica_ejected", b"replica_ejected", "replica_exited", b"replica_exited", "replica_ready", b"replica_ready", "replica_restored", b"replica_restored", "replica_started", b"replica_started", "sandbox_violation", b"sandbox_violation", "sequence", b"sequence", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["plugin_state_changed", "replica_started", "replica_ready", "replica_exited", "call_started", "call_finished", "call_failed", "permission_denied", "sandbox_violation"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["plugin_state_changed", "replica_started", "replica_ready", "replica_exited", "call_started", "call_finished", "call_failed", "permission_denied", "sandbox_violation", "replica_ejected", "replica_restored"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -944,6 +976,7 @@ class CallEnded(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     RESPONSES_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The call's id."""
     method: _builtins.str
@@ -960,6 +993,10 @@ class CallEnded(_message.Message):
     """Number of response messages streamed to the caller."""
     trace_id: _builtins.str
     """Trace id of the call, when traced."""
+    attempts: _builtins.int
+    """Attempts the mesh made: 1, or more when it retried the call on another
+    replica.
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """How long the call took."""
@@ -976,14 +1013,73 @@ class CallEnded(_message.Message):
         duration: _duration_pb2.Duration | None = ...,
         responses: _builtins.int = ...,
         trace_id: _builtins.str = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "caller", b"caller", "code", b"code", "duration", b"duration", "message", b"message", "method", b"method", "responses", b"responses", "target", b"target", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "call_id", b"call_id", "caller", b"caller", "code", b"code", "duration", b"duration", "message", b"message", "method", b"method", "responses", b"responses", "target", b"target", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CallEnded: _TypeAlias = CallEnded  # noqa: Y015
+
+@_typing.final
+class ReplicaEjected(_message.Message):
+    """A replica was taken out of rotation for failing too often."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    EJECTIONS_FIELD_NUMBER: _builtins.int
+    replica: _builtins.int
+    """Replica index."""
+    reason: _builtins.str
+    """Why, for example `5 per-try timeouts in a row`."""
+    ejections: _builtins.int
+    """How often it has been ejected recently, this time included."""
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """How long it stays out of rotation."""
+
+    def __init__(
+        self,
+        *,
+        replica: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        ejections: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "ejections", b"ejections", "reason", b"reason", "replica", b"replica"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaEjected: _TypeAlias = ReplicaEjected  # noqa: Y015
+
+@_typing.final
+class ReplicaRestored(_message.Message):
+    """An ejected replica takes calls again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_FIELD_NUMBER: _builtins.int
+    replica: _builtins.int
+    """Replica index."""
+    def __init__(
+        self,
+        *,
+        replica: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica", b"replica"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaRestored: _TypeAlias = ReplicaRestored  # noqa: Y015
 
 @_typing.final
 class SandboxViolation(_message.Message):
