@@ -20,6 +20,8 @@ from orchestrator._replica import Replica, ReplicaGone
 from orchestrator._resilience import NEVER_REACHED, TIMEOUT, TRANSPORT, failure_kind
 
 Trailers = tuple[tuple[str, Any], ...]
+#: Statuses a dying sidecar's connection can end a call with, besides UNAVAILABLE.
+_MAYBE_DYING = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 
 
 class AttemptFailed(Exception):
@@ -74,7 +76,10 @@ async def attempt(
                 return
             yield message
     except grpc.aio.AioRpcError as exc:
-        raise _failed(exc, per_try is not None and budget != timeout) from None
+        failure = _failed(exc, per_try is not None and budget != timeout)
+        if failure.kind is None and failure.code in _MAYBE_DYING and await _went_away(replica):
+            failure.kind = TRANSPORT  # not the plugin's error: its sidecar is dying
+        raise failure from None
     except TimeoutError:
         raise AttemptFailed(
             TIMEOUT, grpc.StatusCode.UNAVAILABLE, f"no response within {per_try:g}s", ()
@@ -120,14 +125,6 @@ async def give_up(
         )
         return err.code, err.message, err.trailing_metadata()
     code = failure.code
-    if failure.kind is None and code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-        # Connected still: the plugin's own error, passed on at once. Otherwise the
-        # sidecar may be dying: give its exit a moment to show.
-        connected = replica.channel is not None and (
-            replica.channel.get_state() == grpc.ChannelConnectivity.READY
-        )
-        if not connected and await _exits_soon(replica, 0.25):
-            failure.kind = TRANSPORT
     if failure.kind is None and code != grpc.StatusCode.CANCELLED:
         return code, failure.details, failure.trailers
     if failure.kind == TIMEOUT:
@@ -155,6 +152,18 @@ def sidecar_gone(plugin: PluginRuntime, replica: Replica, how: str) -> Unavailab
         metadata={"plugin": plugin.name, "replica": str(replica.index)},
         retry_delay=1.0,
     )
+
+
+async def _went_away(replica: Replica) -> bool:
+    """Whether an INTERNAL/UNKNOWN status came from a sidecar that is going away.
+
+    Connected still: the plugin's own error, passed on at once. Otherwise the
+    sidecar may be dying: give its exit a moment to show.
+    """
+    connected = replica.channel is not None and (
+        replica.channel.get_state() == grpc.ChannelConnectivity.READY
+    )
+    return not connected and await _exits_soon(replica, 0.25)
 
 
 async def _exits_soon(replica: Replica, within: float) -> bool:

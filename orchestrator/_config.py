@@ -186,6 +186,12 @@ class SandboxSettings(_Strict):
     )
     bwrap: str = Field("bwrap", description="the bubblewrap command")
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _bare_off(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare `off` as false: `sandbox: {mode: off}` must work.
+        return "off" if value is False else value
+
 
 class RemotePlugin(_Strict):
     """A sidecar the mesh routes to but does not launch (another host, a benchmark)."""

@@ -64,6 +64,10 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         # No transparent retries: a call whose sidecar died must fail (UNAVAILABLE), not
         # be replayed on whatever listens on the socket next. The router decides retries.
         ("grpc.enable_retries", 0),
+        # Bounded buffering: without BDP probing each stream's receive window stays at
+        # gRPC's 64 KiB, so a slow caller holds at most that much per stream here (BDP
+        # probing on a busy connection grew it to megabytes per stream).
+        ("grpc.http2.bdp_probe", 0),
     ]
 
 

@@ -80,7 +80,7 @@ class RetryBudget:
         now = self._clock()
         self._tokens = min(self._cap, self._tokens + (now - self._last) * self._floor)
         self._last = now
-        if self._tokens < 1.0:
+        if self._tokens < 1.0 - 1e-9:  # ten deposits of 0.1 are a token
             return False
         self._tokens -= 1.0
         return True

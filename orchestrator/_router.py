@@ -27,7 +27,7 @@ from orchestrator._catalog import Catalog, Entry
 from orchestrator._events import EventBus
 from orchestrator._plugin import PluginRuntime
 from orchestrator._replica import Replica
-from orchestrator._resilience import backoff
+from orchestrator._resilience import TRANSPORT, backoff
 from orchestrator._routes import MCP_SERVICE, ROUTES, TOOL_SERVICE, Route
 from orchestrator._telemetry import Telemetry
 from sidemesh.v1 import mesh_pb2, tool_pb2
@@ -180,6 +180,7 @@ class Router:
         self._call_started(entry, route.path, call_id, replica)
         tried: list[Replica] = []
         client_span: trace.Span | None = None
+        last = b""
         try:
             while True:
                 attempts += 1
@@ -197,8 +198,15 @@ class Router:
                     async with contextlib.aclosing(messages):  # ends the upstream call at once
                         async for message in messages:
                             count += 1
+                            last = message
                             yield message
                 except AttemptFailed as failure:
+                    if failure.kind == TRANSPORT and _complete(route, last):
+                        # The sidecar went away after its result: the caller has it all.
+                        log.info("%s: call %s complete; the sidecar went away after its result",
+                                 replica.tag, call_id)  # fmt: skip
+                        resilience.failed(replica, failure.kind, plugin.ready)
+                        return
                     if client_span is not None:
                         _end(client_span, failure.code, failure.details, count)
                         client_span = None
@@ -216,6 +224,12 @@ class Router:
                         await asyncio.sleep(delay)
                         replica = other
                         continue
+                    if failure.kind is not None:
+                        log.info(
+                            "%s: call %s failed (%s) after %d attempt(s), not retried: %s",
+                            replica.tag, call_id, failure.kind, attempts,
+                            _why_not(other, count, route, entry, plugin),
+                        )  # fmt: skip
                     code, details, trailers = await give_up(
                         failure, plugin, replica, self._admission.closing
                     )
@@ -436,6 +450,28 @@ def _idempotent(route: Route, entry: Entry[Any]) -> bool:
         return False
     hints = descriptor.annotations
     return hints.read_only or hints.idempotent
+
+
+def _why_not(
+    other: Replica | None, count: int, route: Route, entry: Entry[Any], plugin: PluginRuntime
+) -> str:
+    """Why a failed call was not retried, for the log."""
+    if count:
+        return "responses had reached the caller"
+    if route.kind == "stream_stream":
+        return "a chat is never retried"
+    if other is not None:
+        return "its deadline leaves no time"
+    if not _idempotent(route, entry):
+        return "the call is not idempotent"
+    if not plugin.pick_other(()):
+        return "no other replica is ready"
+    return "no other replica, or the attempts or the retry budget are spent"
+
+
+def _complete(route: Route, last: bytes) -> bool:
+    """Whether the last message forwarded ends the stream by contract (a result)."""
+    return route.final_tag is not None and last[:1] == bytes((route.final_tag,))
 
 
 def _time_left(context: Context, delay: float) -> bool:

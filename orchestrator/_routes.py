@@ -42,10 +42,18 @@ class Route:
     method: str
     kind: str  # the sidecar multicallable: unary_unary, unary_stream or stream_stream
     resolve: Resolver
+    #: The first byte (field tag) of the response that ends the stream by contract (a
+    #: ``result``), for streams that have one: once it was forwarded, the call is complete.
+    final_tag: int | None = None
 
     @property
     def path(self) -> str:
         return f"/{self.service}/{self.method}"
+
+
+def _tag(number: int) -> int:
+    """The first byte of an encoded message whose first field is embedded message ``number``."""
+    return number << 3 | 2
 
 
 def _bytes_field(number: int, payload: bytes) -> bytes:
@@ -133,11 +141,17 @@ def _mcp_resolver(request_cls: Any) -> Resolver:
 
 
 ROUTES = [
-    Route(AGENT_SERVICE, "Invoke", "unary_stream", _resolve_invoke),
+    Route(AGENT_SERVICE, "Invoke", "unary_stream", _resolve_invoke, _tag(7)),  # result = 7
     Route(AGENT_SERVICE, "Chat", "stream_stream", _resolve_chat),
-    Route(TOOL_SERVICE, "CallTool", "unary_stream", _resolve_call_tool),
+    Route(TOOL_SERVICE, "CallTool", "unary_stream", _resolve_call_tool, _tag(3)),  # result = 3
     *(
-        Route(MCP_SERVICE, name, "unary_stream" if streaming else "unary_unary", _mcp_resolver(cls))
+        Route(
+            MCP_SERVICE,
+            name,
+            "unary_stream" if streaming else "unary_unary",
+            _mcp_resolver(cls),
+            _tag(3) if name == "CallTool" else None,
+        )
         for name, cls, streaming in (
             ("GetServerInfo", mcp_pb2.GetServerInfoRequest, False),
             ("ListTools", mcp_pb2.McpServiceListToolsRequest, False),

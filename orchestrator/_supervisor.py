@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 
 import grpc
@@ -104,6 +105,8 @@ class Supervisor:
                 delay = min(
                     settings.backoff_initial * 2 ** (quick_failures - 1), settings.backoff_max
                 )
+                # Jitter: replicas that crashed together do not all restart together.
+                delay *= random.uniform(0.8, 1.2)
                 self._set_replica(
                     plugin,
                     replica,

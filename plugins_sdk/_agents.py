@@ -84,14 +84,14 @@ class AgentSpec:
             if isinstance(value, Result):
                 return value.to_proto(ctx.tool_calls)
             if value is not None:
-                emit(self._event(value))
+                await emit(self._event(value))
             return Result().to_proto(ctx.tool_calls)
         events: AsyncIterator[Any] = self.fn(*args)
         try:
             async for item in events:
                 if isinstance(item, Result):
                     return item.to_proto(ctx.tool_calls)
-                emit(self._event(item))
+                await emit(self._event(item))
         finally:
             await events.aclose()  # type: ignore[attr-defined]
         return Result().to_proto(ctx.tool_calls)

@@ -21,7 +21,7 @@ from clients import InvalidArgumentError
 from plugins_sdk._agents import AgentSpec
 from plugins_sdk._context import AgentContext, CallInfo, Event, mark_cancelled, response
 from plugins_sdk._events import AgentInput, cancelled_result
-from plugins_sdk._pump import CANCEL_GRACE
+from plugins_sdk._pump import CANCEL_GRACE, Outbox
 from plugins_sdk._runtime import PluginRuntime
 from plugins_sdk._structs import struct_to_dict
 from plugins_sdk._tracing import CallSpan
@@ -92,7 +92,7 @@ class ChatSession:
         self._session_id = start.session_id
         self._options = struct_to_dict(start.options)
         self._state: dict[str, Any] = {}
-        self._out: asyncio.Queue[Any] = asyncio.Queue()
+        self._out = Outbox()
         self._pending: deque[_Inbox] = deque()
         self._current: _Inbox | None = None
         self._task: asyncio.Task[None] | None = None
@@ -112,6 +112,7 @@ class ChatSession:
                     raise item
                 yield item
         finally:
+            self._out.close()  # a turn waiting for room must not wait for a reader that left
             reader.cancel()
             await self._stop_turn()
 
@@ -190,10 +191,10 @@ class ChatSession:
     async def _turn(self, number: int, inbox: _Inbox, first: agent_pb2.AgentInput) -> None:
         out = self._out
 
-        def emit(event: Event) -> None:
+        async def emit(event: Event) -> None:
             message = response(agent_pb2.ChatResponse, event)
             message.turn = number
-            out.put_nowait(message)
+            await out.put(message)
 
         spec = self._spec
         try:
@@ -224,7 +225,7 @@ class ChatSession:
             out.put_nowait(error)
             return
         self._span.agent_result(result)
-        emit(("result", result))
+        await emit(("result", result))
         self._turn_done(inbox)
 
     def _turn_done(self, inbox: _Inbox) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 #: One event of a response stream: the name of the ``oneof`` field it sets, and its message.
 Event = tuple[str, Message]
-Emit = Callable[[Event], None]
+Emit = Callable[[Event], Awaitable[None]]
 M = TypeVar("M", bound=Message)
 
 CALL_ID_KEY = "sidemesh-call-id"
@@ -169,7 +169,7 @@ class CallContext:
         self, progress: float, total: float | None = None, message: str = ""
     ) -> None:
         """Streams a progress event to the caller."""
-        self._emit(
+        await self._emit(
             ("progress", common_pb2.Progress(progress=progress, total=total, message=message))
         )
         await asyncio.sleep(0)  # let the event go out before more work is done
@@ -183,7 +183,7 @@ class CallContext:
         if data is not None:
             record.data.CopyFrom(to_struct(data))
         self.logger.log(py_level, "%s", message)
-        self._emit(("log", record))
+        await self._emit(("log", record))
         await asyncio.sleep(0)
 
 
@@ -255,7 +255,7 @@ class AgentContext(CallContext):
         merged = {**(arguments or {}), **kwargs}
         self._tool_calls += 1
         call_id = str(self._tool_calls)
-        self._emit(
+        await self._emit(
             (
                 "tool_call_started",
                 agent_pb2.ToolCallStarted(call_id=call_id, tool=tool, arguments=to_struct(merged)),
@@ -267,13 +267,13 @@ class AgentContext(CallContext):
         except SidemeshError as exc:
             finished.error_code = exc.code.value[0]
             finished.error_message = exc.message
-            self._emit(("tool_call_finished", finished))
+            await self._emit(("tool_call_finished", finished))
             raise
         except asyncio.CancelledError:
             finished.error_code = grpc.StatusCode.CANCELLED.value[0]
             finished.error_message = "the agent's turn was cancelled"
-            self._emit(("tool_call_finished", finished))
+            await self._emit(("tool_call_finished", finished))
             raise
         finished.result.CopyFrom(result.raw)
-        self._emit(("tool_call_finished", finished))
+        await self._emit(("tool_call_finished", finished))
         return result

@@ -103,7 +103,9 @@ async def tool_call_events(
     pump = EventPump()
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-        pump.emit(("progress", convert.progress(progress, total, message)))
+        # The MCP session cannot wait for a slow caller: progress it cannot take is dropped
+        # (the next one says more), never queued without bound.
+        pump.offer(("progress", convert.progress(progress, total, message)))
 
     async def run() -> Event:
         result = await link.request(

@@ -57,7 +57,7 @@ async def test_an_incompatible_sidecar_is_refused_with_the_reason(tmp_path: Path
     server.add_insecure_port(address)
     await server.start()
     try:
-        with pytest.raises(ReplicaStartError, match="speaks contract 'sidemesh.v0'"):
+        with pytest.raises(ReplicaStartError, match=r"speaks contract 'sidemesh\.v0'"):
             await Replica("old", 0, 1 << 20).connect(address, {}, timeout=5)
     finally:
         await server.stop(0)
@@ -89,7 +89,7 @@ async def test_spawn_passes_only_the_descriptors_it_is_given(tmp_path: Path) -> 
     leaked = os.open(tmp_path, os.O_RDONLY)
     os.set_inheritable(leaked, True)  # inheritable, but not passed: closed in the child
     try:
-        code, out, _ = await _run(
+        code, _, _ = await _run(
             ["sh", "-c", f"test -e /proc/self/fd/{passed} && ! test -e /proc/self/fd/{leaked}"],
             pass_fds=(passed,),
         )
@@ -103,8 +103,8 @@ async def test_spawned_child_leads_its_session_with_default_signals() -> None:
     child = spawn(["sleep", "30"], env={"PATH": os.environ["PATH"]}, capture=False)
     child.watch()
     assert os.getsid(child.pid) == child.pid
-    with open(f"/proc/{child.pid}/status") as f:
-        status = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+    text = Path(f"/proc/{child.pid}/status").read_text()  # noqa: ASYNC240
+    status = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
     ignored = int(status["SigIgn"], 16)
     assert not ignored & (1 << (signal.SIGPIPE - 1))  # Python ignores SIGPIPE; the child not
     child.send_signal_to_group(signal.SIGTERM)
