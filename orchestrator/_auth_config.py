@@ -172,6 +172,14 @@ class AuthConfig(_Strict):
     tokens: TokenSettings = Field(default_factory=TokenSettings, description="static bearer tokens")
     jwt: JwtSettings | None = Field(None, description="JWT bearer tokens: issuer, audience, JWKS")
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare on/off as true/false: `auth: {mode: off}` must work.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
+
     @property
     def on(self) -> bool:
         """Auth is enforced."""
@@ -372,9 +380,9 @@ class PolicyConfig(_Strict):
 class PluginGrant(_Strict):
     """What the operator lets one plugin call (``plugins.<name>.permissions``).
 
-    A plugin may call what its manifest's ``permissions`` ask for *and* this
-    grants. Unset, the operator grants what the manifest asks for (narrowed by
-    any ``policy.rules`` that name ``plugin:<name>``).
+    A plugin may call what its manifest's ``permissions`` ask for *and* the
+    operator grants: this, together with any ``policy.rules`` that name
+    ``plugin:<name>``. When the operator says neither, the manifest decides.
     """
 
     agents: list[str] = Field(
