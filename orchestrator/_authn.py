@@ -59,6 +59,8 @@ Metadata = Mapping[str, Any] | Iterable[tuple[str, Any]]
 #: Seconds between checks of the secrets, token and JWKS files for changes.
 _REFRESH_INTERVAL = 1.0
 _CACHE_SIZE = 4096
+#: Cached until: static tokens do not expire (a change to the secrets file empties the cache).
+_FOREVER = float("inf")
 
 
 class AuthenticationError(UnauthenticatedError):
@@ -164,11 +166,10 @@ class Authenticator:
                 f"the authorization metadata must be 'Bearer <token>', not {scheme!r}...",
             )
         token = authorization[7:].strip()
-        now = self._clock()
         if time.monotonic() >= self._next_refresh:
             self.refresh()
         cached = self._cache.get(token)
-        if cached is not None and cached[1] > now:
+        if cached is not None and (cached[1] == _FOREVER or cached[1] > self._clock()):
             return cached[0]
         principal, until = self._verify(identity, token)
         if len(self._cache) >= _CACHE_SIZE:
@@ -181,7 +182,7 @@ class Authenticator:
     def _verify(self, identity: TransportIdentity, token: str) -> tuple[Principal, float]:
         name = self._tokens.get(token_digest(token))
         if name is not None:
-            return Principal(f"token:{name}", "token"), float("inf")
+            return Principal(f"token:{name}", "token"), _FOREVER
         if self._jwt is not None and token.count(".") == 2:
             try:
                 principal = self._jwt.verify(token)
