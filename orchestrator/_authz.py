@@ -151,11 +151,14 @@ class _Patterns:
         self.admin = "admin" in mesh
 
     def allows(self, kind: str, target: str) -> bool:
-        if kind == "mesh.read":
-            return self.read
-        if kind == "mesh.admin":
-            return self.admin
-        pattern: re.Pattern[str] | None = getattr(self, kind, None)
+        if kind == "tool":
+            pattern = self.tool
+        elif kind == "agent":
+            pattern = self.agent
+        elif kind == "mcp":
+            pattern = self.mcp
+        else:
+            return self.read if kind == "mesh.read" else kind == "mesh.admin" and self.admin
         return pattern is not None and pattern.match(target) is not None
 
 

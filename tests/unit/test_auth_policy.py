@@ -77,6 +77,13 @@ def test_without_rules_only_the_owner_may_call_anything() -> None:
     assert not p.may(OTHER_UNIX, "mesh.read", "ListTraces")
 
 
+def test_an_unknown_kind_is_denied_even_to_the_owner() -> None:
+    p = policy()
+    for kind in ("admin", "read", "catalog", ""):
+        assert not p.may(OWNER_TOKEN, kind, "tools-demo/add")
+    assert "there is no such kind of target" in denied(p, CI, "admin", "x")
+
+
 def test_mode_off_lets_every_client_call_everything() -> None:
     p = policy(mode="off")
     for who in (CI, OTHER_UNIX, Principal("anonymous", "anonymous")):
