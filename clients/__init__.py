@@ -3,6 +3,10 @@
 ``AsyncMeshClient`` (``grpc.aio``) and ``MeshClient`` (blocking, the same API)
 invoke agents, hold chats, call tools and read the mesh's catalog and events.
 
+A client proves who it is with a bearer token or a TLS client certificate
+(``token=``, ``token_file=``, ``tls=TlsOptions(...)``, or ``$SIDEMESH_TOKEN`` and
+friends), or finds the token of the mesh running on this machine by itself.
+
 Every call is an OpenTelemetry CLIENT span carrying its W3C trace context
 (``tracing_interceptors``; ``tracing=False`` turns it off).
 
@@ -14,6 +18,7 @@ from clients._address import DEFAULT_TCP_ADDRESS, normalize_address, unix_socket
 from clients._chat import ChatSession
 from clients._client import AsyncMeshClient
 from clients._convert import struct_to_dict, to_struct
+from clients._credentials import TlsOptions
 from clients._errors import (
     ERROR_DOMAIN,
     AbortedError,
@@ -71,6 +76,7 @@ __all__ = [
     "SyncChatSession",
     "SyncStream",
     "SyncToolCallStream",
+    "TlsOptions",
     "ToolCallResult",
     "ToolCallStream",
     "UnauthenticatedError",

@@ -14,6 +14,7 @@ import grpc
 from clients._address import DEFAULT_TCP_ADDRESS, normalize_address
 from clients._chat import ChatSession
 from clients._convert import agent_input, to_struct
+from clients._credentials import Credentials, TlsOptions, resolve_credentials
 from clients._errors import FailedPreconditionError, InternalError, UnavailableError
 from clients._results import ToolCallResult
 from clients._streams import AgentStream, ServerStream, ToolCallStream, unary
@@ -51,7 +52,12 @@ class AsyncMeshClient:
     """A connection to the mesh (the orchestrator, or a sidecar's callback socket).
 
     ``address`` is ``host:port`` or ``unix:/path``; by default ``$SIDEMESH_ADDRESS``,
-    else ``DEFAULT_TCP_ADDRESS``. ``timeout`` is the default deadline of each call
+    else ``DEFAULT_TCP_ADDRESS``. ``token`` or ``token_file`` is a bearer token to
+    send, and ``tls`` a :class:`TlsOptions` (CA, client certificate and key) for
+    TLS; by default ``$SIDEMESH_TOKEN``, ``$SIDEMESH_TOKEN_FILE`` and
+    ``$SIDEMESH_TLS_CA`` / ``_CERT`` / ``_KEY``, else, for the TCP address of a mesh
+    running from ``state_dir`` (default: the mesh's default state dir), that mesh's
+    owner token (see ``clients/_credentials.py``). ``timeout`` is the default deadline of each call
     in seconds (``None``: no deadline); ``metadata`` is sent on every call;
     ``interceptors`` wrap every call. With ``tracing`` (the default) every call
     is an OpenTelemetry CLIENT span that carries its W3C context to the server
@@ -69,12 +75,21 @@ class AsyncMeshClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         tracing: bool = True,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls: TlsOptions | bool | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if address is None:
             address = os.environ.get(ADDRESS_ENV) or DEFAULT_TCP_ADDRESS
         self._address = normalize_address(address)
         self._timeout = timeout
-        self._metadata = tuple(metadata)
+        self._credentials = resolve_credentials(
+            self._address, token=token, token_file=token_file, tls=tls, state_dir=state_dir
+        )
+        mine = tuple(metadata)
+        sends_own = any(key == "authorization" for key, _ in mine)
+        self._metadata = (() if sends_own else self._credentials.metadata()) + mine
         self._options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -91,6 +106,11 @@ class AsyncMeshClient:
     def address(self) -> str:
         """The mesh's address, normalized (``unix:/path`` or ``host:port``)."""
         return self._address
+
+    @property
+    def credentials(self) -> Credentials:
+        """What the client sends to prove who it is (``credentials.describe()`` says it)."""
+        return self._credentials
 
     @property
     def timeout(self) -> float | None:
@@ -368,8 +388,8 @@ class AsyncMeshClient:
         if self._closed:
             raise FailedPreconditionError(f"the client of {self._address} is closed")
         if self._channel is None or self._stubs_ is None:
-            self._channel = grpc.aio.insecure_channel(
-                self._address, options=self._options, interceptors=self._interceptors or None
+            self._channel = self._credentials.channel(
+                self._address, self._options, self._interceptors or None
             )
             self._stubs_ = _Stubs(self._channel)
         return self._channel, self._stubs_

@@ -16,6 +16,8 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from clients._credentials import HOW_TO_AUTHENTICATE
+
 #: ``ErrorInfo.domain`` of every error the mesh itself raises.
 ERROR_DOMAIN = "sidemesh.dev"
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -113,6 +115,8 @@ def from_status(code: grpc.StatusCode, message: str, trailers: Iterable[Any] = (
     ``trailers`` holds ``(key, value)`` pairs, as both grpc APIs return them.
     """
     cls = _BY_CODE.get(code, UnknownError)
+    if code == grpc.StatusCode.UNAUTHENTICATED and "SIDEMESH_TOKEN" not in message:
+        message = f"{message}; {HOW_TO_AUTHENTICATE}"  # a terse server: say how here
     kwargs: dict[str, object] = {}
     for key, value in trailers:
         if key == _DETAILS_KEY and isinstance(value, bytes):

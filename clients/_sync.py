@@ -8,6 +8,7 @@ running and stops the thread.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +18,7 @@ from typing import Any, Self
 import grpc
 
 from clients._client import DEFAULT_MAX_MESSAGE_BYTES, AsyncMeshClient, Metadata
+from clients._credentials import Credentials, TlsOptions
 from clients._errors import InternalError
 from clients._loop import LoopThread
 from clients._results import ToolCallResult
@@ -40,6 +42,10 @@ class MeshClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         tracing: bool = True,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls: TlsOptions | bool | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self._async = AsyncMeshClient(
             address,
@@ -48,6 +54,10 @@ class MeshClient:
             max_message_bytes=max_message_bytes,
             interceptors=interceptors,
             tracing=tracing,
+            token=token,
+            token_file=token_file,
+            tls=tls,
+            state_dir=state_dir,
         )
         self._loop = LoopThread(f"sidemesh-client {self._async.address}")
         self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._async)
@@ -56,6 +66,11 @@ class MeshClient:
     def address(self) -> str:
         """The mesh's address, normalized (``unix:/path`` or ``host:port``)."""
         return self._async.address
+
+    @property
+    def credentials(self) -> Credentials:
+        """What the client sends to prove who it is; see ``AsyncMeshClient.credentials``."""
+        return self._async.credentials
 
     @property
     def timeout(self) -> float | None:

@@ -6,7 +6,16 @@
 // It lists the mesh's tools, calls tools-demo/add, streams the assistant
 // agent's answer as it arrives, and shows a NOT_FOUND. Every call carries a
 // W3C `traceparent`, so the mesh continues this client's trace.
+//
+// How it proves who it is, with the same variables as the Python client and the CLI:
+//   SIDEMESH_TOKEN or SIDEMESH_TOKEN_FILE  a bearer token (`authorization: Bearer ...`)
+//   SIDEMESH_TLS_CA                        connect with TLS, trusting this CA (PEM)
+//   SIDEMESH_TLS_CERT, SIDEMESH_TLS_KEY    and present this client certificate (mTLS)
+// With no token, for the TCP address of a mesh running on this machine, it uses that
+// mesh's owner token from its state dir. On a Unix socket the mesh knows the caller's uid.
 import { randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { homedir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -22,7 +31,55 @@ const definition = protoLoader.loadSync(
 const v1 = grpc.loadPackageDefinition(definition).sidemesh.v1;
 
 const address = process.argv[2] || process.env.SIDEMESH_ADDRESS || "127.0.0.1:50051";
-const credentials = grpc.credentials.createInsecure();
+const tcp = !address.startsWith("unix:");
+const env = process.env;
+const LOOPBACK = /^(127\.|localhost:|\[::1\]:)/;
+
+// The owner token of the mesh running from the default state dir, if it serves `address`.
+function ownerToken() {
+  const stateDir = join(env.XDG_STATE_HOME || join(homedir(), ".local", "state"), "sidemesh");
+  try {
+    const { pid, addresses } = JSON.parse(readFileSync(join(stateDir, "endpoints.json"), "utf8"));
+    process.kill(pid, 0); // throws when that mesh is gone
+    const port = address.split(":").pop();
+    const local = (a) => LOOPBACK.test(a) || a.startsWith("0.0.0.0:");
+    const same = (a) => a === address || (a.endsWith(`:${port}`) && local(a) && local(address));
+    return addresses.some(same) ? readFileSync(join(stateDir, "token"), "utf8").trim() : null;
+  } catch {
+    return null;
+  }
+}
+
+const token =
+  env.SIDEMESH_TOKEN ||
+  (env.SIDEMESH_TOKEN_FILE && readFileSync(env.SIDEMESH_TOKEN_FILE, "utf8").trim()) ||
+  (tcp ? ownerToken() : null);
+const tls = tcp && (env.SIDEMESH_TLS_CA || env.SIDEMESH_TLS_CERT);
+const read = (path) => (path ? readFileSync(path) : null);
+
+let credentials;
+if (tls) {
+  // TLS, and mTLS when a client certificate is given; the token rides as call credentials.
+  credentials = grpc.credentials.createSsl(
+    read(env.SIDEMESH_TLS_CA), read(env.SIDEMESH_TLS_KEY), read(env.SIDEMESH_TLS_CERT),
+  );
+  if (token) {
+    const bearer = grpc.credentials.createFromMetadataGenerator((_params, callback) => {
+      const metadata = new grpc.Metadata();
+      metadata.set("authorization", `Bearer ${token}`);
+      callback(null, metadata);
+    });
+    credentials = grpc.credentials.combineChannelCredentials(credentials, bearer);
+  }
+} else {
+  // Plaintext (a Unix socket or loopback TCP): grpc refuses call credentials here, so the
+  // token goes in each call's metadata (see traced()). Never in clear to another host.
+  if (token && tcp && !LOOPBACK.test(address)) {
+    console.error(`error: refusing to send a token in clear to ${address}: set SIDEMESH_TLS_CA`);
+    process.exit(2);
+  }
+  credentials = grpc.credentials.createInsecure();
+}
 const tools = new v1.ToolService(address, credentials);
 const agents = new v1.AgentService(address, credentials);
 const mesh = new v1.MeshService(address, credentials);
@@ -32,6 +89,7 @@ const traceId = randomBytes(16).toString("hex");
 function traced() {
   const metadata = new grpc.Metadata();
   metadata.set("traceparent", `00-${traceId}-${randomBytes(8).toString("hex")}-01`);
+  if (token && !tls) metadata.set("authorization", `Bearer ${token}`);
   return metadata;
 }
 

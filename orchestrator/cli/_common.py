@@ -14,8 +14,14 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from clients import DEFAULT_TCP_ADDRESS, AsyncMeshClient, SidemeshError
-from orchestrator._config import load_config
+from clients import (
+    DEFAULT_TCP_ADDRESS,
+    AsyncMeshClient,
+    SidemeshError,
+    TlsOptions,
+    UnauthenticatedError,
+)
+from orchestrator._config import MeshConfig, load_config
 from orchestrator._orchestrator import endpoints
 from orchestrator._yaml_models import ConfigError
 from orchestrator.cli._tracing import traced_command
@@ -51,6 +57,19 @@ def add_mesh_options(parser: argparse.ArgumentParser) -> None:
         help="find the mesh running with this sidemesh.yaml (its state_dir)",
     )
     parser.add_argument("--timeout", type=float, help="deadline of the call in seconds")
+    auth = parser.add_argument_group(
+        "authentication",
+        "how the command proves who it is (default: $SIDEMESH_TOKEN, $SIDEMESH_TOKEN_FILE, "
+        "$SIDEMESH_TLS_CA/_CERT/_KEY; else the owner's token of the mesh running from the state "
+        "dir, for its TCP address; on the Unix socket the mesh knows your uid)",
+    )
+    auth.add_argument(
+        "--token", help="a bearer token (visible to other users in ps: prefer --token-file)"
+    )
+    auth.add_argument("--token-file", type=Path, help="a file holding a bearer token")
+    auth.add_argument("--tls-ca", type=Path, help="connect with TLS, trusting this CA (PEM)")
+    auth.add_argument("--tls-cert", type=Path, help="this client's TLS certificate (PEM), for mTLS")
+    auth.add_argument("--tls-key", type=Path, help="the key of --tls-cert (PEM)")
     parser.add_argument(
         "--output", "-o", choices=("text", "json"), default="text", help="output format"
     )
@@ -62,13 +81,39 @@ def mesh_address(args: argparse.Namespace) -> str:
         return str(args.address)
     if os.environ.get("SIDEMESH_ADDRESS") and args.config is None:
         return os.environ["SIDEMESH_ADDRESS"]
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        raise SystemExit(usage_error(str(exc))) from None
+    config = _config(args)
     running = endpoints(config.state_dir)
     addresses: list[str] = running["addresses"] if running else config.listen_addresses()
     return next((a for a in addresses if a.startswith("unix:")), addresses[0])
+
+
+def mesh_client(args: argparse.Namespace, address: str) -> AsyncMeshClient:
+    """A client of ``address`` with the command's timeout and credentials (see
+    :func:`add_mesh_options`); exits with a usage error when they cannot be used."""
+    tls: TlsOptions | None = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        try:
+            tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key)
+        except ValueError as exc:
+            raise SystemExit(usage_error(f"--tls-cert and --tls-key: {exc}")) from None
+    try:
+        return AsyncMeshClient(
+            address,
+            timeout=args.timeout,
+            token=args.token,
+            token_file=args.token_file,
+            tls=tls,
+            state_dir=_config(args).state_dir,
+        )
+    except ValueError as exc:
+        raise SystemExit(usage_error(str(exc))) from None
+
+
+def _config(args: argparse.Namespace) -> MeshConfig:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        raise SystemExit(usage_error(str(exc))) from None
 
 
 def run_client(
@@ -83,28 +128,31 @@ def run_client(
     is printed on stderr at the end.
     """
     address = mesh_address(args)
+    client = mesh_client(args, address)
 
     async def main() -> int:
-        async with AsyncMeshClient(address, timeout=args.timeout) as client:
+        async with client:
             return await body(client)
 
     if not traced:
-        return _run(main())
-    with traced_command(traced, address) as span:
-        code = _run(main())
+        return _run(main(), client)
+    with traced_command(traced, address, client) as span:
+        code = _run(main(), client)
     trace_id = span.get_span_context().trace_id
     if trace_id and args.output != "json":
         print(f"trace {trace_id:032x}  (sidemesh trace {trace_id:032x})", file=sys.stderr)
     return code
 
 
-def _run(main: Coroutine[Any, Any, int]) -> int:
+def _run(main: Coroutine[Any, Any, int], client: AsyncMeshClient) -> int:
     try:
         return asyncio.run(main)
     except SidemeshError as err:
         print(f"sidemesh: {err.code.name}: {err.message}", file=sys.stderr)
         for violation in err.field_violations:
             print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+        if isinstance(err, UnauthenticatedError):
+            print(f"  this command sent {client.credentials.describe()}", file=sys.stderr)
         return EXIT_CALL_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

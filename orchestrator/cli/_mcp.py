@@ -47,7 +47,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.subscriptions import ToolsListChanged
 
 from clients import AsyncMeshClient, SidemeshError, struct_to_dict
-from orchestrator.cli._common import add_mesh_options, mesh_address
+from orchestrator.cli._common import add_mesh_options, mesh_address, mesh_client
 from sidemesh.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger("sidemesh.mcp")
@@ -358,10 +358,12 @@ def _run(args: argparse.Namespace) -> int:
         stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     address = mesh_address(args)
-    log.info("serving the mesh at %s over MCP on stdio", address)
+    client = mesh_client(args, address)
+    log.info("serving the mesh at %s over MCP on stdio (%s)", address,
+             client.credentials.describe())  # fmt: skip
 
     async def main() -> None:
-        async with AsyncMeshClient(address, timeout=args.timeout) as mesh:
+        async with client as mesh:
             await MeshMcpServer(mesh).serve()
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -18,14 +19,29 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from clients import AsyncMeshClient
+
 
 @contextlib.contextmanager
-def traced_command(name: str, mesh_address: str) -> Iterator[trace.Span]:
-    """Runs the body inside a root span ``name``, exported when the body ends."""
+def traced_command(
+    name: str, mesh_address: str, client: AsyncMeshClient | None = None
+) -> Iterator[trace.Span]:
+    """Runs the body inside a root span ``name``, exported when the body ends.
+
+    ``client`` is the command's: its credentials export the spans to the mesh.
+    """
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         yield trace.INVALID_SPAN
         return
-    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or mesh_address
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    exporter_options: dict[str, Any] = {"insecure": True}
+    if not endpoint:
+        endpoint = mesh_address
+        credentials = client.credentials if client is not None else None
+        if credentials is not None and credentials.tls is not None:
+            exporter_options = {"credentials": credentials.channel_credentials()}
+        elif credentials is not None and credentials.metadata():
+            exporter_options["headers"] = dict(credentials.metadata())
     # A mesh without a collector (or an unreachable endpoint) must not fill the terminal.
     logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.CRITICAL)
     provider = TracerProvider(
@@ -34,7 +50,7 @@ def traced_command(name: str, mesh_address: str) -> Iterator[trace.Span]:
         )
     )
     provider.add_span_processor(
-        SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=2))
+        SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint, timeout=2, **exporter_options))
     )
     trace.set_tracer_provider(provider)
     try:
