@@ -102,11 +102,12 @@ class Supervisor:
                     plugin.crash_loop = False
                 if quick_failures >= settings.crash_loop_after:
                     plugin.crash_loop = True
+                # Jitter (before the cap, so delays still grow): replicas that crashed
+                # together do not all restart together.
                 delay = min(
-                    settings.backoff_initial * 2 ** (quick_failures - 1), settings.backoff_max
+                    settings.backoff_initial * 2 ** (quick_failures - 1) * random.uniform(0.8, 1.2),
+                    settings.backoff_max,
                 )
-                # Jitter: replicas that crashed together do not all restart together.
-                delay *= random.uniform(0.8, 1.2)
                 self._set_replica(
                     plugin,
                     replica,
