@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from clients import DEFAULT_TCP_ADDRESS, normalize_address
+from orchestrator._auth_config import PluginGrant
 from orchestrator._yaml_models import load_yaml_model, validate_model
 
 #: The example plugins that ship with Sidemesh (used when no plugin_dirs are configured).
@@ -48,6 +49,19 @@ class SandboxGrant(_Strict):
     max_processes: int | None = Field(None, gt=0, description="process/thread limit")
     max_open_files: int | None = Field(None, ge=16, description="open file limit")
     max_file_size_mb: int | None = Field(None, gt=0, description="largest file in MiB")
+    data_quota_mb: int | None = Field(
+        None, gt=0, description="most the plugin's data dir may hold, in MiB"
+    )
+    trace_quota_mb: int | None = Field(
+        None,
+        gt=0,
+        description="most the plugin's spans may take in the trace store, in MiB",
+    )
+    allow_mesh_listeners: bool = Field(
+        False,
+        description="with network granted, also let the plugin connect to the mesh's own "
+        "TCP listeners (refused by default: a plugin calls the mesh on its callback socket)",
+    )
 
 
 class RetryPolicy(_Strict):
@@ -128,6 +142,12 @@ class PluginOverride(_Strict):
     sandbox: SandboxGrant = Field(
         default_factory=SandboxGrant, description="what the plugin's sandbox grants or limits"
     )
+    permissions: PluginGrant | None = Field(
+        None,
+        description="what the operator lets the plugin call: its manifest's permissions "
+        "narrowed to these (agents, tools, mcp, mesh: [read, admin]); default: the manifest's, "
+        "and no mesh API on its callback socket",
+    )
     retries: RetryPolicy | None = Field(
         None, description="this plugin's retry policy (default: the mesh's 'retries')"
     )
@@ -145,6 +165,20 @@ class Limits(_Strict):
     )
     max_concurrent_calls: int = Field(
         10_000, ge=1, description="calls in flight at once before RESOURCE_EXHAUSTED"
+    )
+    plugin_log_lines_per_second: float = Field(
+        200.0,
+        gt=0,
+        description="lines of a replica's output logged per second; more are dropped and counted",
+    )
+    plugin_log_burst: int = Field(
+        1000, ge=1, description="lines a replica may log at once before the rate applies"
+    )
+    plugin_log_line_bytes: int = Field(
+        4096,
+        ge=80,
+        le=1 << 20,
+        description="longest line of plugin output logged; longer ones are cut and marked",
     )
 
 

@@ -57,6 +57,15 @@ class SandboxNeeds(_Strict):
     max_file_size_mb: int = Field(
         64, gt=0, description="largest file the plugin may write, in MiB, e.g. 64"
     )
+    data_quota_mb: int = Field(
+        256, gt=0, le=1 << 20, description="most its data dir may hold, in MiB, e.g. 256"
+    )
+    trace_quota_mb: int = Field(
+        16,
+        gt=0,
+        le=1 << 16,
+        description="most the plugin's spans may take in the mesh's trace store, in MiB",
+    )
     read_paths: list[str] = Field(
         default_factory=list, description="extra absolute host paths to see read-only"
     )
