@@ -32,6 +32,7 @@ from orchestrator._launch import (
 )
 from orchestrator._manifest import MANIFEST_FILE, start_problem
 from orchestrator._mesh_service import MeshService
+from orchestrator._output import OutputLimits
 from orchestrator._plugin import PluginPaths, PluginRuntime, duration, state_name
 from orchestrator._replica import Replica
 from orchestrator._router import Admission, Router
@@ -69,6 +70,11 @@ class Orchestrator:
             self._launcher,
             config.log_level,
             self.telemetry.sidecar_environment(),
+            OutputLimits(
+                config.limits.plugin_log_lines_per_second,
+                config.limits.plugin_log_burst,
+                config.limits.plugin_log_line_bytes,
+            ),
         )
         self._admission = Admission(config.limits.max_concurrent_calls)
         self._server: grpc.aio.Server | None = None
@@ -98,6 +104,10 @@ class Orchestrator:
         for address in config.listen_addresses():
             self.addresses.append(_bind(self._server, address))
         await self._server.start()
+        if isinstance(self._launcher, SandboxLauncher):
+            self._launcher.mesh_ports = tuple(
+                int(a.rpartition(":")[2]) for a in self.addresses if not a.startswith("unix:")
+            )
         for plugin in self.plugins.values():
             if plugin.manifest is not None and plugin.manifest.remote and plugin.replicas:
                 self.supervisor.start(plugin)
@@ -210,7 +220,10 @@ class Orchestrator:
             self.catalog, self.plugins, self.events, self._admission, self.telemetry, caller=caller
         ).register(server)
         mesh_pb2_grpc.add_MeshServiceServicer_to_server(
-            MeshService(self.catalog, self.plugins, self.events, self.telemetry.store), server
+            MeshService(
+                self.catalog, self.plugins, self.events, self.telemetry.store, caller=caller
+            ),
+            server,
         )
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             self.telemetry.receiver(caller.name if caller else ""), server
