@@ -41,12 +41,12 @@ from orchestrator._supervisor import Supervisor
 from orchestrator._telemetry import Telemetry
 from orchestrator._yaml_models import ConfigError
 from sidecars.sandbox import LAYERS, remove_mesh_cgroups
+from sidemesh.core import ENDPOINTS_FILE, process_alive, running_mesh
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("sidemesh.orchestrator")
 
 MESH_SERVICE = "sidemesh.v1.MeshService"
-ENDPOINTS_FILE = "endpoints.json"
 
 
 class Orchestrator:
@@ -368,27 +368,13 @@ def _make_run_dir(runtime_dir: Path) -> Path:
     ensure_private_dir(runtime_dir)
     for old in runtime_dir.glob("m*"):
         pid = old.name[1:]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     run_dir = runtime_dir / f"m{os.getpid()}"
     shutil.rmtree(run_dir, ignore_errors=True)
     return ensure_private_dir(run_dir)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def endpoints(state_dir: Path) -> dict[str, Any] | None:
     """What a running mesh wrote to ``state_dir``: its pid and addresses."""
-    try:
-        data: dict[str, Any] = json.loads((state_dir / ENDPOINTS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if _alive(int(data.get("pid", 0))) else None
+    return running_mesh(state_dir)
