@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from clients import DEFAULT_TCP_ADDRESS, normalize_address
+from orchestrator._mcp_config import McpGatewaySettings
 from orchestrator._yaml_models import load_yaml_model, validate_model
 
 #: The example plugins that ship with Sidemesh (used when no plugin_dirs are configured).
@@ -182,6 +183,10 @@ class MeshConfig(_Strict):
     )
     telemetry: TelemetrySettings = Field(
         default_factory=TelemetrySettings, description="tracing, metrics, OTLP export"
+    )
+    mcp: McpGatewaySettings = Field(
+        default_factory=McpGatewaySettings,
+        description="the mesh as an MCP gateway: HTTP endpoint, authorization, virtual servers",
     )
     state_dir: Path = Field(
         default_factory=default_state_dir,
