@@ -84,6 +84,12 @@ class McpToolCall(_ResultStream[mcp_pb2.CallToolInteractiveResponse]):
         if response.WhichOneof("event") == "result":
             self._result = ToolCallResult.from_proto(response.result)
 
+    async def _expect_end(self) -> None:
+        # Nothing more to answer after the result: close our side, then read the status.
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await self._stream_call.done_writing()
+        await super()._expect_end()
+
 
 class McpCalls(Protocol):
     """What the MCP methods need from their client: stubs, deadlines, metadata."""

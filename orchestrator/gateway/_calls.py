@@ -4,10 +4,10 @@
   the bridged server's sampling, elicitation and roots requests come back on
   the call's stream and are sent to the MCP client that made the call (on
   the request's own stream, so streamable HTTP carries them on its SSE
-  response), its answers go back the same way. The client's declared
-  capabilities say which it can answer; a 2026 client (which has no
-  server-to-client requests outside ``input_required``) declares none, and
-  the bridge refuses the server's request with a clear error.
+  response), its answers go back the same way. A 2026 client gets them as an
+  ``input_required`` result instead, and retries with its answers
+  (:class:`ParkedCalls`). The client's declared capabilities say which it can
+  answer; the bridge refuses the others with a clear error.
 - Any other tool goes through ``ToolService.CallTool``; an agent through
   ``AgentService.Invoke``.
 
@@ -18,8 +18,11 @@ token), log events are ``notifications/message`` of the request, a tool's
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import secrets
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import mcp_types as types
@@ -27,6 +30,7 @@ from google.protobuf import json_format
 from mcp.server import ServerRequestContext
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel
 
 from clients import AsyncMeshClient, McpRequestError, McpToolCall, struct_to_dict
@@ -34,6 +38,8 @@ from orchestrator.gateway import _convert as convert
 from orchestrator.gateway._catalog import Target
 from sidemesh.v1 import agent_pb2, common_pb2, mcp_pb2
 
+#: Seconds a 2026 client has to retry a call that answered ``input_required``.
+PARK_TIMEOUT = 120.0
 #: Server request method -> (SDK request model, its result model, client capability name).
 _SERVER_REQUESTS: dict[str, tuple[type[Any], type[BaseModel], str]] = {
     "sampling/createMessage": (types.CreateMessageRequest, types.CreateMessageResult, "sampling"),
@@ -42,10 +48,15 @@ _SERVER_REQUESTS: dict[str, tuple[type[Any], type[BaseModel], str]] = {
 }
 
 
+def _modern(ctx: ServerRequestContext[Any]) -> bool:
+    """A 2026 client: no server-to-client requests, ``input_required`` results instead."""
+    return ctx.session.protocol_version in MODERN_PROTOCOL_VERSIONS
+
+
 def client_can_answer(ctx: ServerRequestContext[Any]) -> dict[str, bool]:
     """Which server requests the calling MCP client can answer on this request."""
     caps = ctx.session.client_capabilities
-    if caps is None or not ctx.session.can_send_request:
+    if caps is None or not (ctx.session.can_send_request or _modern(ctx)):
         return {"sampling": False, "elicitation": False, "roots": False}
     return {
         "sampling": caps.sampling is not None,
@@ -54,13 +65,71 @@ def client_can_answer(ctx: ServerRequestContext[Any]) -> dict[str, bool]:
     }
 
 
+@dataclass
+class _Parked:
+    stream: McpToolCall
+    principal: str
+    timer: asyncio.TimerHandle
+
+
+class ParkedCalls:
+    """Calls of 2026 clients waiting for the client to retry with its input responses.
+
+    A 2026 client cannot be sent a request; the tool call answers
+    ``input_required`` with the server's request and an opaque
+    ``request_state``, and the mesh call stays open (on its one replica)
+    until the client retries with the answer, or ``PARK_TIMEOUT`` passes.
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[str, _Parked] = {}
+
+    def park(self, stream: McpToolCall, principal: str) -> str:
+        token = secrets.token_urlsafe(24)
+        timer = asyncio.get_running_loop().call_later(PARK_TIMEOUT, self._expire, token)
+        self._calls[token] = _Parked(stream, principal, timer)
+        return token
+
+    def resume(self, token: str, principal: str) -> McpToolCall | None:
+        parked = self._calls.get(token)
+        if parked is None or parked.principal != principal:
+            return None
+        del self._calls[token]
+        parked.timer.cancel()
+        return parked.stream
+
+    def _expire(self, token: str) -> None:
+        parked = self._calls.pop(token, None)
+        if parked is not None:
+            parked.stream.cancel()
+
+    def close(self) -> None:
+        for token in list(self._calls):
+            self._expire(token)
+
+
 async def call_mcp_tool(
-    mesh: AsyncMeshClient, ctx: ServerRequestContext[Any], target: Target, args: dict[str, Any]
-) -> types.CallToolResult:
+    mesh: AsyncMeshClient,
+    ctx: ServerRequestContext[Any],
+    target: Target,
+    params: types.CallToolRequestParams,
+    parked: ParkedCalls,
+    principal: str,
+) -> types.CallToolResult | types.InputRequiredResult:
     """A tool of an MCP plugin, its server's requests answered by the MCP client."""
-    stream = mesh.call_mcp_tool_stream(
-        target.plugin, target.local_name, args, **client_can_answer(ctx)
-    )
+    stream: McpToolCall | None = None
+    if params.request_state:
+        stream = parked.resume(params.request_state, principal)
+        if stream is None:
+            raise MCPError(types.INVALID_PARAMS, "unknown or expired requestState")
+        for request_id, response in (params.input_responses or {}).items():
+            answer = response.model_dump(by_alias=True, mode="json", exclude_none=True)
+            await stream.answer(request_id, answer)
+    else:
+        stream = mesh.call_mcp_tool_stream(
+            target.plugin, target.local_name, params.arguments or {}, **client_can_answer(ctx)
+        )
+    keep = False
     try:
         async for event in stream:
             kind = event.WhichOneof("event")
@@ -68,12 +137,32 @@ async def call_mcp_tool(
                 await progress(ctx, event.progress)
             elif kind == "log":
                 await log(ctx, event.log)
+            elif kind == "server_request" and _modern(ctx):
+                request = _sdk_request(event.server_request)
+                if request is None:
+                    error = _refusal(f"unknown request {event.server_request.method}")
+                    await stream.answer(event.server_request.id, error=error)
+                    continue
+                keep = True
+                token = parked.park(stream, principal)
+                return types.InputRequiredResult(
+                    input_requests={event.server_request.id: request}, request_state=token
+                )
             elif kind == "server_request":
                 await _forward(ctx, stream, event.server_request)
     finally:
-        stream.cancel()  # a no-op once ended; stops the mesh call if the client cancelled
+        if not keep:
+            stream.cancel()  # a no-op once ended; stops the mesh call if the client cancelled
     assert stream.result is not None  # the stream raises when it ends without one
     return convert.tool_result(stream.result.raw)
+
+
+def _sdk_request(request: mcp_pb2.McpServerRequest) -> Any:
+    known = _SERVER_REQUESTS.get(request.method)
+    if known is None:
+        return None
+    params = struct_to_dict(request.params)
+    return known[0].model_validate({"method": request.method, "params": params})
 
 
 async def call_tool(

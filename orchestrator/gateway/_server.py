@@ -90,6 +90,7 @@ class MeshMcpServer:
         self._bus = InMemorySubscriptionBus()
         self._listen = ListenHandler(self._bus)
         self.watches = Watches(mesh, self._on_watch_event)
+        self._parked = calls.ParkedCalls()
         with warnings.catch_warnings():  # logging is deprecated in 2026, still served to 2025
             warnings.simplefilter("ignore")
             self.server: Server[Any] = Server(
@@ -155,6 +156,7 @@ class MeshMcpServer:
         finally:
             events.cancel()
             self.watches.close()
+            self._parked.close()
 
     async def _watch_events(self, wake: asyncio.Event) -> None:
         """Wakes the catalog check on every plugin lifecycle event of the mesh."""
@@ -217,7 +219,7 @@ class MeshMcpServer:
 
     async def _call_tool(
         self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
-    ) -> types.CallToolResult:
+    ) -> types.CallToolResult | types.InputRequiredResult:
         principal = self.principal_of(ctx)
         target = await self._target(params.name)
         if target is None or not self.catalog.may_call(principal, target):
@@ -227,7 +229,9 @@ class MeshMcpServer:
             if target.agent:
                 return await calls.invoke(self._mesh, ctx, target, arguments)
             if target.mcp:
-                return await calls.call_mcp_tool(self._mesh, ctx, target, arguments)
+                return await calls.call_mcp_tool(
+                    self._mesh, ctx, target, params, self._parked, principal
+                )
             return await calls.call_tool(self._mesh, ctx, target, arguments)
         except SidemeshError as err:
             if err.code.name == "INVALID_ARGUMENT" and _wants_tool_errors(ctx):

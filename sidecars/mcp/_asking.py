@@ -61,18 +61,22 @@ class Refused(Exception):
 class CallSlot:
     """One call in flight: what its caller can answer, and where its events go."""
 
-    def __init__(self, tool: str, methods: frozenset[str], emit: Callable[[Event], None]) -> None:
+    def __init__(
+        self,
+        tool: str,
+        methods: frozenset[str],
+        emit: Callable[[Event], None],
+        *,
+        interactive: bool = False,
+    ) -> None:
         self.tool = tool
         #: The server requests the caller declared it can answer (none for plain ``CallTool``).
         self.methods = methods
+        #: The call came through ``CallToolInteractive`` (its caller could answer something).
+        self.interactive = interactive
         self._emit = emit
         self._ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-
-    @property
-    def interactive(self) -> bool:
-        """Whether the caller can answer anything at all (came through ``CallToolInteractive``)."""
-        return bool(self.methods)
 
     async def ask(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """Sends ``method`` to the caller and waits for its answer (within the call's deadline)."""

@@ -69,14 +69,15 @@ async def stream_tool_call(
     arguments: struct_pb2.Struct,
     response_cls: type[M],
     *,
-    answers: frozenset[str] = frozenset(),
+    answers: frozenset[str] | None = None,
     on_slot: Callable[[CallSlot], None] | None = None,
     method: str = "CallTool",
 ) -> AsyncGenerator[M, None]:
     """A whole ``CallTool`` (of ToolService or McpService): its SERVER span, its deadline,
     its events as ``response_cls`` messages; a failure ends the call with its status.
 
-    ``answers``: the server requests the caller can answer (``CallToolInteractive``);
+    ``answers``: the server requests the caller can answer (``CallToolInteractive``;
+    ``None`` for a plain ``CallTool``);
     ``on_slot`` receives the call's slot, to deliver the answers to."""
     info = CallInfo.from_grpc(context)
     span = spans.start(method, info, name)
@@ -98,7 +99,7 @@ async def tool_call_events(
     arguments: struct_pb2.Struct,
     timeout: float,
     span: CallSpan,
-    answers: frozenset[str] = frozenset(),
+    answers: frozenset[str] | None = None,
     on_slot: Callable[[CallSlot], None] | None = None,
 ) -> AsyncGenerator[Event, None]:
     """A tool call's events: the server's progress, in order, then its result.
@@ -116,7 +117,7 @@ async def tool_call_events(
     values = struct_to_dict(arguments)
     check_arguments(tool, entry.validator, values)
     pump = EventPump()
-    slot = CallSlot(tool, answers, pump.emit)
+    slot = CallSlot(tool, answers or frozenset(), pump.emit, interactive=answers is not None)
     if on_slot is not None:
         on_slot(slot)
 
