@@ -44,9 +44,13 @@ class Unauthenticated(Exception):
 
 
 class Authenticator(Protocol):
-    """Request headers (lowercase names) to a principal, or ``Unauthenticated``."""
+    """Request headers (lowercase names) to a principal, or ``Unauthenticated``.
 
-    async def authenticate(self, headers: Mapping[str, str]) -> str: ...
+    ``resource`` is the URI of the MCP endpoint asked (RFC 8707): a token must
+    have been issued for it.
+    """
+
+    async def authenticate(self, headers: Mapping[str, str], resource: str) -> str: ...
 
 
 class Authorizer(Protocol):
@@ -58,7 +62,7 @@ class Authorizer(Protocol):
 class Anonymous:
     """No authentication: every caller is :data:`ANONYMOUS`."""
 
-    async def authenticate(self, headers: Mapping[str, str]) -> str:
+    async def authenticate(self, headers: Mapping[str, str], resource: str) -> str:
         return ANONYMOUS
 
 
@@ -73,16 +77,15 @@ class JwtAuthenticator:
     """Bearer JWTs signed by a key of a JWKS file; the principal is ``jwt:<sub>``.
 
     Checks the signature, ``exp``/``nbf``/``iat`` (with leeway), the issuer,
-    the audience (this resource, RFC 8707) and the required scopes
-    (``scope`` or ``scp``).
+    the audience (the endpoint's resource URI, RFC 8707, or ``audiences``)
+    and the required scopes (``scope`` or ``scp``).
     """
 
-    def __init__(self, settings: McpAuthSettings, resource: str) -> None:
+    def __init__(self, settings: McpAuthSettings) -> None:
         assert settings.jwks_file is not None
         self._settings = settings
         self._path = settings.jwks_file
         self._issuers = settings.issuers or settings.authorization_servers
-        self._audiences = settings.audiences or [resource]
         self._keys: dict[str, Any] = {}
         self._loaded = 0.0
         self._load()
@@ -101,7 +104,7 @@ class JwtAuthenticator:
             return next(iter(self._keys.values()))
         raise Unauthenticated(f"the token's key {kid!r} is not one of this mesh's keys")
 
-    async def authenticate(self, headers: Mapping[str, str]) -> str:
+    async def authenticate(self, headers: Mapping[str, str], resource: str) -> str:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("a bearer token is required", error="")
@@ -113,7 +116,7 @@ class JwtAuthenticator:
                 token,
                 key=key,
                 algorithms=self._settings.algorithms,
-                audience=self._audiences,
+                audience=self._settings.audiences or [resource],
                 issuer=self._issuers or None,
                 leeway=self._settings.leeway,
                 options={"require": ["exp", "sub"]},

@@ -159,7 +159,7 @@ class McpHttpEndpoint:
         auth = self._settings.auth
         if not auth.enabled:
             return Anonymous()
-        return JwtAuthenticator(auth, self.resource(self._settings.http.path))
+        return JwtAuthenticator(auth)
 
     def _security(self) -> TransportSecuritySettings:
         hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", *self._settings.http.allowed_hosts]
@@ -219,7 +219,9 @@ class McpHttpEndpoint:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         assert self._authenticator is not None
         try:
-            principal = await self._authenticator.authenticate(headers)
+            principal = await self._authenticator.authenticate(
+                headers, self.resource(endpoint.path)
+            )
         except Unauthenticated as refusal:
             await self._refuse(endpoint, refusal, scope, receive, send)
             return
