@@ -153,6 +153,11 @@ class Catalog:
         self.mcp_servers = sorted(p.name for p in plugins if p.mcp and p.replicas)
         self.targets = tool_targets(tools, agents, set(self.mcp_servers), self.view)
 
+    async def ensure_servers(self) -> None:
+        """Reads the mesh's catalog once, if nothing was listed yet (a read came first)."""
+        if not self.mcp_servers:
+            await self.refresh_tools()
+
     def visible_tools(self, principal: str) -> list[types.Tool]:
         """The tools ``principal`` may call."""
         return [t.tool for t in self.targets.values() if self.may_call(principal, t)]
@@ -222,10 +227,26 @@ class Catalog:
         found = self._templates.get(template)
         return found[0] if found else None
 
+    async def resource_owner(self, uri: str, principal: str) -> str | None:
+        """The plugin that lists ``uri`` (or a template matching it), listing them if need be."""
+        if uri not in self._resource_owner and not self._matching_templates(uri):
+            await self.list_resources(principal)
+            await self.list_templates(principal)
+        owner = self._resource_owner.get(uri)
+        if owner is None:
+            matched = self._matching_templates(uri)
+            owner = matched[0] if matched else None
+        if owner is None or not self.may_use_server(principal, owner):
+            return None
+        return owner
+
+    def _matching_templates(self, uri: str) -> list[str]:
+        return [s for s, pattern in self._templates.values() if pattern.match(uri)]
+
     def resource_candidates(self, uri: str, principal: str) -> list[str]:
         """The plugins to ask for ``uri``, most likely first."""
         first = [self._resource_owner[uri]] if uri in self._resource_owner else []
-        matched = [s for s, pattern in self._templates.values() if pattern.match(uri)]
+        matched = self._matching_templates(uri)
         rest = list(self.mcp_servers)
         ordered = list(dict.fromkeys([*first, *matched, *rest]))
         return [
@@ -239,8 +260,7 @@ class Catalog:
 
     async def _each_server(self, principal: str, fetch: Any) -> list[tuple[str, list[Any]]]:
         """``fetch(server)`` for every MCP plugin ``principal`` may use (failures logged)."""
-        if not self.mcp_servers:
-            await self.refresh_tools()
+        await self.ensure_servers()
         servers = [s for s in self.mcp_servers if self.may_use_server(principal, s)]
         results = await asyncio.gather(*(fetch(s) for s in servers), return_exceptions=True)
         out: list[tuple[str, list[Any]]] = []

@@ -266,6 +266,7 @@ class MeshMcpServer:
     ) -> types.ReadResourceResult:
         uri = str(params.uri)
         principal = self.principal_of(ctx)
+        await self._guard(self.catalog.ensure_servers())
         for server in self.catalog.resource_candidates(uri, principal):
             try:
                 contents = await self._mesh.read_resource(server, uri)
@@ -287,7 +288,7 @@ class MeshMcpServer:
         self, ctx: ServerRequestContext[Any], params: types.SubscribeRequestParams
     ) -> types.EmptyResult:
         uri = str(params.uri)
-        server = self._server_of(uri, self.principal_of(ctx))
+        server = await self._server_of(uri, self.principal_of(ctx))
         sessions = self._subscribers.setdefault(uri, set())
         if ctx.session not in sessions:
             sessions.add(ctx.session)
@@ -301,7 +302,7 @@ class MeshMcpServer:
         sessions = self._subscribers.get(uri, set())
         if ctx.session in sessions:
             sessions.discard(ctx.session)
-            self.watches.unsubscribe(self._server_of(uri, self.principal_of(ctx)), uri)
+            self.watches.unsubscribe(await self._server_of(uri, self.principal_of(ctx)), uri)
         return types.EmptyResult()
 
     async def _listen_handler(
@@ -310,7 +311,7 @@ class MeshMcpServer:
         """2026 ``subscriptions/listen``: its resource URIs are watched while it lasts."""
         principal = self.principal_of(ctx)
         uris = list(params.notifications.resource_subscriptions or ())
-        owners = [(self._server_of(u, principal), u) for u in uris]
+        owners = [(await self._server_of(u, principal), u) for u in uris]
         for server, uri in owners:
             self.watches.subscribe(server, uri)
         try:
@@ -319,11 +320,12 @@ class MeshMcpServer:
             for server, uri in owners:
                 self.watches.unsubscribe(server, uri)
 
-    def _server_of(self, uri: str, principal: str) -> str:
-        candidates = self.catalog.resource_candidates(uri, principal)
-        if not candidates:
+    async def _server_of(self, uri: str, principal: str) -> str:
+        """The MCP plugin that offers ``uri``, for a subscription to it."""
+        owner = await self._guard(self.catalog.resource_owner(uri, principal))
+        if owner is None:
             raise MCPError(types.INVALID_PARAMS, f"Resource not found: {uri}")
-        return candidates[0]
+        return str(owner)
 
     # -- prompts and completion ----------------------------------------------------------
 
