@@ -382,7 +382,7 @@ class AsyncMeshClient(McpMethods):
     def _stubs(self) -> _Stubs:
         return self._connect()[1]
 
-    def _mcp_stub(self) -> mcp_pb2_grpc.McpServiceStub:
+    def _mcp_stub(self) -> mcp_pb2_grpc.McpServiceAsyncStub:
         return self._stubs().mcp
 
     def _deadline(self, timeout: float | None) -> float | None:

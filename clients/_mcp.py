@@ -94,7 +94,7 @@ class McpToolCall(_ResultStream[mcp_pb2.CallToolInteractiveResponse]):
 class McpCalls(Protocol):
     """What the MCP methods need from their client: stubs, deadlines, metadata."""
 
-    def _mcp_stub(self) -> mcp_pb2_grpc.McpServiceStub: ...
+    def _mcp_stub(self) -> mcp_pb2_grpc.McpServiceAsyncStub: ...
     def _deadline(self, timeout: float | None) -> float | None: ...
     def _with(self, metadata: Metadata) -> tuple[tuple[str, str], ...]: ...
     async def list_plugins(
@@ -127,7 +127,8 @@ class McpMethods:
         self: McpCalls, server: str, *, timeout: float | None = None, metadata: Metadata = ()
     ) -> list[mcp_pb2.Resource]:
         """Every resource of ``server`` (all pages)."""
-        stub, out, token = self._mcp_stub(), [], ""
+        out: list[mcp_pb2.Resource] = []
+        stub, token = self._mcp_stub(), ""
         for _ in range(MAX_PAGES):
             call = stub.ListResources(
                 mcp_pb2.ListResourcesRequest(server=server, page_token=token),
@@ -144,7 +145,8 @@ class McpMethods:
         self: McpCalls, server: str, *, timeout: float | None = None, metadata: Metadata = ()
     ) -> list[mcp_pb2.ResourceTemplate]:
         """Every resource template of ``server`` (all pages)."""
-        stub, out, token = self._mcp_stub(), [], ""
+        out: list[mcp_pb2.ResourceTemplate] = []
+        stub, token = self._mcp_stub(), ""
         for _ in range(MAX_PAGES):
             call = stub.ListResourceTemplates(
                 mcp_pb2.ListResourceTemplatesRequest(server=server, page_token=token),
@@ -177,7 +179,8 @@ class McpMethods:
         self: McpCalls, server: str, *, timeout: float | None = None, metadata: Metadata = ()
     ) -> list[mcp_pb2.Prompt]:
         """Every prompt of ``server`` (all pages)."""
-        stub, out, token = self._mcp_stub(), [], ""
+        out: list[mcp_pb2.Prompt] = []
+        stub, token = self._mcp_stub(), ""
         for _ in range(MAX_PAGES):
             call = stub.ListPrompts(
                 mcp_pb2.ListPromptsRequest(server=server, page_token=token),

@@ -126,9 +126,11 @@ async def call_mcp_tool(
             answer = response.model_dump(by_alias=True, mode="json", exclude_none=True)
             await stream.answer(request_id, answer)
     else:
+        can = client_can_answer(ctx)
         stream = mesh.call_mcp_tool_stream(
-            target.plugin, target.local_name, params.arguments or {}, **client_can_answer(ctx)
-        )
+            target.plugin, target.local_name, params.arguments or {},
+            sampling=can["sampling"], elicitation=can["elicitation"], roots=can["roots"],
+        )  # fmt: skip
     keep = False
     try:
         async for event in stream:

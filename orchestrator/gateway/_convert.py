@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Literal
 
 import mcp_types as types
 from google.protobuf import json_format
@@ -103,7 +103,7 @@ def prompt(p: mcp_pb2.Prompt, name: str, description: str | None = None) -> type
     )
 
 
-_ROLES = {mcp_pb2.PROMPT_ROLE_ASSISTANT: "assistant"}
+_ROLES: dict[int, Literal["user", "assistant"]] = {mcp_pb2.PROMPT_ROLE_ASSISTANT: "assistant"}
 
 
 def prompt_result(result: mcp_pb2.GetPromptResponse) -> types.GetPromptResult:
@@ -111,7 +111,7 @@ def prompt_result(result: mcp_pb2.GetPromptResponse) -> types.GetPromptResult:
     return types.GetPromptResult(
         description=result.description or None,
         messages=[
-            types.PromptMessage(role=_ROLES.get(m.role, "user"), content=content(m.content))  # type: ignore[arg-type]
+            types.PromptMessage(role=_ROLES.get(m.role, "user"), content=content(m.content))
             for m in result.messages
         ],
     )
@@ -130,5 +130,5 @@ def completion(result: mcp_pb2.CompleteResponse) -> types.CompleteResult:
 
 def log_level(level: int) -> types.LoggingLevel:
     """A mesh log level as MCP's."""
-    name = common_pb2.LogLevel.Name(level).removeprefix("LOG_LEVEL_").lower()
+    name = common_pb2.LogLevel.Name(level).removeprefix("LOG_LEVEL_").lower()  # type: ignore[arg-type]
     return name if name != "unspecified" else "info"  # type: ignore[return-value]
