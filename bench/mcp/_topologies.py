@@ -7,6 +7,7 @@
 | ``mcp-proxy`` | streamable HTTP | mcp-proxy, one Python process (its own venv) |
 | ``sidemesh-stdio`` | stdio | ``sidemesh mcp`` -> orchestrator -> MCP bridge sidecar |
 | ``sidemesh-http`` | streamable HTTP | orchestrator (its MCP endpoint) -> MCP bridge sidecar |
+| ``sidemesh-http-json`` | streamable HTTP, JSON bodies | the same, ``mcp.http.json_response`` |
 | ``sidemesh-grpc`` | gRPC (reference) | orchestrator -> MCP bridge sidecar |
 
 Each topology knows its gateway's processes (for CPU per call) and, for
@@ -149,6 +150,7 @@ class _Mesh(Topology):
     """``sidemesh serve`` with the echo server bridged in (sandboxed, tracing as configured)."""
 
     tracing: bool = True
+    json_response: bool = False
 
     def start(self) -> None:
         runtime_dir = Path(tempfile.mkdtemp(prefix="smm", dir="/tmp"))
@@ -161,7 +163,13 @@ class _Mesh(Topology):
             "runtime_dir": str(runtime_dir),
             "telemetry": {"enabled": self.tracing},
             "log_level": "WARNING",
-            "mcp": {"http": {"enabled": self.transport == "http", "listen": "127.0.0.1:0"}},
+            "mcp": {
+                "http": {
+                    "enabled": self.transport == "http",
+                    "listen": "127.0.0.1:0",
+                    "json_response": self.json_response,
+                }
+            },
         }
         config_path = self.workdir / "sidemesh.yaml"
         config_path.write_text(yaml.safe_dump(config))
@@ -234,6 +242,13 @@ def sidemesh_http(workdir: Path) -> Topology:
     return _Mesh("sidemesh-http", workdir, transport="http", tool=TOOL["sidemesh-http"])
 
 
+def sidemesh_http_json(workdir: Path) -> Topology:
+    """The HTTP endpoint with ``mcp.http.json_response``: one JSON body per POST, no SSE."""
+    topology = _Mesh("sidemesh-http-json", workdir, transport="http", tool=TOOL["sidemesh-http"])
+    topology.json_response = True
+    return topology
+
+
 def sidemesh_grpc(workdir: Path) -> Topology:
     """For reference: a gRPC client (``ToolService.CallTool``), the orchestrator, the bridge."""
     return _Mesh("sidemesh-grpc", workdir, transport="grpc", tool="mcp-echo/echo")
@@ -245,5 +260,6 @@ ALL = {
     "mcp-proxy": mcp_proxy,
     "sidemesh-stdio": sidemesh_stdio,
     "sidemesh-http": sidemesh_http,
+    "sidemesh-http-json": sidemesh_http_json,
     "sidemesh-grpc": sidemesh_grpc,
 }
