@@ -127,6 +127,10 @@ async def call_mcp_tool(
             await stream.answer(request_id, answer)
     else:
         can = client_can_answer(ctx)
+        if not any(can.values()):
+            # Nothing to answer: the plain call is cheaper (a server stream, not a bidi one),
+            # and the bridge refuses the server's requests for this caller just the same.
+            return await call_tool(mesh, ctx, target, params.arguments or {})
         stream = mesh.call_mcp_tool_stream(
             target.plugin, target.local_name, params.arguments or {},
             sampling=can["sampling"], elicitation=can["elicitation"], roots=can["roots"],

@@ -172,8 +172,9 @@ def _describe(method: str) -> str:
 def _cannot(slot: CallSlot, what: str, plugin: str) -> str:
     if not slot.interactive:
         return (
-            f"the caller of {plugin}/{slot.tool} cannot answer {what}: it is a gRPC client "
-            "of the plain CallTool (use McpService.CallToolInteractive to answer)"
+            f"the caller of {plugin}/{slot.tool} cannot answer {what}: it made the plain "
+            "CallTool (a gRPC client, or an MCP client without that capability); "
+            "McpService.CallToolInteractive answers"
         )
     return f"the caller of {plugin}/{slot.tool} did not declare that it can answer {what}"
 

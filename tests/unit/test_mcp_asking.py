@@ -30,7 +30,7 @@ def test_the_only_call_that_can_answer_gets_the_request() -> None:
     asker, _ = slot("asker", SAMPLING)
     in_flight._calls += [plain, asker]
     assert in_flight.for_request(SAMPLING) is asker
-    with pytest.raises(Refused, match="cannot answer roots/list: it is a gRPC client"):
+    with pytest.raises(Refused, match="cannot answer roots/list: it made the plain CallTool"):
         in_flight.for_request(ROOTS)
 
 
