@@ -25,7 +25,7 @@ from mcp.client.subscriptions import ResourceUpdated
 from mcp.shared.exceptions import MCPError
 from meshproc import EXAMPLE_PLUGINS, ROOT, Mesh
 
-from clients import AsyncMeshClient, NotFoundError
+from clients import AsyncMeshClient, MeshClient, NotFoundError
 
 pytestmark = pytest.mark.integration
 
@@ -219,6 +219,18 @@ async def test_a_grpc_caller_that_cannot_answer_gets_a_clear_refusal(mesh: Mesh)
         assert "did not declare that it can answer sampling" in undeclared.text
         with pytest.raises(NotFoundError):
             await client.read_resource("mcp-everything", "demo://nowhere")
+
+
+def test_the_blocking_client_lists_and_reads_resources_and_prompts(mesh: Mesh) -> None:
+    with MeshClient(mesh.address, timeout=20) as client:
+        assert {"mcp-everything", "mcp-memory", "mcp-time"} <= set(client.list_mcp_servers())
+        assert DOC_URI in [r.uri for r in client.list_resources("mcp-everything")]
+        assert "Features" in client.read_resource("mcp-everything", DOC_URI)[0].text
+        assert "args-prompt" in [p.name for p in client.list_prompts("mcp-everything")]
+        rendered = client.get_prompt("mcp-everything", "args-prompt", {"city": "Rome"})
+        assert "Rome" in rendered.messages[0].content.text
+        with pytest.raises(NotFoundError):
+            client.read_resource("mcp-everything", "demo://nowhere")
 
 
 # -- the streamable-HTTP endpoint -----------------------------------------------------------
