@@ -243,12 +243,14 @@ class McpMethods:
         server: str,
         resource_uris: Sequence[str] = (),
         *,
+        logs: bool = False,
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> ServerStream[mcp_pb2.WatchResponse]:
-        """Streams ``server``'s list changes and updates of ``resource_uris`` (open-ended)."""
+        """Streams ``server``'s list changes, updates of ``resource_uris`` and (``logs``) its
+        log messages outside calls; open-ended."""
         call = self._mcp_stub().Watch(
-            mcp_pb2.WatchRequest(server=server, resource_uris=list(resource_uris)),
+            mcp_pb2.WatchRequest(server=server, resource_uris=list(resource_uris), logs=logs),
             timeout=timeout,
             metadata=self._with(metadata),
         )

@@ -48,7 +48,7 @@ from orchestrator.gateway._auth import ANONYMOUS, AllowAll, Authorizer
 from orchestrator.gateway._catalog import Catalog, Target
 from orchestrator.gateway._view import View
 from orchestrator.gateway._watches import Watches
-from sidemesh.v1 import mcp_pb2
+from sidemesh.v1 import common_pb2, mcp_pb2
 
 log = logging.getLogger("sidemesh.mcp")
 
@@ -60,6 +60,8 @@ _SETTLE = 0.2
 RESOURCE_NOT_FOUND = -32002
 #: The first protocol version whose clients want schema errors as ``isError`` results.
 _TOOL_ERRORS_SINCE = "2025-11-25"
+#: MCP's log levels, lowest first.
+_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 #: Where the HTTP endpoint puts the caller's principal in the ASGI scope.
 PRINCIPAL_SCOPE_KEY = "sidemesh.principal"
 
@@ -87,6 +89,8 @@ class MeshMcpServer:
         self._sessions: set[ServerSession] = set()
         #: Resource URI -> 2025 sessions subscribed to it.
         self._subscribers: dict[str, set[ServerSession]] = {}
+        #: 2025 sessions that set a log level (``logging/setLevel``), and that level.
+        self._log_levels: dict[ServerSession, int] = {}
         self._bus = InMemorySubscriptionBus()
         self._listen = ListenHandler(self._bus)
         self.watches = Watches(mesh, self._on_watch_event)
@@ -174,6 +178,8 @@ class MeshMcpServer:
             await self._announce(ResourcesListChanged(), "send_resource_list_changed")
         elif kind == "prompts_list_changed":
             await self._announce(PromptsListChanged(), "send_prompt_list_changed")
+        elif kind == "log":
+            await self._forward_log(server, event.log)
         elif kind == "resource_updated":
             uri = event.resource_updated.uri
             await self._bus.publish(ResourceUpdated(uri=uri))
@@ -182,6 +188,21 @@ class MeshMcpServer:
                     await session.send_resource_updated(uri)
                 except Exception:
                     self._subscribers[uri].discard(session)
+
+    async def _forward_log(self, server: str, record: common_pb2.LogRecord) -> None:
+        """A plugin's log outside calls, to the 2025 sessions whose level it reaches."""
+        level = convert.log_level(record.level)
+        rank = _LEVELS.index(level)
+        data: Any = record.message
+        for session, wanted in list(self._log_levels.items()):
+            if rank < wanted:
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    await session.send_log_message(level, data, record.logger or server)
+            except Exception:
+                self._log_levels.pop(session, None)
 
     async def _announce(self, event: Any, method: str) -> None:
         await self._bus.publish(event)  # 2026 clients, on subscriptions/listen
@@ -385,7 +406,13 @@ class MeshMcpServer:
     async def _set_level(
         self, ctx: ServerRequestContext[Any], params: types.SetLevelRequestParams
     ) -> types.EmptyResult:
-        """Accepted: the calls' log events are sent as the bridged servers send them."""
+        """The session's level for the plugins' logs outside calls (a call's own logs are
+        sent on its request as the bridged server sends them)."""
+        for session in [
+            s for s in self._log_levels if s.client_params is ctx.session.client_params
+        ]:
+            del self._log_levels[session]  # the same connection set a new level
+        self._log_levels[ctx.session] = _LEVELS.index(params.level)
         return types.EmptyResult()
 
     @staticmethod

@@ -1,8 +1,9 @@
 """The MCP plugins' notifications, for the gateway's clients: list changes and resource updates.
 
 One ``McpService.Watch`` stream per MCP plugin, naming the resource URIs some
-client subscribed to; it is opened again when that set changes, and after
-the plugin restarts. What it streams goes to the gateway's ``on_event``.
+client subscribed to, and asking for the log messages outside calls; it is
+opened again when that set changes, and after the plugin restarts. What it
+streams goes to the gateway's ``on_event``.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Watches:
         while True:
             uris = sorted(self._uris.get(server, ()))
             try:
-                async with self._mesh.watch_mcp(server, uris) as stream:
+                async with self._mesh.watch_mcp(server, uris, logs=True) as stream:
                     async for event in stream:
                         with contextlib.suppress(Exception):
                             await self._on_event(server, event)

@@ -13,7 +13,8 @@ only call in flight on the session that can answer that method. With none,
 or several, the server gets an MCP error saying why: the bridge never
 guesses, since a sampling request given to the wrong caller would leak one
 client's work to another. Log messages follow the same rule (the current
-call, else the only call in flight) and always reach the plugin's log too.
+call, else the only call in flight; else the ``Watch`` streams that asked
+for logs) and always reach the plugin's log too.
 """
 
 from __future__ import annotations
@@ -213,9 +214,15 @@ def struct_params(params: Any) -> dict[str, Any]:
 class Callbacks:
     """The bridge's MCP client callbacks: each server request goes to the call that must answer."""
 
-    def __init__(self, in_flight: InFlight, on_log: Callable[[Any], Any]) -> None:
+    def __init__(
+        self,
+        in_flight: InFlight,
+        on_log: Callable[[Any], Any],
+        unattributed_log: Callable[[common_pb2.LogRecord], None],
+    ) -> None:
         self._in_flight = in_flight
         self._on_log = on_log
+        self._unattributed_log = unattributed_log
 
     async def sampling(
         self, context: Any, params: types.CreateMessageRequestParams
@@ -236,6 +243,8 @@ class Callbacks:
         slot = self._in_flight.for_log()
         if slot is not None:
             slot.log(log_record(params))
+        else:
+            self._unattributed_log(log_record(params))
 
     async def _ask(self, method: str, params: Any, model: Any) -> Any:
         try:

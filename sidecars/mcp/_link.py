@@ -80,7 +80,9 @@ class ServerLink:
         self.notifications = Notifications(self, watchers)
         #: The calls in flight, which the server's requests and log messages go to.
         self.in_flight = InFlight(plugin)
-        self._callbacks = Callbacks(self.in_flight, _log_server_message)
+        self._callbacks = Callbacks(
+            self.in_flight, _log_server_message, self.notifications.publish_log
+        )
         self._client: Client | None = None
         #: Set when the current session's transport has closed (the server died).
         self._closed: asyncio.Event | None = None

@@ -245,8 +245,9 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
         try:
             with span:
                 watcher = await notifications.watch(
-                    list(request.resource_uris), call_timeout(context, self._link)
-                )
+                    list(request.resource_uris), call_timeout(context, self._link),
+                    logs=request.logs,
+                )  # fmt: skip
                 try:
                     while (event := await watcher.next()) is not None:
                         span.messages += 1

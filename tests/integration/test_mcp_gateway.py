@@ -196,6 +196,23 @@ async def test_sampling_roots_and_logs_reach_the_mcp_client_that_made_the_call(
     assert any("root(s) received" in str(data) for data in answers.logs), answers.logs
 
 
+@pytest.mark.filterwarnings("ignore:.*logging.*deprecated")  # the 2025 way, still served
+async def test_server_logs_outside_calls_reach_clients_that_set_a_level(mesh: Mesh) -> None:
+    answers = Answers()
+    async with stdio_session(mesh, answers) as session:
+        await session.set_logging_level("debug")
+        await session.call_tool("mcp-everything.toggle-simulated-logging", {})  # starts them
+        try:
+            seen = len(answers.logs)
+            for _ in range(100):  # server-everything logs every 5 s
+                if any("-level message" in str(d) for d in answers.logs[seen:]):
+                    break
+                await asyncio.sleep(0.1)
+            assert any("-level message" in str(d) for d in answers.logs[seen:]), answers.logs
+        finally:
+            await session.call_tool("mcp-everything.toggle-simulated-logging", {})  # stops them
+
+
 async def test_a_grpc_caller_that_cannot_answer_gets_a_clear_refusal(mesh: Mesh) -> None:
     async with AsyncMeshClient(mesh.address, timeout=20) as client:
         plain = await client.call_tool("mcp-everything/trigger-sampling-request", prompt="x")

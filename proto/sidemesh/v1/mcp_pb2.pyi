@@ -1156,8 +1156,13 @@ class WatchRequest(_message.Message):
 
     SERVER_FIELD_NUMBER: _builtins.int
     RESOURCE_URIS_FIELD_NUMBER: _builtins.int
+    LOGS_FIELD_NUMBER: _builtins.int
     server: _builtins.str
     """The MCP plugin's name."""
+    logs: _builtins.bool
+    """Also stream the server's log messages that belong to no call in flight
+    (those of a call go to its caller, in the call's stream).
+    """
     @_builtins.property
     def resource_uris(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Resources to subscribe to: an update of any of them is streamed as
@@ -1170,10 +1175,11 @@ class WatchRequest(_message.Message):
         *,
         server: _builtins.str = ...,
         resource_uris: _abc.Iterable[_builtins.str] | None = ...,
+        logs: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resource_uris", b"resource_uris", "server", b"server"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logs", b"logs", "resource_uris", b"resource_uris", "server", b"server"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1189,6 +1195,7 @@ class WatchResponse(_message.Message):
     RESOURCES_LIST_CHANGED_FIELD_NUMBER: _builtins.int
     PROMPTS_LIST_CHANGED_FIELD_NUMBER: _builtins.int
     RESOURCE_UPDATED_FIELD_NUMBER: _builtins.int
+    LOG_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def tools_list_changed(self) -> Global___ListChanged:
         """The server's tool list changed; the mesh's catalog is already
@@ -1207,6 +1214,12 @@ class WatchResponse(_message.Message):
     def resource_updated(self) -> Global___ResourceUpdated:
         """A subscribed resource changed; read it again to see the change."""
 
+    @_builtins.property
+    def log(self) -> _common_pb2.LogRecord:
+        """A log message of the server outside any call (with `logs` only). A
+        slow reader loses the oldest ones beyond a bounded backlog.
+        """
+
     def __init__(
         self,
         *,
@@ -1214,12 +1227,13 @@ class WatchResponse(_message.Message):
         resources_list_changed: Global___ListChanged | None = ...,
         prompts_list_changed: Global___ListChanged | None = ...,
         resource_updated: Global___ResourceUpdated | None = ...,
+        log: _common_pb2.LogRecord | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "prompts_list_changed", b"prompts_list_changed", "resource_updated", b"resource_updated", "resources_list_changed", b"resources_list_changed", "tools_list_changed", b"tools_list_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "log", b"log", "prompts_list_changed", b"prompts_list_changed", "resource_updated", b"resource_updated", "resources_list_changed", b"resources_list_changed", "tools_list_changed", b"tools_list_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "prompts_list_changed", b"prompts_list_changed", "resource_updated", b"resource_updated", "resources_list_changed", b"resources_list_changed", "tools_list_changed", b"tools_list_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "log", b"log", "prompts_list_changed", b"prompts_list_changed", "resource_updated", b"resource_updated", "resources_list_changed", b"resources_list_changed", "tools_list_changed", b"tools_list_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["tools_list_changed", "resources_list_changed", "prompts_list_changed", "resource_updated"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["tools_list_changed", "resources_list_changed", "prompts_list_changed", "resource_updated", "log"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
