@@ -10,12 +10,14 @@ MCP client answers them through the mesh, and a plain gRPC caller gets a clear r
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import mcp_types as types
@@ -122,11 +124,14 @@ async def stdio_session(mesh: Mesh, answers: Answers) -> AsyncIterator[ClientSes
         yield session
 
 
-def inspector(*args: str) -> Any:
-    """Runs the MCP Inspector's CLI (offline, from node_modules); returns its JSON output."""
+def run_inspector(*args: str, catalog: Path) -> Any:
+    """Runs the MCP Inspector's CLI (offline, from node_modules); returns its JSON output.
+
+    Its catalog and storage go beside ``catalog`` rather than to the user's home."""
+    env = {**os.environ, "MCP_CATALOG_PATH": str(catalog), "HOME": str(catalog.parent)}
     done = subprocess.run(
         [str(INSPECTOR), "--cli", *args], capture_output=True, text=True, timeout=60,
-        cwd=str(ROOT), stdin=subprocess.DEVNULL,
+        cwd=str(ROOT), stdin=subprocess.DEVNULL, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
@@ -306,8 +311,9 @@ async def test_server_memory_keeps_its_graph_in_the_plugin_data_dir(mesh: Mesh) 
 
 
 def test_the_inspector_lists_and_reads_resources_and_prompts_through_sidemesh_mcp(
-    mesh: Mesh,
+    mesh: Mesh, tmp_path: Path
 ) -> None:
+    inspector = functools.partial(run_inspector, catalog=tmp_path / "mcp.json")
     stdio = ["--cwd", str(ROOT), sys.executable, "-m", "orchestrator.cli", "mcp", "-a"]
     target = [*stdio, mesh.address]
     listed = inspector(*target, "--method", "resources/list")
@@ -321,7 +327,10 @@ def test_the_inspector_lists_and_reads_resources_and_prompts_through_sidemesh_mc
     assert "Oslo" in got["messages"][0]["content"]["text"]
 
 
-def test_the_inspector_lists_and_reads_resources_and_prompts_over_http(mesh: Mesh) -> None:
+def test_the_inspector_lists_and_reads_resources_and_prompts_over_http(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    inspector = functools.partial(run_inspector, catalog=tmp_path / "mcp.json")
     url = http_url(mesh)
     listed = inspector(url, "--method", "resources/list")
     assert GRAPH_URI in [r["uri"] for r in listed["resources"]]
