@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -24,10 +25,11 @@ class McpHttpSettings(_Strict):
         "127.0.0.1:8765", description="host:port of the HTTP listener (port 0: any free port)"
     )
     path: str = Field("/mcp", description="the path of the whole mesh's MCP endpoint, e.g. /mcp")
-    json_response: bool = Field(
-        False,
-        description="answer each POST with one JSON body instead of an SSE stream (faster; "
-        "progress and server requests then need the GET stream)",
+    responses: Literal["auto", "sse", "json"] = Field(
+        "auto",
+        description="how a POST is answered: auto (one JSON body unless the call may need a "
+        "stream: a progress token, logs, or a server request the client can answer), sse "
+        "(always an SSE stream), json (always one JSON body: no progress or server requests)",
     )
     allowed_hosts: list[str] = Field(
         default_factory=list,

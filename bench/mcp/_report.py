@@ -11,7 +11,7 @@ from typing import Any
 from bench.mcp._load import Measurement
 
 PEERS = ("fastmcp-proxy", "mcp-proxy")
-SIDEMESH = ("sidemesh-stdio", "sidemesh-http", "sidemesh-http-json")
+SIDEMESH = ("sidemesh-stdio", "sidemesh-http", "sidemesh-http-sse")
 _FIELDS = ("calls_per_s", "p50_ms", "p99_ms", "gateway_cpu_ms_per_call",
            "endpoint_cpu_ms_per_call", "client_cpu_ms_per_call")  # fmt: skip
 

@@ -7,7 +7,7 @@
 | ``mcp-proxy`` | streamable HTTP | mcp-proxy, one Python process (its own venv) |
 | ``sidemesh-stdio`` | stdio | ``sidemesh mcp`` -> orchestrator -> MCP bridge sidecar |
 | ``sidemesh-http`` | streamable HTTP | orchestrator (its MCP endpoint) -> MCP bridge sidecar |
-| ``sidemesh-http-json`` | streamable HTTP, JSON bodies | the same, ``mcp.http.json_response`` |
+| ``sidemesh-http-sse`` | streamable HTTP, SSE always | the same, ``mcp.http.responses: sse`` |
 | ``sidemesh-grpc`` | gRPC (reference) | orchestrator -> MCP bridge sidecar |
 
 Each topology knows its gateway's processes (for CPU per call) and, for
@@ -150,7 +150,7 @@ class _Mesh(Topology):
     """``sidemesh serve`` with the echo server bridged in (sandboxed, tracing as configured)."""
 
     tracing: bool = True
-    json_response: bool = False
+    responses: str = "auto"
 
     def start(self) -> None:
         runtime_dir = Path(tempfile.mkdtemp(prefix="smm", dir="/tmp"))
@@ -167,7 +167,7 @@ class _Mesh(Topology):
                 "http": {
                     "enabled": self.transport == "http",
                     "listen": "127.0.0.1:0",
-                    "json_response": self.json_response,
+                    "responses": self.responses,
                 }
             },
         }
@@ -242,10 +242,10 @@ def sidemesh_http(workdir: Path) -> Topology:
     return _Mesh("sidemesh-http", workdir, transport="http", tool=TOOL["sidemesh-http"])
 
 
-def sidemesh_http_json(workdir: Path) -> Topology:
-    """The HTTP endpoint with ``mcp.http.json_response``: one JSON body per POST, no SSE."""
-    topology = _Mesh("sidemesh-http-json", workdir, transport="http", tool=TOOL["sidemesh-http"])
-    topology.json_response = True
+def sidemesh_http_sse(workdir: Path) -> Topology:
+    """The HTTP endpoint with ``mcp.http.responses: sse``: every POST answered by a stream."""
+    topology = _Mesh("sidemesh-http-sse", workdir, transport="http", tool=TOOL["sidemesh-http"])
+    topology.responses = "sse"
     return topology
 
 
@@ -260,6 +260,6 @@ ALL = {
     "mcp-proxy": mcp_proxy,
     "sidemesh-stdio": sidemesh_stdio,
     "sidemesh-http": sidemesh_http,
-    "sidemesh-http-json": sidemesh_http_json,
+    "sidemesh-http-sse": sidemesh_http_sse,
     "sidemesh-grpc": sidemesh_grpc,
 }

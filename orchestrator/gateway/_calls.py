@@ -239,7 +239,10 @@ async def progress(ctx: ServerRequestContext[Any], event: common_pb2.Progress) -
 
 
 async def log(ctx: ServerRequestContext[Any], record: common_pb2.LogRecord) -> None:
-    """A log event of the call as the request's ``notifications/message``."""
+    """A log event of the call as the request's ``notifications/message`` (not when the
+    request is answered with one JSON body, which has no wire for it)."""
+    if not ctx.session.can_send_request and not _modern(ctx):
+        return
     data: Any = record.message
     if record.HasField("data"):
         data = {"message": record.message, **struct_to_dict(record.data)}

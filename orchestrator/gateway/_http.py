@@ -6,7 +6,8 @@ server. Each path is a :class:`~orchestrator.gateway.MeshMcpServer` behind the
 official SDK's streamable-HTTP session manager: sessions (``Mcp-Session-Id``),
 SSE streams, ``Last-Event-ID`` resumption (an in-memory event store), both
 protocol eras, and DNS-rebinding protection (loopback hosts plus
-``allowed_hosts``).
+``allowed_hosts``). A POST is answered with one JSON body unless its call may
+need a stream (``_responses``).
 
 Authorization (MCP's, OAuth 2.1 as a resource server): every request is
 authenticated by the :class:`~orchestrator.gateway.Authenticator` first; a
@@ -50,6 +51,15 @@ from orchestrator.gateway._auth import (
     protected_resource_metadata,
 )
 from orchestrator.gateway._event_store import MemoryEventStore
+from orchestrator.gateway._responses import (
+    JSON_POST,
+    PerPostSessionManager,
+    Sessions,
+    parse,
+    read_body,
+    replay,
+    wants_stream,
+)
 from orchestrator.gateway._server import PRINCIPAL_SCOPE_KEY, MeshMcpServer
 from orchestrator.gateway._view import View
 
@@ -69,6 +79,7 @@ class _Endpoint:
     server: MeshMcpServer
     manager: StreamableHTTPSessionManager
     owners: dict[str, str]
+    sessions: Sessions
 
 
 class McpHttpEndpoint:
@@ -178,14 +189,19 @@ class McpHttpEndpoint:
         routes: list[Route] = []
         for path, view in self._views():
             server = MeshMcpServer(self._mesh, view, authorizer=self._authorizer)
-            manager = StreamableHTTPSessionManager(
+            manager_cls = (
+                PerPostSessionManager
+                if http.responses == "auto"
+                else (StreamableHTTPSessionManager)
+            )
+            manager = manager_cls(
                 app=server.server,
                 event_store=MemoryEventStore(http.event_history) if http.event_history else None,
-                json_response=http.json_response,
+                json_response=http.responses == "json",
                 security_settings=self._security(),
                 session_idle_timeout=http.session_idle_timeout,
             )
-            endpoint = _Endpoint(path, view, server, manager, {})
+            endpoint = _Endpoint(path, view, server, manager, {}, Sessions())
             self._endpoints.append(endpoint)
             routes.append(Route(path, endpoint=_Guard(self, endpoint), methods=None))
             if self._settings.auth.enabled:
@@ -238,14 +254,31 @@ class McpHttpEndpoint:
             await Response("Session not found", status_code=404)(scope, receive, send)
             return
         scope[PRINCIPAL_SCOPE_KEY] = principal
+        capabilities: Any = None
+        if scope["method"] == "POST" and self._settings.http.responses == "auto":
+            body, complete = await read_body(receive)
+            message = parse(body) if complete else None
+            if isinstance(message, dict) and message.get("method") == "initialize":
+                capabilities = (message.get("params") or {}).get("capabilities")
+            # The session's own tasks start during its opening POST and keep its context:
+            # that one is a stream, so they see the SDK's stream semantics.
+            stream = (
+                session is None
+                or not complete
+                or wants_stream(message, session, endpoint.sessions, endpoint.server.catalog)
+            )
+            JSON_POST.set(not stream)  # this request's task (and the handler it sends to)
+            receive = replay(body, complete, receive)
 
         async def send_noting_session(message: Any) -> None:
             if message["type"] == "http.response.start" and session is None:
                 for key, value in message.get("headers", ()):
                     if key.lower() == SESSION_HEADER:
+                        opened = value.decode("latin-1")
                         if len(endpoint.owners) >= _MAX_OWNED_SESSIONS:
                             endpoint.owners.pop(next(iter(endpoint.owners)))
-                        endpoint.owners[value.decode("latin-1")] = principal
+                        endpoint.owners[opened] = principal
+                        endpoint.sessions.opened(opened, capabilities)
             await send(message)
 
         await endpoint.manager.handle_request(scope, receive, send_noting_session)

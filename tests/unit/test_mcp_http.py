@@ -197,3 +197,49 @@ async def test_a_session_belongs_to_the_principal_that_opened_it(
         ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
         stolen = await http.post(url, json=ping, headers={**bob, "Mcp-Session-Id": session})
         assert stolen.status_code == 404
+
+
+@pytest.fixture
+async def open_endpoint() -> AsyncIterator[McpHttpEndpoint]:
+    settings = McpGatewaySettings.model_validate(
+        {"http": {"enabled": True, "listen": "127.0.0.1:0"}}
+    )
+    ep = McpHttpEndpoint(settings, FakeMesh())  # type: ignore[arg-type]
+    await ep.start()
+    try:
+        yield ep
+    finally:
+        await ep.stop()
+
+
+async def test_a_post_gets_a_stream_only_when_its_call_may_need_one(
+    open_endpoint: McpHttpEndpoint,
+) -> None:
+    url = open_endpoint.urls["sidemesh"]
+    accept = {"Accept": "application/json, text/event-stream"}
+    initialize = {
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                   "clientInfo": {"name": "t", "version": "1"}},
+    }  # fmt: skip
+    async with httpx2.AsyncClient(headers=accept) as http:
+        opened = await http.post(url, json=initialize)
+        assert opened.headers["content-type"].startswith("text/event-stream")
+        headers = {"Mcp-Session-Id": opened.headers["mcp-session-id"],
+                   "Mcp-Protocol-Version": "2025-11-25"}  # fmt: skip
+        await http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                        headers=headers)  # fmt: skip
+        listed = await http.post(url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+                                 headers=headers)  # fmt: skip
+        assert listed.headers["content-type"].startswith("application/json")
+        assert [t["name"] for t in listed.json()["result"]["tools"]] == [
+            "mcp-time.get_current_time",
+            "tools-demo.add",
+        ]
+        call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                "params": {"name": "tools-demo.add", "arguments": {}}}  # fmt: skip
+        plain = await http.post(url, json=call, headers=headers)
+        assert plain.headers["content-type"].startswith("application/json")
+        call["params"]["_meta"] = {"progressToken": "p1"}  # type: ignore[index]
+        with_progress = await http.post(url, json={**call, "id": 4}, headers=headers)
+        assert with_progress.headers["content-type"].startswith("text/event-stream")
