@@ -16,13 +16,11 @@ import logging
 import os
 import sys
 
-from mcp.server.stdio import stdio_server
-
-from clients import AsyncMeshClient
+from clients import AsyncMeshClient, run_loop
 from orchestrator._config import load_config
 from orchestrator._yaml_models import ConfigError
 from orchestrator.cli._common import add_mesh_options, mesh_address, usage_error
-from orchestrator.gateway import MeshMcpServer, View
+from orchestrator.gateway import MeshMcpServer, View, stdio_streams
 
 log = logging.getLogger("sidemesh.mcp")
 
@@ -64,7 +62,7 @@ async def serve_stdio(server: MeshMcpServer) -> None:
     """Serves MCP on stdin/stdout until the client closes it."""
     follow = asyncio.create_task(server.follow_catalog())
     try:
-        async with stdio_server() as (read, write):
+        async with stdio_streams() as (read, write):
             await server.server.run(read, write, server.initialization_options())
     finally:
         follow.cancel()
@@ -84,5 +82,5 @@ def _run(args: argparse.Namespace) -> int:
             await serve_stdio(server)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+        run_loop(main())
     return 0

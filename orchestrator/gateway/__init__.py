@@ -11,6 +11,7 @@ from orchestrator.gateway._auth import (
     Unauthenticated,
 )
 from orchestrator.gateway._server import MeshMcpServer
+from orchestrator.gateway._stdio import stdio_streams
 from orchestrator.gateway._view import View, mcp_name
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "Unauthenticated",
     "View",
     "mcp_name",
+    "stdio_streams",
 ]
