@@ -235,7 +235,8 @@ def error_result(message: str) -> types.CallToolResult:
 async def progress(ctx: ServerRequestContext[Any], event: common_pb2.Progress) -> None:
     """A mesh progress event as an MCP progress notification (a no-op without a token)."""
     total = event.total if event.HasField("total") else None
-    await ctx.session.report_progress(event.progress, total, event.message or None)
+    with contextlib.suppress(Exception):  # a client gone away (or a task's ended request)
+        await ctx.session.report_progress(event.progress, total, event.message or None)
 
 
 async def log(ctx: ServerRequestContext[Any], record: common_pb2.LogRecord) -> None:

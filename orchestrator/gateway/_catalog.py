@@ -40,6 +40,10 @@ AGENT_INPUT_SCHEMA: dict[str, Any] = {
 }
 
 
+#: Every tool and agent may be called as a task (2025-11-25 clients; ``_tasks``).
+TASKS_OPTIONAL = types.ToolExecution(task_support="optional")
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """What an MCP tool name calls in the mesh."""
@@ -92,6 +96,7 @@ def tool_targets(
             ),
             input_schema=schema or {"type": "object"},
             output_schema=struct_to_dict(d.output_schema) if d.HasField("output_schema") else None,
+            execution=TASKS_OPTIONAL,
             annotations=types.ToolAnnotations(
                 read_only_hint=hints.read_only if hints.HasField("read_only") else None,
                 idempotent_hint=hints.idempotent if hints.HasField("idempotent") else None,
@@ -111,6 +116,7 @@ def tool_targets(
             name=name,
             description=view.description(a.qualified_name, f"Agent {a.qualified_name}: {about}"),
             input_schema=AGENT_INPUT_SCHEMA,
+            execution=TASKS_OPTIONAL,
         )
         targets[name] = Target(a.qualified_name, True, tool, False, AGENT_INPUT_SCHEMA)
     return dict(sorted(targets.items()))

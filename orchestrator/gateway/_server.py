@@ -46,6 +46,7 @@ from orchestrator.gateway import _calls as calls
 from orchestrator.gateway import _convert as convert
 from orchestrator.gateway._auth import ANONYMOUS, AllowAll, Authorizer
 from orchestrator.gateway._catalog import Catalog, Target
+from orchestrator.gateway._tasks import Tasks
 from orchestrator.gateway._view import View
 from orchestrator.gateway._watches import Watches
 from sidemesh.v1 import common_pb2, mcp_pb2
@@ -95,9 +96,10 @@ class MeshMcpServer:
         self._listen = ListenHandler(self._bus)
         self.watches = Watches(mesh, self._on_watch_event)
         self._parked = calls.ParkedCalls()
+        self._tasks = Tasks(self._run_task_call, self.principal_of)
         with warnings.catch_warnings():  # logging is deprecated in 2026, still served to 2025
             warnings.simplefilter("ignore")
-            self.server: Server[Any] = Server(
+            self.server: Server[Any] = _GatewayServer(
                 self.view.name,
                 version="0.1.0",
                 title=self.view.title,
@@ -118,12 +120,13 @@ class MeshMcpServer:
                 on_completion=self._complete,
                 on_set_logging_level=self._set_level,
             )
+        self.server.middleware.append(self._tasks.middleware)
+        self._tasks.register(self.server)
 
     def initialization_options(self) -> InitializationOptions:
-        """The capabilities this server declares: every list change, subscriptions, logging."""
-        return self.server.create_initialization_options(
-            NotificationOptions(tools_changed=True, prompts_changed=True, resources_changed=True)
-        )
+        """The capabilities this server declares: every list change, subscriptions, logging,
+        tasks (the HTTP transport asks the server itself, so ``_GatewayServer`` answers too)."""
+        return self.server.create_initialization_options()
 
     # -- following the mesh --------------------------------------------------------------
 
@@ -161,6 +164,7 @@ class MeshMcpServer:
             events.cancel()
             self.watches.close()
             self._parked.close()
+            self._tasks.close()
 
     async def _watch_events(self, wake: asyncio.Event) -> None:
         """Wakes the catalog check on every plugin lifecycle event of the mesh."""
@@ -256,6 +260,24 @@ class MeshMcpServer:
             return await calls.call_tool(self._mesh, ctx, target, arguments)
         except SidemeshError as err:
             if err.code.name == "INVALID_ARGUMENT" and _wants_tool_errors(ctx):
+                return calls.error_result(f"Invalid arguments for {params.name}: {err.message}")
+            raise mcp_error(err) from None
+
+    async def _run_task_call(
+        self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        """A task's call, in the background: its request has ended, so nothing it asks can be
+        answered (the plain calls; the bridge refuses the server's requests)."""
+        target = await self._target(params.name)
+        if target is None or not self.catalog.may_call(self.principal_of(ctx), target):
+            raise MCPError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
+        arguments = params.arguments or {}
+        try:
+            if target.agent:
+                return await calls.invoke(self._mesh, ctx, target, arguments)
+            return await calls.call_tool(self._mesh, ctx, target, arguments)
+        except SidemeshError as err:
+            if err.code.name == "INVALID_ARGUMENT":
                 return calls.error_result(f"Invalid arguments for {params.name}: {err.message}")
             raise mcp_error(err) from None
 
@@ -421,6 +443,25 @@ class MeshMcpServer:
             return await awaitable
         except SidemeshError as err:
             raise mcp_error(err) from None
+
+
+class _GatewayServer(Server[Any]):
+    """The SDK's low-level server, declaring the gateway's capabilities whoever asks."""
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        every_change = NotificationOptions(
+            tools_changed=True, prompts_changed=True, resources_changed=True
+        )
+        options = super().create_initialization_options(
+            notification_options or every_change, experimental_capabilities, extensions
+        )
+        options.capabilities.tasks = Tasks.capability()
+        return options
 
 
 def _wants_tool_errors(ctx: ServerRequestContext[Any]) -> bool:

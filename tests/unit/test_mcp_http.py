@@ -5,6 +5,7 @@ and the authorization hook deciding what a principal sees."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -18,10 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from clients import to_struct
+from clients import ToolCallResult, to_struct
 from orchestrator._mcp_config import McpGatewaySettings
 from orchestrator.gateway._http import McpHttpEndpoint
-from sidemesh.v1 import mesh_pb2, tool_pb2
+from sidemesh.v1 import common_pb2, mesh_pb2, tool_pb2
 
 ISSUER = "https://auth.example.test"
 
@@ -34,8 +35,33 @@ def descriptor(qualified: str) -> tool_pb2.ToolDescriptor:
     )  # fmt: skip
 
 
+class FakeCall:
+    """A tool call's stream that ends, after ``delay`` seconds, with the text ``done``."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.result: ToolCallResult | None = None
+
+    def __aiter__(self) -> FakeCall:
+        return self
+
+    async def __anext__(self) -> tool_pb2.CallToolResponse:
+        if self.result is not None:
+            raise StopAsyncIteration
+        await asyncio.sleep(self.delay)
+        proto = tool_pb2.ToolResult(content=[common_pb2.Content(text="done")])
+        self.result = ToolCallResult.from_proto(proto)
+        return tool_pb2.CallToolResponse(result=proto)
+
+    def cancel(self) -> None:
+        pass
+
+
 class FakeMesh:
-    """The catalog part of ``AsyncMeshClient`` that the endpoint reads."""
+    """The catalog part of ``AsyncMeshClient`` that the endpoint reads, and tool calls."""
+
+    def call_tool_stream(self, tool: str, arguments: dict[str, Any]) -> FakeCall:
+        return FakeCall(float(arguments.get("delay", 0)))
 
     async def list_tools(self) -> list[tool_pb2.ToolDescriptor]:
         return [descriptor("tools-demo/add"), descriptor("mcp-time/get_current_time")]
@@ -243,3 +269,42 @@ async def test_a_post_gets_a_stream_only_when_its_call_may_need_one(
         call["params"]["_meta"] = {"progressToken": "p1"}  # type: ignore[index]
         with_progress = await http.post(url, json={**call, "id": 4}, headers=headers)
         assert with_progress.headers["content-type"].startswith("text/event-stream")
+
+
+async def test_a_2025_client_runs_a_tool_call_as_a_task(open_endpoint: McpHttpEndpoint) -> None:
+    url = open_endpoint.urls["sidemesh"]
+    initialize = {
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                   "clientInfo": {"name": "t", "version": "1"}},
+    }  # fmt: skip
+    async with httpx2.AsyncClient(
+        headers={"Accept": "application/json, text/event-stream"}
+    ) as http:
+        opened = await http.post(url, json=initialize)
+        assert '"tasks"' in opened.text  # the capability is declared
+        headers = {"Mcp-Session-Id": opened.headers["mcp-session-id"],
+                   "Mcp-Protocol-Version": "2025-11-25"}  # fmt: skip
+
+        async def rpc(n: int, method: str, params: dict[str, Any]) -> Any:
+            body = {"jsonrpc": "2.0", "id": n, "method": method, "params": params}
+            answer = (await http.post(url, json=body, headers=headers)).json()
+            return answer.get("result", answer.get("error"))
+
+        await rpc(1, "tools/list", {})
+        created = await rpc(2, "tools/call", {"name": "tools-demo.add", "arguments": {"delay": 0.2},
+                                              "task": {"ttl": 60000}})  # fmt: skip
+        task_id = created["task"]["taskId"]
+        assert created["task"]["status"] == "working" and created["task"]["ttl"] == 60000
+        assert (await rpc(3, "tasks/get", {"taskId": task_id}))["status"] == "working"
+        result = await rpc(4, "tasks/result", {"taskId": task_id})
+        assert result["content"] == [{"type": "text", "text": "done"}]
+        assert result["_meta"]["io.modelcontextprotocol/related-task"] == {"taskId": task_id}
+        assert (await rpc(5, "tasks/get", {"taskId": task_id}))["status"] == "completed"
+        assert [t["taskId"] for t in (await rpc(6, "tasks/list", {}))["tasks"]] == [task_id]
+        slow = await rpc(7, "tools/call", {"name": "tools-demo.add", "arguments": {"delay": 30},
+                                           "task": {}})  # fmt: skip
+        cancelled = await rpc(8, "tasks/cancel", {"taskId": slow["task"]["taskId"]})
+        assert cancelled["status"] == "cancelled"
+        unknown = await rpc(9, "tasks/get", {"taskId": "nope"})
+        assert unknown["code"] == -32602
