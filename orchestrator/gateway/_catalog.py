@@ -250,17 +250,13 @@ class Catalog:
         return [s for s, pattern in self._templates.values() if pattern.match(uri)]
 
     def resource_candidates(self, uri: str, principal: str) -> list[str]:
-        """The plugins to ask for ``uri``, most likely first."""
-        first = [self._resource_owner[uri]] if uri in self._resource_owner else []
+        """The plugins to ask for ``uri``, most likely first: the one that listed it, those
+        whose (listed, so in this view) templates match it, then the others in this view."""
+        owner = [self._resource_owner[uri]] if uri in self._resource_owner else []
         matched = self._matching_templates(uri)
-        rest = list(self.mcp_servers)
-        ordered = list(dict.fromkeys([*first, *matched, *rest]))
-        return [
-            s
-            for s in ordered
-            if (self.may_use_server(principal, s) and self.view.resource(s, uri))
-            or (s in matched and self.may_use_server(principal, s))
-        ]
+        others = [s for s in self.mcp_servers if self.view.resource(s, uri)]
+        ordered = dict.fromkeys([*owner, *matched, *others])
+        return [s for s in ordered if self.may_use_server(principal, s)]
 
     # -- internals ---------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
@@ -115,6 +116,12 @@ class McpHttpEndpoint:
         if configured:
             return configured.rstrip("/") + path.removeprefix(self._settings.http.path)
         return self.base_url + path
+
+    def metadata_url(self, path: str) -> str:
+        """Where clients find the protected-resource metadata of the endpoint at ``path``
+        (RFC 9728: the well-known path inserted before the resource URI's path)."""
+        resource = urlsplit(self.resource(path))
+        return f"{resource.scheme}://{resource.netloc}{metadata_path(resource.path or '/')}"
 
     async def start(self) -> str:
         """Binds ``mcp.http.listen`` and starts serving; returns the base URL."""
@@ -287,10 +294,10 @@ class McpHttpEndpoint:
         self, endpoint: _Endpoint, refusal: Unauthenticated, scope: Scope, receive: Receive,
         send: Send,
     ) -> None:  # fmt: skip
-        metadata = self.base_url + metadata_path(endpoint.path)
-        challenge = f'Bearer resource_metadata="{metadata}"'
+        challenge = f'Bearer resource_metadata="{self.metadata_url(endpoint.path)}"'
         if refusal.error:
-            challenge += f', error="{refusal.error}", error_description="{refusal.message}"'
+            description = refusal.message.replace('"', "'").replace("\\", "/")
+            challenge += f', error="{refusal.error}", error_description="{description}"'
         scopes = self._settings.auth.required_scopes
         if scopes:
             challenge += f', scope="{" ".join(scopes)}"'

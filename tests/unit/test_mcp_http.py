@@ -143,9 +143,13 @@ async def test_no_token_is_401_pointing_at_the_protected_resource_metadata(
         refused = await http.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
         assert refused.status_code == 401
         challenge = refused.headers["www-authenticate"]
-        metadata_url = endpoint.base_url + "/.well-known/oauth-protected-resource/mcp"
-        assert challenge.startswith(f'Bearer resource_metadata="{metadata_url}"')
-        document = (await http.get(metadata_url)).json()
+        # RFC 9728: on the resource URI's origin (the endpoint may be behind a proxy), ...
+        well_known = "/.well-known/oauth-protected-resource/mcp"
+        assert challenge.startswith(
+            f'Bearer resource_metadata="https://mesh.example.test{well_known}"'
+        )
+        # ... and served here at the same path.
+        document = (await http.get(endpoint.base_url + well_known)).json()
     assert document["resource"] == "https://mesh.example.test/mcp"
     assert document["authorization_servers"] == [ISSUER]
     assert document["scopes_supported"] == ["mcp"]
