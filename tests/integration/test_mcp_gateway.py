@@ -108,11 +108,13 @@ class Answers:
 
 
 @asynccontextmanager
-async def stdio_session(mesh: Mesh, answers: Answers) -> AsyncIterator[ClientSession]:
+async def stdio_session(
+    mesh: Mesh, answers: Answers, *options: str
+) -> AsyncIterator[ClientSession]:
     """The official SDK's stdio client (2025-11-25 handshake) on ``sidemesh mcp``."""
     params = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "orchestrator.cli", "mcp", "-a", mesh.address],
+        args=["-m", "orchestrator.cli", "mcp", *(options or ("-a", mesh.address))],
         cwd=str(ROOT),
         env={**os.environ},
     )
@@ -170,6 +172,16 @@ async def test_sidemesh_mcp_serves_resources_prompts_and_completion(mesh: Mesh) 
             {"name": "department", "value": "Eng"},
         )
         assert completed.completion.values == ["Engineering"]
+
+
+async def test_sidemesh_mcp_serves_a_virtual_server_of_the_config(mesh: Mesh) -> None:
+    options = ("-c", str(mesh.config_path), "--server", "notes")  # finds the running mesh
+    async with stdio_session(mesh, Answers(), *options) as session:
+        names = sorted(t.name for t in (await session.list_tools()).tools)
+        assert "recall" in names and all(
+            n.startswith("mcp-memory.") or n == "recall" for n in names
+        )
+        assert [r.uri for r in (await session.list_resources()).resources] == [GRAPH_URI]
 
 
 async def test_sidemesh_mcp_schema_errors_are_tool_results_the_model_can_read(
