@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from clients import DEFAULT_TCP_ADDRESS, normalize_address
 from orchestrator._auth_config import PluginGrant
+from orchestrator._mcp_config import McpGatewaySettings
 from orchestrator._yaml_models import load_yaml_model, validate_model
 from sidemesh.core import default_state_dir
 
@@ -288,6 +289,10 @@ class MeshConfig(_Strict):
     )
     telemetry: TelemetrySettings = Field(
         default_factory=TelemetrySettings, description="tracing, metrics, OTLP export"
+    )
+    mcp: McpGatewaySettings = Field(
+        default_factory=McpGatewaySettings,
+        description="the mesh as an MCP gateway: HTTP endpoint, authorization, virtual servers",
     )
     state_dir: Path = Field(
         default_factory=default_state_dir,

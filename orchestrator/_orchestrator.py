@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import Observation
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
-from clients import SidemeshError, server_options
+from clients import AsyncMeshClient, SidemeshError, server_options
 from orchestrator._catalog import Catalog
 from orchestrator._config import MeshConfig
 from orchestrator._discovery import DiscoveredPlugin, discover
@@ -40,6 +40,8 @@ from orchestrator._routes import AGENT_SERVICE, MCP_SERVICE, TOOL_SERVICE
 from orchestrator._supervisor import Supervisor
 from orchestrator._telemetry import Telemetry
 from orchestrator._yaml_models import ConfigError
+from orchestrator.gateway import Authenticator, Authorizer
+from orchestrator.gateway._http import McpHttpEndpoint
 from sidecars.sandbox import LAYERS, remove_mesh_cgroups
 from sidemesh.core import ENDPOINTS_FILE, process_alive, running_mesh
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
@@ -52,7 +54,14 @@ MESH_SERVICE = "sidemesh.v1.MeshService"
 class Orchestrator:
     """One mesh on one machine. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, config: MeshConfig, *, launcher: Launcher | None = None) -> None:
+    def __init__(
+        self,
+        config: MeshConfig,
+        *,
+        launcher: Launcher | None = None,
+        mcp_authenticator: Authenticator | None = None,
+        mcp_authorizer: Authorizer | None = None,
+    ) -> None:
         self.config = config
         self.catalog = Catalog()
         self.catalog.not_serving = self._not_serving
@@ -83,6 +92,10 @@ class Orchestrator:
         self._run_dir: Path | None = None
         #: The addresses actually bound (TCP port 0 replaced by the real port).
         self.addresses: list[str] = []
+        #: The streamable-HTTP MCP endpoint (``mcp.http``), its hooks, and its mesh client.
+        self.mcp_http: McpHttpEndpoint | None = None
+        self._mcp_hooks = (mcp_authenticator, mcp_authorizer)
+        self._mcp_client: AsyncMeshClient | None = None
 
     # -- start ---------------------------------------------------------------
 
@@ -118,9 +131,21 @@ class Orchestrator:
                 self._callback_servers.append(server)
                 self.supervisor.start(plugin)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if config.mcp.http.enabled:
+            await self._start_mcp_http()
         self._observe()
         self._write_endpoints()
         log.info("serving on %s", ", ".join(self.addresses))
+
+    async def _start_mcp_http(self) -> None:
+        """The MCP endpoint calls the mesh as a client of its own first listener."""
+        address = next((a for a in self.addresses if a.startswith("unix:")), self.addresses[0])
+        self._mcp_client = AsyncMeshClient(address)
+        authenticator, authorizer = self._mcp_hooks
+        self.mcp_http = McpHttpEndpoint(
+            self.config.mcp, self._mcp_client, authenticator=authenticator, authorizer=authorizer
+        )
+        await self.mcp_http.start()
 
     def _add_plugin(self, found: DiscoveredPlugin) -> None:
         manifest = found.manifest
@@ -270,7 +295,10 @@ class Orchestrator:
     def _write_endpoints(self) -> None:
         path = self.config.state_dir / ENDPOINTS_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "addresses": self.addresses}))
+        written: dict[str, Any] = {"pid": os.getpid(), "addresses": self.addresses}
+        if self.mcp_http is not None:
+            written["mcp"] = self.mcp_http.urls
+        tmp.write_text(json.dumps(written))
         tmp.replace(path)
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -288,6 +316,10 @@ class Orchestrator:
         grace = self.config.supervisor.shutdown_grace if grace is None else grace
         log.info("shutting down: draining calls in flight (grace %.1fs)", grace)
         await self._health.enter_graceful_shutdown()
+        if self.mcp_http is not None:
+            await self.mcp_http.stop()
+        if self._mcp_client is not None:
+            await self._mcp_client.close()
         self.events.close()  # event streams never end by themselves: end them now
         if self._server is not None:
             await self._drain(self._server, grace)
