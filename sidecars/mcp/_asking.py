@@ -117,11 +117,32 @@ class CallSlot:
 
 
 class InFlight:
-    """The calls in flight on the link, and the rule that picks one for a server message."""
+    """The calls in flight on the link, and the rule that picks one for a server message.
+
+    Over stdio a server's request or log message does not say which request it
+    belongs to. It goes to a call only when that call is the *only* request in
+    flight on the session (other requests, a listing or an unsubscribe from
+    another client, count too): anything else would be a guess, and a wrong
+    guess hands one client's data to another.
+    """
 
     def __init__(self, plugin: str) -> None:
         self._plugin = plugin
         self._calls: list[CallSlot] = []
+        #: Requests in flight that are not tool calls (listings, reads, subscriptions).
+        self.others = 0
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Counts a request while it is in flight, unless it is a call's own (a slot's)."""
+        if _CURRENT.get() is not None:
+            yield
+            return
+        self.others += 1
+        try:
+            yield
+        finally:
+            self.others -= 1
 
     @contextlib.contextmanager
     def call(self, slot: CallSlot) -> Iterator[None]:
@@ -148,23 +169,25 @@ class InFlight:
                 types.METHOD_NOT_FOUND,
                 f"no call is in flight through the Sidemesh mesh, so no client can answer {what}",
             )
-        able = [c for c in self._calls if method in c.methods]
-        if len(able) == 1:
-            return able[0]
-        if not able:
-            raise Refused(types.METHOD_NOT_FOUND, _cannot(self._calls[0], what, self._plugin))
-        raise Refused(
-            types.INTERNAL_ERROR,
-            f"{len(able)} calls are in flight and the request names none of them, so the "
-            f"Sidemesh bridge cannot tell which client must answer {what}",
-        )
+        if len(self._calls) + self.others > 1:
+            raise Refused(
+                types.INTERNAL_ERROR,
+                f"{len(self._calls) + self.others} requests are in flight and the request "
+                f"names none of them, so the Sidemesh bridge cannot tell which client must "
+                f"answer {what}",
+            )
+        only = self._calls[0]
+        if method not in only.methods:
+            raise Refused(types.METHOD_NOT_FOUND, _cannot(only, what, self._plugin))
+        return only
 
     def for_log(self) -> CallSlot | None:
-        """The call a log message belongs to: the current one, else the only one in flight."""
+        """The call a log message belongs to: the current one, else the only request in
+        flight when it is a call; None: nobody's in particular."""
         current = _CURRENT.get()
         if current is not None:
             return current
-        return self._calls[0] if len(self._calls) == 1 else None
+        return self._calls[0] if len(self._calls) == 1 and not self.others else None
 
 
 def _describe(method: str) -> str:

@@ -244,7 +244,8 @@ class ServerLink:
         client = await self.ready_client(timeout, what)
         try:
             async with asyncio.timeout_at(deadline + _TIMEOUT_SLACK):
-                return await send(client, max(0.001, deadline - loop.time()))
+                with self.in_flight.request():
+                    return await send(client, max(0.001, deadline - loop.time()))
         except Exception as exc:
             error = _leaf(exc)
             if self._client is not client and not isinstance(error, MCPError | TimeoutError):

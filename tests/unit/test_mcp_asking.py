@@ -32,25 +32,37 @@ def test_no_call_in_flight_means_no_one_can_answer() -> None:
     assert "no call is in flight" in refused.value.message
 
 
-def test_the_only_call_that_can_answer_gets_the_request() -> None:
+def test_the_only_request_in_flight_gets_the_request_if_it_can_answer() -> None:
     in_flight = InFlight("p")
-    plain, _ = slot("plain", interactive=False)
     asker, _ = slot("asker", SAMPLING)
-    in_flight._calls += [plain, asker]
+    in_flight._calls.append(asker)
     assert in_flight.for_request(SAMPLING) is asker
-    with pytest.raises(Refused, match="cannot answer roots/list: it made the plain CallTool"):
+    assert in_flight.for_log() is asker
+    with pytest.raises(Refused, match="did not declare that it can answer roots/list"):
         in_flight.for_request(ROOTS)
+    plain_flight = InFlight("p")
+    plain_flight._calls.append(slot("plain", interactive=False)[0])
+    with pytest.raises(Refused, match="cannot answer roots/list: it made the plain CallTool"):
+        plain_flight.for_request(ROOTS)
 
 
-def test_several_calls_that_could_answer_get_an_error_not_a_guess() -> None:
+def test_with_several_requests_in_flight_nothing_is_guessed() -> None:
+    """A plain call and an asking one: the request may be the plain call's; a call and
+    another client's unsubscribe: the log may be the unsubscribe's."""
     in_flight = InFlight("p")
-    in_flight._calls += [slot("a", SAMPLING)[0], slot("b", SAMPLING)[0]]
+    in_flight._calls += [slot("plain", interactive=False)[0], slot("asker", SAMPLING)[0]]
     with pytest.raises(Refused) as refused:
         in_flight.for_request(SAMPLING)
-    assert (
-        refused.value.code == types.INTERNAL_ERROR
-        and "2 calls are in flight" in refused.value.message
-    )
+    assert refused.value.code == types.INTERNAL_ERROR
+    assert "2 requests are in flight" in refused.value.message
+    assert in_flight.for_log() is None
+    one_call = InFlight("p")
+    one_call._calls.append(slot("asker", SAMPLING)[0])
+    with one_call.request():  # e.g. resources/unsubscribe for another client
+        assert one_call.for_log() is None
+        with pytest.raises(Refused, match="2 requests are in flight"):
+            one_call.for_request(SAMPLING)
+    assert one_call.for_log() is not None
 
 
 async def test_the_current_call_answers_and_logs_go_to_it() -> None:
