@@ -1,0 +1,346 @@
+//! Upstream connections: one pooled, multiplexed HTTP/2 connection per replica, to a
+//! Unix socket (a sidecar) or a TCP address (a remote plugin), made on first use and
+//! again after it closes, with a short backoff after a failed connect (20 ms doubling to
+//! 250 ms, as the router's channels had).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::uri::Authority;
+use tokio::net::{TcpStream, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Address, H2Settings};
+use crate::outlier::Outliers;
+
+const BACKOFF_INITIAL: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// Who may serve a Unix upstream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerCheck {
+    /// The peer's uid must be this one.
+    pub uid: Option<u32>,
+    /// Ask the control plane (`verify_peer`) about the peer's pid and uid.
+    pub ask: bool,
+}
+
+/// Why no stream could be opened: the request never left the data plane.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectError(pub String);
+
+struct Live {
+    send: SendRequest<Bytes>,
+    alive: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct State {
+    live: Option<Live>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: String,
+}
+
+/// One replica's address, connection and counters.
+pub struct Upstream {
+    pub key: String,
+    pub address: Address,
+    pub authority: Authority,
+    check: PeerCheck,
+    state: Mutex<State>,
+    connecting: tokio::sync::Mutex<()>,
+    in_flight: AtomicUsize,
+    /// Cancelled when the upstream is removed: its connection closes, its calls end.
+    pub removed: CancellationToken,
+    pub outliers: Outliers,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("key", &self.key)
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+/// An attempt's place on an upstream: counts it in flight until dropped.
+pub struct InFlight(Arc<Upstream>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Upstream {
+    pub fn new(key: String, address: Address, check: PeerCheck) -> Arc<Upstream> {
+        let authority = Authority::try_from(address.authority())
+            .unwrap_or_else(|_| Authority::from_static("localhost"));
+        Arc::new(Upstream {
+            key,
+            address,
+            authority,
+            check,
+            state: Mutex::new(State::default()),
+            connecting: tokio::sync::Mutex::new(()),
+            in_flight: AtomicUsize::new(0),
+            removed: CancellationToken::new(),
+            outliers: Outliers::default(),
+        })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn cached(&self) -> Option<SendRequest<Bytes>> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &state.live {
+            Some(live) if live.alive.load(Ordering::Acquire) => Some(live.send.clone()),
+            _ => None,
+        }
+    }
+
+    /// Forgets the connection (it failed under a call).
+    pub fn discard(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(live) = state.live.take() {
+            live.alive.store(false, Ordering::Release);
+        }
+    }
+
+    /// A handle ready to open one stream, connecting if need be.
+    pub async fn ready(
+        self: &Arc<Self>,
+        settings: &H2Settings,
+        timeout: Duration,
+        verify: &(dyn Fn(&str, i32, u32) -> bool + Sync),
+    ) -> Result<SendRequest<Bytes>, ConnectError> {
+        if self.removed.is_cancelled() {
+            return Err(ConnectError(format!("replica {} was removed", self.key)));
+        }
+        // A cached connection that turns out closed is replaced once: nothing was sent.
+        for _ in 0..2 {
+            let send = match self.cached() {
+                Some(send) => send,
+                None => self.connect(settings, timeout, verify).await?,
+            };
+            match send.ready().await {
+                Ok(send) => return Ok(send),
+                Err(_) => self.discard(),
+            }
+        }
+        Err(ConnectError(format!(
+            "the connection to {} closed at once",
+            self.address
+        )))
+    }
+
+    async fn connect(
+        self: &Arc<Self>,
+        settings: &H2Settings,
+        timeout: Duration,
+        verify: &(dyn Fn(&str, i32, u32) -> bool + Sync),
+    ) -> Result<SendRequest<Bytes>, ConnectError> {
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(send) = self.cached() {
+            return Ok(send); // another call connected meanwhile
+        }
+        {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(at) = state.retry_at {
+                if Instant::now() < at {
+                    return Err(ConnectError(state.last_error.clone()));
+                }
+            }
+        }
+        let made = tokio::time::timeout(timeout, self.dial(settings, verify)).await;
+        let result = match made {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "connecting to {} timed out after {timeout:?}",
+                self.address
+            )),
+        };
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(live) => {
+                let send = live.send.clone();
+                state.live = Some(live);
+                state.failures = 0;
+                state.retry_at = None;
+                Ok(send)
+            }
+            Err(error) => {
+                state.failures += 1;
+                let pause = BACKOFF_INITIAL
+                    .saturating_mul(1 << (state.failures - 1).min(8))
+                    .min(BACKOFF_MAX);
+                state.retry_at = Some(Instant::now() + pause);
+                state.last_error = error.clone();
+                Err(ConnectError(error))
+            }
+        }
+    }
+
+    async fn dial(
+        &self,
+        settings: &H2Settings,
+        verify: &(dyn Fn(&str, i32, u32) -> bool + Sync),
+    ) -> Result<Live, String> {
+        let mut builder = h2::client::Builder::new();
+        builder
+            .initial_window_size(settings.stream_window)
+            .initial_connection_window_size(settings.connection_window)
+            .max_send_buffer_size(settings.stream_window as usize)
+            .max_header_list_size(settings.max_header_list_size)
+            .enable_push(false);
+        let alive = Arc::new(AtomicBool::new(true));
+        let removed = self.removed.clone();
+        let send = match &self.address {
+            Address::Unix(path) => {
+                let io = UnixStream::connect(path)
+                    .await
+                    .map_err(|e| format!("cannot connect to unix:{}: {e}", path.display()))?;
+                self.check_peer(&io, verify)?;
+                let (send, conn) = builder.handshake::<_, Bytes>(io).await.map_err(|e| {
+                    format!("HTTP/2 handshake with unix:{} failed: {e}", path.display())
+                })?;
+                spawn_connection(conn, alive.clone(), removed);
+                send
+            }
+            Address::Tcp(host_port) => {
+                let io = TcpStream::connect(host_port.as_str())
+                    .await
+                    .map_err(|e| format!("cannot connect to {host_port}: {e}"))?;
+                let _ = io.set_nodelay(true);
+                let (send, conn) = builder
+                    .handshake::<_, Bytes>(io)
+                    .await
+                    .map_err(|e| format!("HTTP/2 handshake with {host_port} failed: {e}"))?;
+                spawn_connection(conn, alive.clone(), removed);
+                send
+            }
+        };
+        Ok(Live { send, alive })
+    }
+
+    fn check_peer(
+        &self,
+        io: &UnixStream,
+        verify: &(dyn Fn(&str, i32, u32) -> bool + Sync),
+    ) -> Result<(), String> {
+        if self.check == PeerCheck::default() {
+            return Ok(());
+        }
+        let cred = io
+            .peer_cred()
+            .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+        let (pid, uid) = (cred.pid().unwrap_or(0), cred.uid());
+        if let Some(expected) = self.check.uid {
+            if uid != expected {
+                return Err(format!(
+                    "the process serving {} runs as uid {uid}, not the expected uid {expected}",
+                    self.address
+                ));
+            }
+        }
+        if self.check.ask && !verify(&self.key, pid, uid) {
+            return Err(format!(
+                "the process serving {} (pid {pid}, uid {uid}) is not replica {}'s",
+                self.address, self.key
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn spawn_connection<T>(
+    conn: h2::client::Connection<T, Bytes>,
+    alive: Arc<AtomicBool>,
+    removed: CancellationToken,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = conn => {}
+            _ = removed.cancelled() => {}
+        }
+        alive.store(false, Ordering::Release);
+    });
+}
+
+/// Every upstream by replica key.
+#[derive(Default)]
+pub struct Pool {
+    upstreams: RwLock<HashMap<String, Arc<Upstream>>>,
+}
+
+impl Pool {
+    pub fn get(&self, key: &str) -> Option<Arc<Upstream>> {
+        self.upstreams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Adds or replaces an upstream; a replaced one is removed (its calls end).
+    pub fn set(&self, key: &str, address: Address, check: PeerCheck) {
+        let upstream = Upstream::new(key.to_string(), address, check);
+        let old = self
+            .upstreams
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), upstream);
+        if let Some(old) = old {
+            old.removed.cancel();
+        }
+    }
+
+    /// Removes an upstream: its connection closes and its calls in flight end.
+    pub fn remove(&self, key: &str) -> bool {
+        let old = self
+            .upstreams
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        match old {
+            Some(old) => {
+                old.removed.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn all(&self) -> Vec<Arc<Upstream>> {
+        self.upstreams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn clear(&self) {
+        for upstream in
+            std::mem::take(&mut *self.upstreams.write().unwrap_or_else(|e| e.into_inner()))
+                .into_values()
+        {
+            upstream.removed.cancel();
+        }
+    }
+}
