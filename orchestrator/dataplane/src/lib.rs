@@ -5,6 +5,7 @@
 //! (payloads as bytes, flow control, deadlines, cancellation, retries, TLS) stays here.
 
 pub mod admission;
+pub mod authority;
 pub mod config;
 pub mod decision;
 pub mod forward;

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::authority::AuthorityFix;
 use crate::config::{Address, H2Settings};
 use crate::decision::Decider;
 use crate::forward::{self, ConnInfo, Shared};
@@ -166,6 +167,7 @@ pub fn listen<D: Decider>(
                     let peer = if caller.is_empty() { peer } else { peer.as_plugin(&caller) };
                     let conn = conn_info(listener.clone(), caller.clone(), peer, services.clone());
                     let (dp, h2, drained) = (dp.clone(), h2.clone(), drained.clone());
+                    let io = AuthorityFix::new(io);
                     tokio::spawn(async move { serve_connection(dp, io, conn, &h2, drained).await });
                 }
             });

@@ -570,8 +570,18 @@ impl DataPlane {
         caller: String,
         tls: Option<PyRef<'_, TlsConfig>>,
         unix_mode: u32,
-        services: Option<HashSet<String>>,
+        services: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<String> {
+        let services = match services {
+            Some(items) => {
+                let mut set = HashSet::new();
+                for item in items.try_iter()? {
+                    set.insert(item?.extract::<String>()?);
+                }
+                Some(set)
+            }
+            None => None,
+        };
         if self.shared.hard_stop.is_cancelled() {
             return Err(PyRuntimeError::new_err("the data plane is stopped"));
         }
