@@ -74,7 +74,7 @@ class Upstream:
     """A grpc.aio server playing a sidecar: ToolService, AgentService, McpService.
 
     Tools (by plugin-local name): ``echo`` (the ``payload`` argument back, one result),
-    ``slow`` (sleeps ``delay`` × ``slowness`` s, then a result), ``progress`` (``count``
+    ``slow`` (sleeps ``delay`` times ``slowness`` s, then a result), ``progress`` (``count``
     progress events, then a result), ``fail`` (aborts with ``code``/``message``, rich
     details and a custom trailer), ``fail_after_progress`` (one progress, then
     UNAVAILABLE), ``big`` (a result of ``size`` bytes), ``meta`` (sends initial and
@@ -153,7 +153,9 @@ class _Tools(tool_pb2_grpc.ToolServiceServicer):
                 yield text_result("x" * int(args.get("size", 100)))
             elif tool == "meta":
                 await context.send_initial_metadata((("x-initial", "i1"),))
-                context.set_trailing_metadata((("x-trailing", "t2"), ("x-trailing-bin", b"\x00\x01")))
+                context.set_trailing_metadata(
+                    (("x-trailing", "t2"), ("x-trailing-bin", b"\x00\x01"))
+                )
                 yield text_result(f"{up.name}:meta")
             else:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"{up.name} has no tool {tool}")
@@ -171,7 +173,11 @@ class _Agents(agent_pb2_grpc.AgentServiceServicer):
     ) -> AsyncIterator[agent_pb2.InvokeResponse]:
         self.up.see(request, context)
         data = json_format.MessageToDict(request.input.data)
-        count, size, delay = int(data.get("count", 3)), int(data.get("size", 8)), float(data.get("delay", 0))
+        count, size, delay = (
+            int(data.get("count", 3)),
+            int(data.get("size", 8)),
+            float(data.get("delay", 0)),
+        )
         self.up.started.set()
         try:
             for i in range(count):
@@ -208,7 +214,9 @@ class _Mcp(mcp_pb2_grpc.McpServiceServicer):
         self, request: mcp_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> mcp_pb2.GetServerInfoResponse:
         self.up.see(request, context)
-        return mcp_pb2.GetServerInfoResponse(info=mcp_pb2.McpServerInfo(name=f"{self.up.name}:{request.server}"))
+        return mcp_pb2.GetServerInfoResponse(
+            info=mcp_pb2.McpServerInfo(name=f"{self.up.name}:{request.server}")
+        )
 
 
 # -- the internal server ---------------------------------------------------------
@@ -289,7 +297,9 @@ class Decider:
             if call.message is None:
                 return dp.Refusal(3, "the chat ended before its first message (ChatRequest.start)")
             request = agent_pb2.ChatRequest.FromString(call.message)
-            return dp.Decision(request.start.agent, context={"chat": request.start.agent}, retry=self.policy)
+            return dp.Decision(
+                request.start.agent, context={"chat": request.start.agent}, retry=self.policy
+            )
         request = mcp_pb2.GetServerInfoRequest.FromString(call.message)
         return dp.Decision(request.server, context={"mcp": request.server}, retry=self.policy)
 
@@ -297,7 +307,9 @@ class Decider:
         self.retry_picks.append((context, failed, reason))
         return self.next_replica(failed)
 
-    def upstream_failed(self, context: Any, replica: str, detail: str) -> tuple[int, str, bytes | None]:
+    def upstream_failed(
+        self, context: Any, replica: str, detail: str
+    ) -> tuple[int, str, bytes | None]:
         self.failures.append((context, replica, detail))
         err = UnavailableError(
             f"plugin 'test' replica {replica} exited during the call ({detail}); "
