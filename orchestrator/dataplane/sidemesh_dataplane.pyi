@@ -28,7 +28,7 @@ own grpc.aio server), with trusted metadata set by the data plane — any
 Finished routed calls are drained with :meth:`DataPlane.take_records`.
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Literal
 
 Kind = Literal["unary_unary", "unary_stream", "stream_stream"]
@@ -127,6 +127,12 @@ class RetryPolicy:
     @property
     def per_try_timeout(self) -> float | None: ...
 
+class SpanAttributes:
+    """Span attributes serialized once (values: strings as they are, others as JSON,
+    as the trace store keeps them). Make one per catalog entry and reuse it."""
+
+    def __init__(self, attributes: Mapping[str, str | int | float | bool]) -> None: ...
+
 class Decision:
     """Forward the call to the replica ``upstream`` (a key given to ``set_upstream``)."""
 
@@ -138,12 +144,14 @@ class Decision:
         metadata: Iterable[tuple[str, MetadataValue]] | None = None,
         context: object = None,
         retry: RetryPolicy | None = None,
+        span_attributes: SpanAttributes | None = None,
     ) -> None:
         """``message``: the first message to send instead of the one received (a
         rewritten target); ``metadata``: extra request metadata for the upstream
         (bytes only for ``-bin`` keys); ``context``: any object, handed back to
         ``retry_pick``/``upstream_failed`` and in the call's :class:`Record`;
-        ``retry``: default one attempt. Raises ``ValueError`` for bad metadata."""
+        ``retry``: default one attempt; ``span_attributes``: added to the call's
+        SERVER span (``sidemesh.target``). Raises ``ValueError`` for bad metadata."""
     @property
     def upstream(self) -> str: ...
     @property
@@ -177,6 +185,10 @@ class TlsConfig:
 #: ``transport``, ``per_try_timeout``, ``cancelled`` (by the caller), ``deadline``,
 #: ``removed`` (``remove_upstream``), ``shutdown``, ``too_large``.
 Attempt = tuple[str, str, int, int, int, str, str]
+
+#: A trace store row: (trace_id, span_id, parent_span_id, name, service, kind (2 SERVER,
+#: 3 CLIENT), start_ns, end_ns, error (0/1), status_message, attributes as a JSON object).
+SpanRow = tuple[str, str, str, str, str, int, int, int, int, str, str]
 
 class Record:
     """One finished routed call (also calls refused by admission or ``decide``)."""
@@ -231,6 +243,8 @@ class DataPlane:
         stream_window: int = 65_536,
         connection_window: int = 2 * 1024 * 1024,
         max_concurrent_streams: int = 20_000,
+        service_name: str = "sidemesh-orchestrator",
+        max_span_rows: int = 262_144,
     ) -> None:
         """Starts the runtime (``worker_threads`` threads named ``sidemesh-dataplane``).
 
@@ -251,6 +265,7 @@ class DataPlane:
           ``traceparent`` naming the CLIENT span; off: pass the caller's trace headers on.
         - ``stream_window``/``connection_window``: HTTP/2 receive windows on both
           sides; a stream buffers at most one ``stream_window`` per direction.
+        - ``service_name``: ``service.name`` of the data plane's span rows.
         """
     def listen(
         self,
@@ -270,12 +285,20 @@ class DataPlane:
     def close_listener(self, listener_id: str) -> bool:
         """Stops accepting; connections get GOAWAY and finish their calls."""
     def set_upstream(
-        self, replica_key: str, address: str, *, expected_uid: int | None = None, verify: bool = False
+        self,
+        replica_key: str,
+        address: str,
+        *,
+        expected_uid: int | None = None,
+        verify: bool = False,
+        span_attributes: Mapping[str, str | int | float | bool] | None = None,
     ) -> None:
         """Adds or replaces (ending the old one's calls) a replica at ``unix:/path`` or
-        ``host:port``. Unix only: ``expected_uid`` checks SO_PEERCRED's uid and
-        ``verify`` asks ``verify_peer`` on each new connection; a refused peer is a
-        connect failure (never reached)."""
+        ``host:port``; setting the same again changes nothing. Unix only:
+        ``expected_uid`` checks SO_PEERCRED's uid and ``verify`` asks ``verify_peer``
+        on each new connection; a refused peer is a connect failure (never reached).
+        ``span_attributes``: added to the CLIENT span of every attempt on it
+        (``server.address``, ``network.transport``, ``sidemesh.plugin``, ...)."""
     def remove_upstream(self, replica_key: str) -> bool:
         """Closes the replica's connection; its calls end via ``upstream_failed``."""
     def in_flight(self, replica_key: str | None = None) -> int:
@@ -285,9 +308,18 @@ class DataPlane:
     def take_records(self) -> list[Record]:
         """The records of routed calls finished since the last call, oldest first (at
         most ``max_records`` are kept; see ``stats()["records_dropped"]``)."""
+    def take_span_rows(self) -> list[SpanRow]:
+        """The trace store rows of the data plane's spans since the last call (tracing
+        on, sampled calls): per call a SERVER span (``rpc.system``, ``rpc.service``,
+        ``rpc.method``, ``sidemesh.call_id``, ``sidemesh.caller``, the decision's
+        ``span_attributes``, ``rpc.grpc.status_code``, ``sidemesh.messages.sent``) and
+        a CLIENT span per attempt that opened a stream (the same ``rpc.*``, the
+        upstream's ``span_attributes``, its status, ``sidemesh.attempt.outcome``).
+        Errors have status message ``"<CODE_NAME>: <message>"``. Pass them to
+        ``TraceStore.add`` as they are."""
     def stats(self) -> dict[str, int]:
         """``in_flight``, ``streams``, ``calls``, ``refused``, ``retries``,
-        ``internal_calls``, ``records_waiting``, ``records_dropped``."""
+        ``internal_calls``, ``records_waiting``, ``records_dropped``, ``span_rows_dropped``."""
     def stop(self, grace: float) -> int:
         """Stops accepting (Unix socket files removed), sends GOAWAY on every
         connection, waits up to ``grace`` seconds for streams in flight, then ends the

@@ -44,6 +44,8 @@ pub struct Forward<C> {
     pub metadata: Vec<(HeaderName, HeaderValue)>,
     pub context: C,
     pub retry: RetryPolicy,
+    /// Attributes of the call's SERVER span (for example `sidemesh.target`).
+    pub span_attributes: Option<crate::spans::Attributes>,
 }
 
 /// The decision's answer.

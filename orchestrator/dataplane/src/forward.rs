@@ -33,6 +33,7 @@ use crate::identity::Peer;
 use crate::pool::{InFlight, Pool, Upstream};
 use crate::records::{self, now_ns, Attempt, CallIds, Record, Records, TraceIds};
 use crate::retry::{Failure, Progress, RetryPolicy};
+use crate::spans::{self, Attributes, Rows};
 
 static USER_AGENT_VALUE: HeaderValue = HeaderValue::from_static("sidemesh-dataplane/0.1");
 const SHUTTING_DOWN: &str =
@@ -55,12 +56,26 @@ pub struct Shared<D: Decider> {
     pub internal: Option<Arc<Upstream>>,
     pub admission: Arc<Admission>,
     pub records: Records<D::Context>,
+    /// Span rows of sampled calls (when tracing), for the trace store.
+    pub rows: Rows,
+    /// `service.name` of the data plane's spans.
+    pub service: Arc<str>,
     pub ids: CallIds,
     /// Cancelled when the grace period of `stop` is over: calls still running end.
     pub hard_stop: CancellationToken,
     /// Streams being served (routed and not), for `stop` to wait on.
     pub active: AtomicUsize,
     pub stats: Stats,
+}
+
+impl<D: Decider> Shared<D> {
+    /// Hands a finished call to Python: its record, and its span rows when traced.
+    fn finished(&self, record: Record<D::Context>) {
+        if self.config.tracing {
+            self.rows.extend(spans::rows(&record, &self.service));
+        }
+        self.records.push(record);
+    }
 }
 
 /// The connection a call came in on.
@@ -320,6 +335,7 @@ struct Routed<C> {
     start_ns: u64,
     decided_ns: u64,
     current: String,
+    span_attributes: Option<Attributes>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -359,12 +375,13 @@ async fn routed<D: Decider>(
         trace: trace.clone(),
         attempts: Vec::new(),
         upstream: String::new(),
+        span_attributes: None,
     };
     let Some(permit) = dp.admission.enter() else {
         dp.stats.refused.fetch_add(1, Ordering::Relaxed);
         let status = &dp.config.admission_refusal;
         refuse(&mut respond, status);
-        dp.records.push(bare(status.code, &status.message, 0, 0));
+        dp.finished(bare(status.code, &status.message, 0, 0));
         return;
     };
     let deadline = deadline_of(&parts.headers);
@@ -387,7 +404,7 @@ async fn routed<D: Decider>(
         }
         Err(Early::Status(status)) => {
             refuse(&mut respond, &status);
-            dp.records.push(bare(status.code, &status.message, 0, 0));
+            dp.finished(bare(status.code, &status.message, 0, 0));
             return;
         }
     };
@@ -398,7 +415,7 @@ async fn routed<D: Decider>(
              it to route the call (send it with compression off)",
         );
         refuse(&mut respond, &status);
-        dp.records.push(bare(status.code, &status.message, 0, 1));
+        dp.finished(bare(status.code, &status.message, 0, 1));
         return;
     }
     let mut metadata = HeaderMap::with_capacity(parts.headers.len());
@@ -464,6 +481,7 @@ async fn routed<D: Decider>(
         start_ns,
         decided_ns,
         current: forward.upstream.clone(),
+        span_attributes: forward.span_attributes,
     };
     let call = Call::<D> {
         dp: dp.clone(),
@@ -752,7 +770,7 @@ impl<D: Decider> Call<D> {
                     "never_reached",
                     code::UNAVAILABLE,
                     start_ns,
-                    span_id,
+                    String::new(), // no stream was opened: no CLIENT span
                     detail.clone(),
                 );
                 self.failed(Failure::NeverReached, &key, detail, None);
@@ -1362,6 +1380,7 @@ impl<D: Decider> Call<D> {
                 end_ns: now_ns(),
                 span_id: attempt.span_id,
                 detail,
+                attributes: attempt.upstream.attributes.clone(),
             });
         }
         // Keep the stream alive until the response is fully handed over: the body goes
@@ -1386,6 +1405,7 @@ impl<D: Decider> Call<D> {
                 end_ns: now_ns(),
                 span_id,
                 detail,
+                attributes: None,
             });
         }
     }
@@ -1431,7 +1451,7 @@ impl<D: Decider> Call<D> {
             message: String::new(),
         });
         drop(routed.permit);
-        self.dp.records.push(Record {
+        self.dp.finished(Record {
             context: Some(routed.context),
             listener: routed.listener,
             caller: routed.caller,
@@ -1448,6 +1468,7 @@ impl<D: Decider> Call<D> {
             trace: routed.trace,
             upstream: routed.current,
             attempts: std::mem::take(&mut self.attempts),
+            span_attributes: routed.span_attributes,
         });
     }
 }

@@ -16,6 +16,7 @@ pub mod outlier;
 pub mod pool;
 pub mod records;
 pub mod retry;
+pub mod spans;
 pub mod tls;
 
 #[cfg(feature = "python")]

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Address, H2Settings};
 use crate::outlier::Outliers;
+use crate::spans::Attributes;
 
 const BACKOFF_INITIAL: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(250);
@@ -58,6 +59,8 @@ pub struct Upstream {
     /// Cancelled when the upstream is removed: its connection closes, its calls end.
     pub removed: CancellationToken,
     pub outliers: Outliers,
+    /// Attributes of the CLIENT spans of attempts on this upstream.
+    pub attributes: Option<Attributes>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -79,7 +82,12 @@ impl Drop for InFlight {
 }
 
 impl Upstream {
-    pub fn new(key: String, address: Address, check: PeerCheck) -> Arc<Upstream> {
+    pub fn new(
+        key: String,
+        address: Address,
+        check: PeerCheck,
+        attributes: Option<Attributes>,
+    ) -> Arc<Upstream> {
         let authority = Authority::try_from(address.authority())
             .unwrap_or_else(|_| Authority::from_static("localhost"));
         Arc::new(Upstream {
@@ -92,6 +100,7 @@ impl Upstream {
             in_flight: AtomicUsize::new(0),
             removed: CancellationToken::new(),
             outliers: Outliers::default(),
+            attributes,
         })
     }
 
@@ -297,9 +306,21 @@ impl Pool {
             .cloned()
     }
 
-    /// Adds or replaces an upstream; a replaced one is removed (its calls end).
-    pub fn set(&self, key: &str, address: Address, check: PeerCheck) {
-        let upstream = Upstream::new(key.to_string(), address, check);
+    /// Adds or replaces an upstream; a replaced one is removed (its calls end) unless
+    /// it is the same (address, check and attributes): setting it again changes nothing.
+    pub fn set(
+        &self,
+        key: &str,
+        address: Address,
+        check: PeerCheck,
+        attributes: Option<Attributes>,
+    ) {
+        if let Some(old) = self.get(key) {
+            if old.address == address && old.check == check && old.attributes == attributes {
+                return;
+            }
+        }
+        let upstream = Upstream::new(key.to_string(), address, check, attributes);
         let old = self
             .upstreams
             .write()

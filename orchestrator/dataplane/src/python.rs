@@ -24,6 +24,7 @@ use crate::listener::{self, Bound as Listening, ListenerSpec};
 use crate::pool::{PeerCheck, Pool, Upstream};
 use crate::records::{CallIds, Records};
 use crate::retry;
+use crate::spans::{Attributes, Rows};
 use crate::tls::TlsSettings;
 
 // -- values ------------------------------------------------------------------------
@@ -210,6 +211,48 @@ fn metadata_pairs(items: &Bound<'_, PyAny>) -> PyResult<Vec<(HeaderName, HeaderV
     Ok(out)
 }
 
+/// Span attributes, serialized once (make one per catalog entry and reuse it).
+#[pyclass(frozen, name = "SpanAttributes", module = "sidemesh_dataplane")]
+struct PySpanAttributes {
+    attributes: Attributes,
+}
+
+fn attributes_of(mapping: &Bound<'_, PyAny>) -> PyResult<Attributes> {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for item in mapping.call_method0("items")?.try_iter()? {
+        let (key, value): (String, Bound<'_, PyAny>) = item?.extract()?;
+        // As the trace store keeps them: strings as they are, anything else as JSON.
+        let text = match value.extract::<String>() {
+            Ok(text) => text,
+            Err(_) if value.is_instance_of::<pyo3::types::PyBool>() => {
+                if value.is_truthy()? {
+                    "true".into()
+                } else {
+                    "false".into()
+                }
+            }
+            Err(_) => value.str()?.to_string(),
+        };
+        pairs.push((key, text));
+    }
+    Ok(Attributes::new(
+        pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    ))
+}
+
+#[pymethods]
+impl PySpanAttributes {
+    #[new]
+    fn new(attributes: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Ok(PySpanAttributes {
+            attributes: attributes_of(attributes)?,
+        })
+    }
+    fn __repr__(&self) -> String {
+        format!("SpanAttributes({{{}}})", self.attributes.0)
+    }
+}
+
 /// Forward the call to `upstream`.
 #[pyclass(frozen, module = "sidemesh_dataplane")]
 struct Decision {
@@ -218,12 +261,13 @@ struct Decision {
     metadata: Vec<(HeaderName, HeaderValue)>,
     context: Py<PyAny>,
     retry: retry::RetryPolicy,
+    span_attributes: Option<Attributes>,
 }
 
 #[pymethods]
 impl Decision {
     #[new]
-    #[pyo3(signature = (upstream, *, message=None, metadata=None, context=None, retry=None))]
+    #[pyo3(signature = (upstream, *, message=None, metadata=None, context=None, retry=None, span_attributes=None))]
     fn new(
         py: Python<'_>,
         upstream: String,
@@ -231,6 +275,7 @@ impl Decision {
         metadata: Option<&Bound<'_, PyAny>>,
         context: Option<Py<PyAny>>,
         retry: Option<PyRef<'_, RetryPolicy>>,
+        span_attributes: Option<PyRef<'_, PySpanAttributes>>,
     ) -> PyResult<Self> {
         Ok(Decision {
             upstream,
@@ -241,6 +286,7 @@ impl Decision {
             },
             context: context.unwrap_or_else(|| py.None()),
             retry: retry.map(|r| r.policy.clone()).unwrap_or_default(),
+            span_attributes: span_attributes.map(|a| a.attributes.clone()),
         })
     }
     #[getter]
@@ -385,6 +431,7 @@ impl Decider for PyDecider {
                     metadata: d.metadata.clone(),
                     context: d.context.clone_ref(py),
                     retry: d.retry.clone(),
+                    span_attributes: d.span_attributes.clone(),
                 });
             }
             if let Ok(refusal) = answer.cast::<Refusal>() {
@@ -473,6 +520,7 @@ impl DataPlane {
         max_message_bytes=4 * 1024 * 1024, max_concurrent_calls=1024, internal_address=None,
         admission_refusal=None, tracing=true, worker_threads=1, max_records=65_536,
         stream_window=65_536, connection_window=2 * 1024 * 1024, max_concurrent_streams=20_000,
+        service_name=String::from("sidemesh-orchestrator"), max_span_rows=262_144,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -491,6 +539,8 @@ impl DataPlane {
         stream_window: u32,
         connection_window: u32,
         max_concurrent_streams: u32,
+        service_name: String,
+        max_span_rows: usize,
     ) -> PyResult<Self> {
         let mut table = HashMap::new();
         for (path, kind) in routes {
@@ -531,6 +581,7 @@ impl DataPlane {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(worker_threads.max(1))
             .thread_name("sidemesh-dataplane")
+            .on_thread_start(keep_thread_state)
             .enable_all()
             .build()
             .map_err(|e| {
@@ -539,7 +590,10 @@ impl DataPlane {
         let shared = Arc::new(Shared {
             admission: Admission::new(config.max_concurrent_calls),
             records: Records::new(config.max_records),
-            internal: internal.map(|a| Upstream::new("internal".into(), a, PeerCheck::default())),
+            rows: Rows::new(max_span_rows),
+            service: service_name.into(),
+            internal: internal
+                .map(|a| Upstream::new("internal".into(), a, PeerCheck::default(), None)),
             config,
             decider: PyDecider {
                 decide,
@@ -622,14 +676,16 @@ impl DataPlane {
     }
 
     /// Adds (or replaces) an upstream replica.
-    #[pyo3(signature = (replica_key, address, *, expected_uid=None, verify=false))]
+    #[pyo3(signature = (replica_key, address, *, expected_uid=None, verify=false, span_attributes=None))]
     fn set_upstream(
         &self,
         replica_key: &str,
         address: &str,
         expected_uid: Option<u32>,
         verify: bool,
+        span_attributes: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        let attributes = span_attributes.map(attributes_of).transpose()?;
         let address = Address::parse(address).map_err(PyValueError::new_err)?;
         if verify && self.shared.decider.verify_peer.is_none() {
             return Err(PyValueError::new_err(
@@ -643,6 +699,7 @@ impl DataPlane {
                 uid: expected_uid,
                 ask: verify,
             },
+            attributes,
         );
         Ok(())
     }
@@ -713,6 +770,31 @@ impl DataPlane {
         Ok(list)
     }
 
+    /// Drains the trace store rows of the data plane's spans (tracing on, sampled calls):
+    /// `(trace_id, span_id, parent_span_id, name, service, kind, start_ns, end_ns, error,
+    /// status_message, attributes_json)`, as `TraceStore.add` takes them.
+    fn take_span_rows<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let rows = self.shared.rows.take();
+        let list = PyList::empty(py);
+        for r in rows {
+            let row = (
+                r.trace_id,
+                r.span_id,
+                r.parent_span_id,
+                &*r.name,
+                &*r.service,
+                r.kind,
+                r.start_ns,
+                r.end_ns,
+                u8::from(r.error),
+                r.status_message,
+                r.attributes,
+            );
+            list.append(row)?;
+        }
+        Ok(list)
+    }
+
     /// Counters for metrics.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = &self.shared;
@@ -728,6 +810,7 @@ impl DataPlane {
         )?;
         dict.set_item("records_waiting", s.records.len())?;
         dict.set_item("records_dropped", s.records.dropped())?;
+        dict.set_item("span_rows_dropped", s.rows.dropped())?;
         Ok(dict)
     }
 
@@ -772,6 +855,24 @@ impl DataPlane {
             .map(|l| l.values().flatten().map(|b| b.address.clone()).collect())
             .unwrap_or_default();
         format!("DataPlane(listening on {listeners:?})")
+    }
+}
+
+/// Gives a runtime thread a Python thread state for its whole life.
+///
+/// `Python::attach` on a thread without one creates a thread state and destroys it
+/// again when it returns: per call, that is an mmap/munmap of its frame stack and a
+/// gettid (measured: the largest cost of a call's decision). Ensuring one thread state
+/// here, then releasing the GIL, keeps the state: later attaches only take the GIL.
+fn keep_thread_state() {
+    // SAFETY: PyGILState_Ensure may be called on any thread once the interpreter is
+    // initialized (it is: this module was imported). It returns holding the GIL with
+    // this thread's state, which PyEval_SaveThread then releases; the gilstate count
+    // stays 1, so the state outlives every later Ensure/Release pair. It is freed with
+    // the interpreter at exit (runtime threads never call into Python after that).
+    unsafe {
+        let _ = pyo3::ffi::PyGILState_Ensure();
+        let _ = pyo3::ffi::PyEval_SaveThread();
     }
 }
 
@@ -824,6 +925,7 @@ fn sidemesh_dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RetryPolicy>()?;
     m.add_class::<TlsConfig>()?;
     m.add_class::<Record>()?;
+    m.add_class::<PySpanAttributes>()?;
     m.add_function(wrap_pyfunction!(_status_trailers, m)?)?;
     Ok(())
 }

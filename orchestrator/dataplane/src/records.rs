@@ -120,6 +120,8 @@ pub struct Attempt {
     pub span_id: String,
     /// What failed, for failed attempts (for example `connection refused`).
     pub detail: String,
+    /// The upstream's CLIENT span attributes (from `set_upstream`).
+    pub attributes: Option<crate::spans::Attributes>,
 }
 
 /// One finished routed call.
@@ -146,6 +148,8 @@ pub struct Record<C> {
     pub attempts: Vec<Attempt>,
     /// The replica of the last attempt (empty: none was tried).
     pub upstream: String,
+    /// The decision's SERVER span attributes.
+    pub span_attributes: Option<crate::spans::Attributes>,
 }
 
 /// Finished-call records waiting for Python, at most `limit` (the oldest dropped first).
@@ -287,6 +291,7 @@ mod tests {
             trace: TraceIds::default(),
             attempts: vec![],
             upstream: String::new(),
+            span_attributes: None,
         }
     }
 

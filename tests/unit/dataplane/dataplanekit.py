@@ -265,6 +265,7 @@ class Decider:
         self.dp = dp
         self.calls: list[Any] = []
         self.policy = dp.RetryPolicy()
+        self.span_attributes: Any = None
         self.retry_picks: list[tuple[Any, str, str]] = []
         self.next_replica: Callable[[str], str | None] = lambda failed: None
         self.failures: list[tuple[Any, str, str]] = []
@@ -289,6 +290,7 @@ class Decider:
                 metadata=[("x-routed-by", "test"), ("x-decider-bin", b"\x01\x02")],
                 context=context,
                 retry=self.policy,
+                span_attributes=self.span_attributes,
             )
         if call.path == "/sidemesh.v1.AgentService/Invoke":
             request = agent_pb2.InvokeRequest.FromString(call.message)

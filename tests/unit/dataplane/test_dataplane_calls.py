@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 
 import grpc
@@ -436,3 +437,52 @@ async def test_a_compressed_first_message_is_refused_clearly(mesh: Mesh) -> None
 def test_routes_are_validated() -> None:
     with pytest.raises(ValueError, match="stream_unary"):
         make_dataplane(Decider(), None, routes=[*ROUTES, ("/x/Y", "stream_unary")])
+
+
+async def test_span_rows_make_one_trace_tree_in_the_trace_store(mesh: Mesh) -> None:
+    import sidemesh_dataplane as dp
+
+    from orchestrator._trace_store import TraceStore
+
+    mesh.decider.span_attributes = dp.SpanAttributes({"sidemesh.target": "a/echo"})
+    mesh.plane.set_upstream("dead", f"unix:{mesh.dir}/nobody.sock")
+    mesh.plane.set_upstream(
+        "a",
+        mesh.a.address,
+        span_attributes={"server.address": mesh.a.address, "sidemesh.replica": 0},
+    )
+    mesh.decider.policy = dp.RetryPolicy(2, backoff_base=0.001)
+    mesh.decider.next_replica = lambda failed: "a"
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with grpc.aio.insecure_channel(mesh.callback) as channel:
+        await results(
+            tool_pb2_grpc.ToolServiceStub(channel),
+            call_tool("dead/echo"),
+            metadata=(("traceparent", parent),),
+        )
+    (record,) = await wait_records(mesh.plane)
+    rows = mesh.plane.take_span_rows()
+    assert len(rows) == 2  # the never-reached attempt opened no stream: no CLIENT span
+    server, client = rows
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    name = "sidemesh.v1.ToolService/CallTool"
+    assert server[:3] == (trace_id, record.server_span_id, "b7ad6b7169203331")
+    assert server[3:6] == (name, "sidemesh-orchestrator", 2)
+    assert client[:3] == (trace_id, record.attempts[1][5], record.server_span_id) and client[5] == 3
+    assert json.loads(server[10]) == {
+        "rpc.system": "grpc", "rpc.service": "sidemesh.v1.ToolService", "rpc.method": "CallTool",
+        "sidemesh.call_id": record.call_id, "sidemesh.caller": "files", "sidemesh.target": "a/echo",
+        "rpc.grpc.status_code": "0", "sidemesh.messages.sent": "1",
+    }  # fmt: skip
+    attributes = json.loads(client[10])
+    assert (attributes["server.address"], attributes["sidemesh.replica"]) == (mesh.a.address, "0")
+    assert record.start_ns == server[6] <= client[6] <= client[7] <= server[7] == record.end_ns
+    store = TraceStore(mesh.dir / "traces.db", 10)
+    try:
+        store.add(rows)
+        (span_a, span_b) = await store.spans(trace_id[:8])
+        (summary,) = await store.recent(5)
+    finally:
+        store.close()
+    assert {span_a.span_id, span_b.span_id} == {server[1], client[1]}
+    assert (summary.root_name, summary.span_count) == ("sidemesh.v1.ToolService/CallTool", 2)
