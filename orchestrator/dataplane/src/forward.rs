@@ -398,8 +398,7 @@ async fn routed<D: Decider>(
     {
         Ok(first) => first,
         Err(Early::Reset) => {
-            dp.records
-                .push(bare(code::CANCELLED, "cancelled by the caller", 0, 0));
+            dp.finished(bare(code::CANCELLED, "cancelled by the caller", 0, 0));
             return;
         }
         Err(Early::Status(status)) => {
@@ -441,8 +440,7 @@ async fn routed<D: Decider>(
         Verdict::Refuse(status) => {
             dp.stats.refused.fetch_add(1, Ordering::Relaxed);
             refuse(&mut respond, &status);
-            dp.records
-                .push(bare(status.code, &status.message, decided_ns, requests));
+            dp.finished(bare(status.code, &status.message, decided_ns, requests));
             return;
         }
         Verdict::Forward(forward) => forward,
@@ -453,12 +451,12 @@ async fn routed<D: Decider>(
             "the call ended before its first request message",
         );
         refuse(&mut respond, &status);
-        dp.records
-            .push(bare(status.code, &status.message, decided_ns, 0));
+        dp.finished(bare(status.code, &status.message, decided_ns, 0));
         return;
     };
     let message = forward.message.unwrap_or(original);
     let mut base = base_headers(&parts.headers, dp.config.tracing);
+    drop(parts.headers); // not kept for the call's life
     base.insert("sidemesh-call-id", header(&call_id));
     if !conn.caller.is_empty() {
         base.insert("sidemesh-caller", header(&conn.caller));
@@ -1001,6 +999,9 @@ impl<D: Decider> Call<D> {
             return;
         }
         self.committed = true;
+        // No attempt follows a committed one: what a retry would need can go.
+        self.base = HeaderMap::new();
+        self.first = None;
         let Some(head) = self.held.take() else { return };
         if let ClientTx::Pending(respond) = &mut self.client {
             match respond.send_response(head, false) {
@@ -1534,5 +1535,36 @@ mod tests {
             http_status(http::StatusCode::IM_A_TEAPOT).code,
             code::UNKNOWN
         );
+    }
+}
+
+#[cfg(test)]
+mod size {
+    use super::*;
+
+    struct Nobody;
+
+    impl Decider for Nobody {
+        type Context = ();
+        fn decide(&self, _: CallInfo) -> Verdict<()> {
+            Verdict::Refuse(Status::new(code::UNIMPLEMENTED, ""))
+        }
+        fn retry_pick(&self, _: &(), _: &str, _: &str) -> Option<String> {
+            None
+        }
+        fn upstream_failed(&self, _: &(), _: &str, _: &str) -> Status {
+            Status::new(code::UNAVAILABLE, "")
+        }
+        fn verify_peer(&self, _: &str, _: i32, _: u32) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_call_is_small() {
+        let call = std::mem::size_of::<Call<Nobody>>();
+        let attempt = std::mem::size_of::<Try>();
+        println!("Call {call} bytes, Try {attempt} bytes");
+        assert!(call < 2048, "{call}");
     }
 }
