@@ -29,11 +29,24 @@ Finished routed calls are drained with :meth:`DataPlane.take_records`.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Self, final
 
+__all__ = [
+    "Call",
+    "DataPlane",
+    "Decision",
+    "Record",
+    "Refusal",
+    "RetryPolicy",
+    "SpanAttributes",
+    "TlsConfig",
+]
+
+# Type aliases exist in this stub only: import them under `if TYPE_CHECKING:`.
 Kind = Literal["unary_unary", "unary_stream", "stream_stream"]
 MetadataValue = str | bytes
 
+@final
 class Call:
     """One routed call, as ``decide`` sees it (read-only; cheap attribute access)."""
 
@@ -93,6 +106,7 @@ class Call:
     @property
     def sampled(self) -> bool: ...
 
+@final
 class RetryPolicy:
     """How a forwarded call may be retried; make one per tool or route and reuse it.
 
@@ -107,8 +121,8 @@ class RetryPolicy:
     backoff_base * 2**(n-1))]`` (full jitter) and must fit in the caller's deadline.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         max_attempts: int = 1,
         *,
         idempotent: bool = False,
@@ -116,7 +130,7 @@ class RetryPolicy:
         backoff_base: float = 0.025,
         backoff_max: float = 0.25,
         retry_on: Sequence[int] = (14,),
-    ) -> None:
+    ) -> Self:
         """``max_attempts`` counts the first; ``per_try_timeout`` (seconds) runs from an
         attempt's start to its first response message; ``retry_on``: the plugin's own
         status codes an idempotent call is retried on (default UNAVAILABLE)."""
@@ -127,17 +141,19 @@ class RetryPolicy:
     @property
     def per_try_timeout(self) -> float | None: ...
 
+@final
 class SpanAttributes:
     """Span attributes serialized once (values: strings as they are, others as JSON,
     as the trace store keeps them). Make one per catalog entry and reuse it."""
 
-    def __init__(self, attributes: Mapping[str, str | int | float | bool]) -> None: ...
+    def __new__(cls, attributes: Mapping[str, str | int | float | bool]) -> Self: ...
 
+@final
 class Decision:
     """Forward the call to the replica ``upstream`` (a key given to ``set_upstream``)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         upstream: str,
         *,
         message: bytes | None = None,
@@ -145,7 +161,7 @@ class Decision:
         context: object = None,
         retry: RetryPolicy | None = None,
         span_attributes: SpanAttributes | None = None,
-    ) -> None:
+    ) -> Self:
         """``message``: the first message to send instead of the one received (a
         rewritten target); ``metadata``: extra request metadata for the upstream
         (bytes only for ``-bin`` keys); ``context``: any object, handed back to
@@ -157,10 +173,11 @@ class Decision:
     @property
     def context(self) -> object: ...
 
+@final
 class Refusal:
     """End the call now: a trailers-only response with this status."""
 
-    def __init__(self, code: int, message: str, details: bytes | None = None) -> None:
+    def __new__(cls, code: int, message: str, details: bytes | None = None) -> Self:
         """``code``: a gRPC error code (1-16); ``details``: an encoded
         ``google.rpc.Status``, sent as ``grpc-status-details-bin``."""
     @property
@@ -168,6 +185,7 @@ class Refusal:
     @property
     def message(self) -> str: ...
 
+@final
 class TlsConfig:
     """TLS for a TCP listener (rustls, ALPN h2), PEM file paths.
 
@@ -175,9 +193,9 @@ class TlsConfig:
     certificate a client is refused (``require_client_cert``) or ``anonymous``.
     """
 
-    def __init__(
-        self, cert: str, key: str, *, client_ca: str | None = None, require_client_cert: bool = True
-    ) -> None: ...
+    def __new__(
+        cls, cert: str, key: str, *, client_ca: str | None = None, require_client_cert: bool = True
+    ) -> Self: ...
 
 #: One attempt: (replica key, outcome, grpc code, start unix ns, end unix ns,
 #: CLIENT span id ("" when not tracing), failure detail ("" when none)). Outcomes:
@@ -190,6 +208,7 @@ Attempt = tuple[str, str, int, int, int, str, str]
 #: 3 CLIENT), start_ns, end_ns, error (0/1), status_message, attributes as a JSON object).
 SpanRow = tuple[str, str, str, str, str, int, int, int, int, str, str]
 
+@final
 class Record:
     """One finished routed call (also calls refused by admission or ``decide``)."""
 
@@ -222,11 +241,12 @@ class Record:
     attempts: Final[list[Attempt]]
     """Every attempt in order: each is a CLIENT span (child of the SERVER span)."""
 
+@final
 class DataPlane:
     """The data plane. Every method is thread-safe; only :meth:`stop` blocks."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         decide: Callable[[Call], Decision | Refusal],
         *,
         upstream_failed: Callable[[Any, str, str], tuple[int, str, bytes | None]],
@@ -245,7 +265,7 @@ class DataPlane:
         max_concurrent_streams: int = 20_000,
         service_name: str = "sidemesh-orchestrator",
         max_span_rows: int = 262_144,
-    ) -> None:
+    ) -> Self:
         """Starts the runtime (``worker_threads`` threads named ``sidemesh-dataplane``).
 
         - ``decide(call)``: see :class:`Call`; an exception or another return type

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
 use crate::admission::Admission;
 use crate::config::{Address, Config, H2Settings, Kind};
@@ -894,28 +894,6 @@ impl Drop for DataPlane {
     }
 }
 
-/// A status tuple for tests and Python helpers: (code, message, details).
-#[pyfunction]
-fn _status_trailers(
-    py: Python<'_>,
-    code: u32,
-    message: String,
-    details: Option<Vec<u8>>,
-) -> PyResult<Bound<'_, PyTuple>> {
-    let status = Status::new(code, message).with_details(details.map(Bytes::from));
-    let trailers: HeaderMap = status.trailers();
-    let pairs: Vec<(String, String)> = trailers
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
-    PyTuple::new(py, pairs)
-}
-
 #[pymodule]
 fn sidemesh_dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DataPlane>()?;
@@ -926,6 +904,5 @@ fn sidemesh_dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TlsConfig>()?;
     m.add_class::<Record>()?;
     m.add_class::<PySpanAttributes>()?;
-    m.add_function(wrap_pyfunction!(_status_trailers, m)?)?;
     Ok(())
 }
