@@ -86,6 +86,7 @@ class Upstream:
         self.address = address
         self.slowness = slowness
         self.calls = 0
+        self.yielded = 0
         self.metadata: list[dict[str, Any]] = []
         self.time_remaining: list[float | None] = []
         self.requests: list[Any] = []
@@ -184,6 +185,7 @@ class _Agents(agent_pb2_grpc.AgentServiceServicer):
                 if i and delay:
                     await asyncio.sleep(delay)
                 yield agent_pb2.InvokeResponse(text_delta=agent_pb2.TextDelta(text="x" * size))
+                self.up.yielded += 1
             yield agent_pb2.InvokeResponse(
                 result=agent_pb2.AgentResult(status=agent_pb2.AGENT_RESULT_STATUS_COMPLETED)
             )

@@ -486,3 +486,23 @@ async def test_span_rows_make_one_trace_tree_in_the_trace_store(mesh: Mesh) -> N
         store.close()
     assert {span_a.span_id, span_b.span_id} == {server[1], client[1]}
     assert (summary.root_name, summary.span_count) == ("sidemesh.v1.ToolService/CallTool", 2)
+
+
+async def test_a_slow_reader_slows_the_sidecar(mesh: Mesh) -> None:
+    request = agent_pb2.InvokeRequest(agent="a")
+    request.input.data.update({"count": 2000, "size": 4096})  # 8 MiB in all
+    # No BDP probing: the client's window stays at HTTP/2's 64 KiB.
+    options = [("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(mesh.tcp, options=options) as channel:
+        call = agent_pb2_grpc.AgentServiceStub(channel).Invoke(request, timeout=WAIT * 4)
+        await call.read()
+        await asyncio.sleep(0.5)  # the client reads nothing meanwhile
+        produced = mesh.a.yielded
+        received = 1
+        while (await call.read()) != grpc.aio.EOF:
+            received += 1
+        assert await call.code() == grpc.StatusCode.OK
+    # Held back by the windows (client 64 KiB, data plane 64 KiB each way, the
+    # sidecar's own buffers), not run ahead to the end of the stream.
+    assert produced < 200, produced
+    assert received == 2001 and mesh.a.yielded == 2000
