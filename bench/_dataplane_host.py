@@ -89,6 +89,13 @@ def main() -> int:
     parser.add_argument("--tracing", action="store_true")
     parser.add_argument("--worker-threads", type=int, default=1)
     parser.add_argument("--switch-interval", type=float, default=0.0)
+    parser.add_argument(
+        "--busy",
+        type=float,
+        default=0.0,
+        help="share of time (0..1) a Python thread runs pure Python in 2 ms bursts, as a busy "
+        "asyncio loop would: what decide's wait for the GIL costs",
+    )
     args = parser.parse_args()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
@@ -124,6 +131,16 @@ def main() -> int:
             cost["ns"] += time.thread_time_ns() - t0
             cost["records"] += len(records)
 
+    def busy() -> None:
+        burst = 0.002
+        while not stopping.is_set():
+            until = time.perf_counter() + burst
+            while time.perf_counter() < until:
+                pass
+            time.sleep(burst * (1 - args.busy) / args.busy)
+
+    if args.busy > 0:
+        threading.Thread(target=busy, daemon=True).start()
     drainer = threading.Thread(target=drain, daemon=True)
     drainer.start()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
