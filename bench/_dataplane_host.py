@@ -87,6 +87,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench._dataplane_host")
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--tracing", action="store_true")
+    parser.add_argument(
+        "--no-store", action="store_true", help="take the span rows but do not store them"
+    )
     parser.add_argument("--worker-threads", type=int, default=1)
     parser.add_argument("--switch-interval", type=float, default=0.0)
     parser.add_argument(
@@ -118,15 +121,18 @@ def main() -> int:
     address = plane.listen("127.0.0.1:0", listener_id="clients")
     stopping = threading.Event()
     store = TraceStore(Path(tempfile.mkdtemp()) / "traces.db", 1000) if args.tracing else None
+    if args.no_store and store is not None:
+        store.close()
+        store = None
     cost = {"ns": 0, "records": 0}
 
     def drain() -> None:
         while not stopping.wait(0.1):
             t0 = time.thread_time_ns()
             records = plane.take_records()  # what events and outlier ejection read
-            if store is not None:
+            if args.tracing:
                 rows = plane.take_span_rows()
-                if rows:
+                if rows and store is not None:
                     store.add(rows)
             cost["ns"] += time.thread_time_ns() - t0
             cost["records"] += len(records)

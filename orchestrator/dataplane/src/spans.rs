@@ -35,6 +35,11 @@ impl Attributes {
 
 fn escape(out: &mut String, text: &str) {
     out.push('"');
+    if !text.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(text);
+        out.push('"');
+        return;
+    }
     for c in text.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -306,6 +311,23 @@ mod tests {
     fn json_is_escaped() {
         let a = Attributes::new([("k\"", "a\\b\n\u{1}é")]);
         assert_eq!(&*a.0, r#""k\"":"a\\b\n\u0001é""#);
+    }
+
+    #[test]
+    fn rows_are_cheap() {
+        let service: Arc<str> = "svc".into();
+        let record = record(0, vec![attempt("c", "ok", 0, &"2".repeat(16))]);
+        let started = std::time::Instant::now();
+        for _ in 0..10_000 {
+            assert_eq!(rows(&record, &service).len(), 2);
+        }
+        // A generous bound (debug build, shared CI machine); release builds take ~1 us.
+        let per_call = started.elapsed() / 10_000;
+        println!("span rows: {per_call:?} per call");
+        assert!(
+            per_call < std::time::Duration::from_micros(200),
+            "{per_call:?}"
+        );
     }
 
     #[test]
