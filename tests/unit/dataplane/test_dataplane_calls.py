@@ -506,3 +506,26 @@ async def test_a_slow_reader_slows_the_sidecar(mesh: Mesh) -> None:
     # sidecar's own buffers), not run ahead to the end of the stream.
     assert produced < 200, produced
     assert received == 2001 and mesh.a.yielded == 2000
+
+
+async def test_large_messages_both_ways(mesh: Mesh) -> None:
+    payload = "z" * (3 * 1024 * 1024)
+    async with grpc.aio.insecure_channel(mesh.unix) as channel:
+        responses = await results(
+            tool_pb2_grpc.ToolServiceStub(channel),
+            call_tool("a/echo", payload=payload),
+            timeout=WAIT,
+        )
+    assert responses[0].result.content[0].text == f"a:{payload}"
+
+
+async def test_many_concurrent_calls_on_one_connection_each_way(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.tcp) as channel:
+        stub = tool_pb2_grpc.ToolServiceStub(channel)
+        calls = [
+            results(stub, call_tool("a/slow", delay=0.2), timeout=WAIT * 2) for _ in range(500)
+        ]
+        done = await asyncio.gather(*calls)
+    assert all(r[0].result.content[0].text == "a:slept" for r in done)
+    assert len(await wait_records(mesh.plane, 500)) == 500
+    assert mesh.plane.in_flight() == 0 and mesh.plane.stats()["streams"] == 0
