@@ -4,28 +4,9 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
-from dataplanekit import Decider, Internal, Upstream, make_dataplane, temp_dir
-
-
-@dataclass
-class Mesh:
-    """A data plane listening on TCP (``tcp``), Unix (``unix``) and a callback socket
-    of plugin ``files`` (``callback``), with upstreams ``a`` (Unix) and ``b`` (TCP)."""
-
-    plane: Any
-    decider: Decider
-    a: Upstream
-    b: Upstream
-    internal: Internal
-    tcp: str
-    unix: str
-    callback: str
-    dir: Path
+from dataplanekit import Decider, Internal, Mesh, Upstream, make_dataplane, temp_dir
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,16 @@ def rich_status(code: grpc.StatusCode, message: str, reason: str) -> bytes:
 
     _E.code = code
     return _E(message, reason=reason).to_status_proto().SerializeToString()
+
+
+def call_tool(tool: str, **arguments: object) -> tool_pb2.CallToolRequest:
+    return tool_pb2.CallToolRequest(tool=tool, arguments=struct(dict(arguments)))
+
+
+async def results(
+    stub: tool_pb2_grpc.ToolServiceStub, request: tool_pb2.CallToolRequest, **kwargs: Any
+) -> list[tool_pb2.CallToolResponse]:
+    return [r async for r in stub.CallTool(request, **kwargs)]
 
 
 # -- upstreams -------------------------------------------------------------------
@@ -372,6 +383,22 @@ def status_of(trailers: Any) -> status_pb2.Status | None:
         if key == "grpc-status-details-bin":
             return status_pb2.Status.FromString(value)
     return None
+
+
+@dataclass
+class Mesh:
+    """A data plane listening on TCP (``tcp``), Unix (``unix``) and a callback socket
+    of plugin ``files`` (``callback``), with upstreams ``a`` (Unix) and ``b`` (TCP)."""
+
+    plane: Any
+    decider: Decider
+    a: Upstream
+    b: Upstream
+    internal: Internal
+    tcp: str
+    unix: str
+    callback: str
+    dir: Path
 
 
 class Background:

@@ -8,13 +8,14 @@ import os
 
 import grpc
 import pytest
-from conftest import Mesh
 from dataplanekit import (
     ROUTES,
     WAIT,
     Decider,
+    Mesh,
+    call_tool,
     make_dataplane,
-    struct,
+    results,
     temp_dir,
     wait_records,
 )
@@ -27,19 +28,8 @@ from sidemesh.v1 import (
     mcp_pb2_grpc,
     mesh_pb2,
     mesh_pb2_grpc,
-    tool_pb2,
     tool_pb2_grpc,
 )
-
-
-def call_tool(tool: str, **arguments: object) -> tool_pb2.CallToolRequest:
-    return tool_pb2.CallToolRequest(tool=tool, arguments=struct(dict(arguments)))
-
-
-async def results(
-    stub: tool_pb2_grpc.ToolServiceStub, request: tool_pb2.CallToolRequest, **kwargs: object
-) -> list[tool_pb2.CallToolResponse]:
-    return [r async for r in stub.CallTool(request, **kwargs)]
 
 
 async def test_server_stream_is_forwarded_with_the_target_rewritten(mesh: Mesh) -> None:

@@ -12,9 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Mesh
-from dataplanekit import WAIT, Background, wait_records
-from test_dataplane_calls import call_tool, results
+from dataplanekit import WAIT, Background, Mesh, call_tool, results, wait_records
 
 from clients import SidemeshError
 from sidemesh.v1 import agent_pb2, agent_pb2_grpc, tool_pb2_grpc

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Mesh
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from dataplanekit import WAIT
-from test_dataplane_calls import call_tool, results
+from dataplanekit import WAIT, Mesh, call_tool, results
 
 from sidemesh.v1 import tool_pb2_grpc
 
