@@ -91,6 +91,7 @@ def main() -> int:
         "--no-store", action="store_true", help="take the span rows but do not store them"
     )
     parser.add_argument("--worker-threads", type=int, default=1)
+    parser.add_argument("--upstream-connections", type=int, default=1)
     parser.add_argument("--switch-interval", type=float, default=0.0)
     parser.add_argument(
         "--busy",
@@ -110,6 +111,7 @@ def main() -> int:
         routes=[(r.path, r.kind) for r in ROUTES],
         tracing=args.tracing,
         worker_threads=args.worker_threads,
+        upstream_connections=args.upstream_connections,
         max_concurrent_calls=1_000_000,
     )
     plane.set_upstream(

@@ -90,6 +90,8 @@ pub struct H2Settings {
     pub connection_window: u32,
     pub max_concurrent_streams: u32,
     pub max_header_list_size: u32,
+    /// HTTP/2 connections to each upstream, streams spread over them round robin.
+    pub upstream_connections: usize,
 }
 
 impl Default for H2Settings {
@@ -99,6 +101,7 @@ impl Default for H2Settings {
             connection_window: 2 * 1024 * 1024,
             max_concurrent_streams: 20_000,
             max_header_list_size: 64 * 1024,
+            upstream_connections: 1,
         }
     }
 }

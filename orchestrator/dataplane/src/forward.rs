@@ -712,8 +712,8 @@ impl<D: Decider> Call<D> {
             .min(dp.config.connect_timeout);
         let ready = upstream.ready(&dp.config.h2, timeout, &verify).await;
         let key = upstream.key.clone();
-        let mut send = match ready {
-            Ok(send) => send,
+        let (mut send, slot) = match ready {
+            Ok(ready) => ready,
             Err(error) => {
                 upstream.outliers.failure();
                 self.record_attempt(
@@ -760,7 +760,7 @@ impl<D: Decider> Call<D> {
         let (response, mut tx) = match send.send_request(request, false) {
             Ok(pair) => pair,
             Err(error) => {
-                upstream.discard();
+                upstream.discard(slot);
                 upstream.outliers.failure();
                 let detail = describe(&error);
                 self.record_attempt(

@@ -1,4 +1,5 @@
-//! Upstream connections: one pooled, multiplexed HTTP/2 connection per replica, to a
+//! Upstream connections: pooled, multiplexed HTTP/2 connections per replica (one by
+//! default, `upstream_connections` used round robin), to a
 //! Unix socket (a sidecar) or a TCP address (a remote plugin), made on first use and
 //! again after it closes, with a short backoff after a failed connect (20 ms doubling to
 //! 250 ms, as the router's channels had).
@@ -41,7 +42,8 @@ struct Live {
 
 #[derive(Default)]
 struct State {
-    live: Option<Live>,
+    /// One slot per connection (`H2Settings::upstream_connections`).
+    live: Vec<Option<Live>>,
     failures: u32,
     retry_at: Option<Instant>,
     last_error: String,
@@ -56,6 +58,8 @@ pub struct Upstream {
     state: Mutex<State>,
     connecting: tokio::sync::Mutex<()>,
     in_flight: AtomicUsize,
+    /// Round robin over the connections.
+    next: AtomicUsize,
     /// Cancelled when the upstream is removed: its connection closes, its calls end.
     pub removed: CancellationToken,
     pub outliers: Outliers,
@@ -98,6 +102,7 @@ impl Upstream {
             state: Mutex::new(State::default()),
             connecting: tokio::sync::Mutex::new(()),
             in_flight: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
             removed: CancellationToken::new(),
             outliers: Outliers::default(),
             attributes,
@@ -113,41 +118,42 @@ impl Upstream {
         InFlight(self.clone())
     }
 
-    fn cached(&self) -> Option<SendRequest<Bytes>> {
+    fn cached(&self, slot: usize) -> Option<SendRequest<Bytes>> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        match &state.live {
-            Some(live) if live.alive.load(Ordering::Acquire) => Some(live.send.clone()),
+        match state.live.get(slot) {
+            Some(Some(live)) if live.alive.load(Ordering::Acquire) => Some(live.send.clone()),
             _ => None,
         }
     }
 
-    /// Forgets the connection (it failed under a call).
-    pub fn discard(&self) {
+    /// Forgets connection `slot` (it failed under a call).
+    pub fn discard(&self, slot: usize) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(live) = state.live.take() {
+        if let Some(live) = state.live.get_mut(slot).and_then(Option::take) {
             live.alive.store(false, Ordering::Release);
         }
     }
 
-    /// A handle ready to open one stream, connecting if need be.
+    /// A handle ready to open one stream, connecting if need be, and its connection's slot.
     pub async fn ready(
         self: &Arc<Self>,
         settings: &H2Settings,
         timeout: Duration,
         verify: &(dyn Fn(&str, i32, u32) -> bool + Sync),
-    ) -> Result<SendRequest<Bytes>, ConnectError> {
+    ) -> Result<(SendRequest<Bytes>, usize), ConnectError> {
         if self.removed.is_cancelled() {
             return Err(ConnectError(format!("replica {} was removed", self.key)));
         }
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) % settings.upstream_connections.max(1);
         // A cached connection that turns out closed is replaced once: nothing was sent.
         for _ in 0..2 {
-            let send = match self.cached() {
+            let send = match self.cached(slot) {
                 Some(send) => send,
-                None => self.connect(settings, timeout, verify).await?,
+                None => self.connect(slot, settings, timeout, verify).await?,
             };
             match send.ready().await {
-                Ok(send) => return Ok(send),
-                Err(_) => self.discard(),
+                Ok(send) => return Ok((send, slot)),
+                Err(_) => self.discard(slot),
             }
         }
         Err(ConnectError(format!(
@@ -158,12 +164,13 @@ impl Upstream {
 
     async fn connect(
         self: &Arc<Self>,
+        slot: usize,
         settings: &H2Settings,
         timeout: Duration,
         verify: &(dyn Fn(&str, i32, u32) -> bool + Sync),
     ) -> Result<SendRequest<Bytes>, ConnectError> {
         let _one_at_a_time = self.connecting.lock().await;
-        if let Some(send) = self.cached() {
+        if let Some(send) = self.cached(slot) {
             return Ok(send); // another call connected meanwhile
         }
         {
@@ -186,7 +193,10 @@ impl Upstream {
         match result {
             Ok(live) => {
                 let send = live.send.clone();
-                state.live = Some(live);
+                if state.live.len() <= slot {
+                    state.live.resize_with(slot + 1, || None);
+                }
+                state.live[slot] = Some(live);
                 state.failures = 0;
                 state.retry_at = None;
                 Ok(send)

@@ -521,6 +521,7 @@ impl DataPlane {
         admission_refusal=None, tracing=true, worker_threads=1, max_records=65_536,
         stream_window=65_536, connection_window=2 * 1024 * 1024, max_concurrent_streams=20_000,
         service_name=String::from("sidemesh-orchestrator"), max_span_rows=262_144,
+        upstream_connections=1,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -541,6 +542,7 @@ impl DataPlane {
         max_concurrent_streams: u32,
         service_name: String,
         max_span_rows: usize,
+        upstream_connections: usize,
     ) -> PyResult<Self> {
         let mut table = HashMap::new();
         for (path, kind) in routes {
@@ -574,6 +576,7 @@ impl DataPlane {
                 stream_window,
                 connection_window: connection_window.max(stream_window),
                 max_concurrent_streams,
+                upstream_connections: upstream_connections.max(1),
                 ..H2Settings::default()
             },
             connect_timeout: Duration::from_secs(5),
