@@ -375,3 +375,135 @@ impl Pool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yes(_: &str, _: i32, _: u32) -> bool {
+        true
+    }
+
+    fn no(_: &str, _: i32, _: u32) -> bool {
+        false
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_remembered_for_the_backoff() {
+        let dir = std::env::temp_dir().join(format!("dp-pool-{}", std::process::id()));
+        let upstream = Upstream::new(
+            "r".into(),
+            Address::Unix(dir.join("none.sock")),
+            PeerCheck::default(),
+            None,
+        );
+        let settings = H2Settings::default();
+        let first = upstream
+            .ready(&settings, Duration::from_secs(1), &yes)
+            .await
+            .unwrap_err();
+        assert!(first.0.contains("cannot connect to unix:"), "{}", first.0);
+        // Within the backoff the same error comes back without a new attempt.
+        let again = upstream
+            .ready(&settings, Duration::from_secs(1), &yes)
+            .await
+            .unwrap_err();
+        assert_eq!(first, again);
+        upstream.removed.cancel();
+        let removed = upstream
+            .ready(&settings, Duration::from_secs(1), &yes)
+            .await
+            .unwrap_err();
+        assert!(removed.0.contains("was removed"));
+    }
+
+    #[tokio::test]
+    async fn peers_are_checked_before_any_stream() {
+        let dir = std::env::temp_dir().join(format!("dp-pool-peer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((io, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(mut conn) = h2::server::handshake(io).await {
+                        while let Some(Ok((_, mut respond))) = conn.accept().await {
+                            let _: Result<h2::SendStream<Bytes>, _> =
+                                respond.send_response(http::Response::new(()), true);
+                        }
+                    }
+                });
+            }
+        });
+        let settings = H2Settings::default();
+        let uid = std::fs::metadata(&dir)
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .unwrap();
+        let wrong = PeerCheck {
+            uid: Some(uid + 1),
+            ask: false,
+        };
+        let refused = Upstream::new("w".into(), Address::Unix(path.clone()), wrong, None);
+        let err = refused
+            .ready(&settings, Duration::from_secs(1), &yes)
+            .await
+            .unwrap_err();
+        assert!(err.0.contains("not the expected uid"), "{}", err.0);
+        let asked = Upstream::new(
+            "a".into(),
+            Address::Unix(path.clone()),
+            PeerCheck {
+                uid: None,
+                ask: true,
+            },
+            None,
+        );
+        let err = asked
+            .ready(&settings, Duration::from_secs(1), &no)
+            .await
+            .unwrap_err();
+        assert!(err.0.contains("is not replica a's"), "{}", err.0);
+        let fine = Upstream::new(
+            "f".into(),
+            Address::Unix(path.clone()),
+            PeerCheck {
+                uid: Some(uid),
+                ask: true,
+            },
+            None,
+        );
+        assert!(fine
+            .ready(&settings, Duration::from_secs(1), &yes)
+            .await
+            .is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn setting_the_same_upstream_again_keeps_it() {
+        let pool = Pool::default();
+        pool.set(
+            "r",
+            Address::Tcp("127.0.0.1:1".into()),
+            PeerCheck::default(),
+            None,
+        );
+        let first = pool.get("r").unwrap();
+        pool.set(
+            "r",
+            Address::Tcp("127.0.0.1:1".into()),
+            PeerCheck::default(),
+            None,
+        );
+        assert!(Arc::ptr_eq(&first, &pool.get("r").unwrap()));
+        pool.set(
+            "r",
+            Address::Tcp("127.0.0.1:2".into()),
+            PeerCheck::default(),
+            None,
+        );
+        assert!(first.removed.is_cancelled());
+        assert!(pool.remove("r") && !pool.remove("r"));
+    }
+}
