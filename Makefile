@@ -38,7 +38,7 @@ node-deps:
 # venv as the `sidemesh_dataplane` module; rebuilt only when its sources change.
 DATAPLANE       := orchestrator/dataplane
 DATAPLANE_STAMP := $(VENV)/.dataplane-stamp
-DATAPLANE_SRC   := $(wildcard $(DATAPLANE)/src/*.rs) $(addprefix $(DATAPLANE)/,Cargo.toml Cargo.lock pyproject.toml sidemesh_dataplane.pyi)
+DATAPLANE_SRC   := $(shell find $(DATAPLANE)/src -name '*.rs') $(addprefix $(DATAPLANE)/,Cargo.toml Cargo.lock pyproject.toml sidemesh_dataplane.pyi)
 CARGO_FLAGS     := --manifest-path $(DATAPLANE)/Cargo.toml --locked -j2
 
 $(DATAPLANE_STAMP): $(STAMP) $(DATAPLANE_SRC)

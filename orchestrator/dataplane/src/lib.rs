@@ -5,7 +5,9 @@
 //! (payloads as bytes, flow control, deadlines, cancellation, retries, TLS) stays here.
 
 pub mod admission;
+mod attempt;
 pub mod authority;
+mod call;
 pub mod config;
 pub mod decision;
 pub mod forward;
