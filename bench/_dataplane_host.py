@@ -155,15 +155,19 @@ def main() -> int:
     print(f"ready {address}", flush=True)
     stopping.wait()
     drainer.join(1)
+    stats = plane.stats()
     plane.stop(0.5)
     if store is not None:
         store.close()
     calls = max(catalog.calls, 1)
+    decisions = max(stats["decisions"], 1)
     print(json.dumps({
         "calls": catalog.calls,
         "decide_cpu_us_per_call": catalog.decide_cpu_ns / calls / 1000,
         "records": cost["records"],
         "records_cpu_us_per_call": cost["ns"] / max(cost["records"], 1) / 1000,
+        "decide_gil_wait_us_per_call": stats["decide_gil_wait_ns"] / decisions / 1000,
+        "decide_gil_held_us_per_call": stats["decide_gil_held_ns"] / decisions / 1000,
     }), flush=True)  # fmt: skip
     return 0
 

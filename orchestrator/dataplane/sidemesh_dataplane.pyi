@@ -342,7 +342,9 @@ class DataPlane:
         ``TraceStore.add`` as they are."""
     def stats(self) -> dict[str, int]:
         """``in_flight``, ``streams``, ``calls``, ``refused``, ``retries``,
-        ``internal_calls``, ``records_waiting``, ``records_dropped``, ``span_rows_dropped``."""
+        ``internal_calls``, ``records_waiting``, ``records_dropped``, ``span_rows_dropped``,
+        ``decisions``, ``decide_gil_wait_ns`` and ``decide_gil_held_ns`` (wall time the
+        runtime threads spent waiting for the GIL, and holding it, for ``decide``)."""
     def stop(self, grace: float) -> int:
         """Stops accepting (Unix socket files removed), sends GOAWAY on every
         connection, waits up to ``grace`` seconds for streams in flight, then ends the

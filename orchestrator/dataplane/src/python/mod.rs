@@ -5,7 +5,7 @@
 //! on the data plane's tokio threads, holding the GIL only for the call itself.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,16 @@ struct PyDecider {
     retry_pick: Py<PyAny>,
     upstream_failed: Py<PyAny>,
     verify_peer: Option<Py<PyAny>>,
+    timing: DecideTiming,
+}
+
+/// What the decisions cost the runtime threads: the wait for the GIL and the time
+/// holding it (the Python call, and making and reading the objects around it).
+#[derive(Default)]
+struct DecideTiming {
+    count: AtomicU64,
+    wait_ns: AtomicU64,
+    run_ns: AtomicU64,
 }
 
 fn internal_error(py: Python<'_>, what: &str, err: PyErr) -> Status {
@@ -50,7 +60,10 @@ impl Decider for PyDecider {
     type Context = Py<PyAny>;
 
     fn decide(&self, call: CallInfo) -> Verdict<Py<PyAny>> {
-        Python::attach(|py| {
+        let asked = Instant::now();
+        let mut held = asked;
+        let verdict = Python::attach(|py| {
+            held = Instant::now();
             let result =
                 Py::new(py, Call { info: call }).and_then(|c| self.decide.bind(py).call1((c,)));
             let answer = match result {
@@ -76,7 +89,15 @@ impl Decider for PyDecider {
                 format!("the mesh failed to route the call (decide returned {}, not a Decision or a Refusal)",
                         answer.get_type().name().map(|n| n.to_string()).unwrap_or_default()),
             ))
-        })
+        });
+        let done = Instant::now();
+        let t = &self.timing;
+        t.count.fetch_add(1, Ordering::Relaxed);
+        t.wait_ns
+            .fetch_add((held - asked).as_nanos() as u64, Ordering::Relaxed);
+        t.run_ns
+            .fetch_add((done - held).as_nanos() as u64, Ordering::Relaxed);
+        verdict
     }
 
     fn retry_pick(&self, context: &Py<PyAny>, failed: &str, reason: &str) -> Option<String> {
@@ -237,6 +258,7 @@ impl DataPlane {
                 retry_pick,
                 upstream_failed,
                 verify_peer,
+                timing: DecideTiming::default(),
             },
             pool: Pool::default(),
             ids: CallIds::default(),
@@ -448,6 +470,10 @@ impl DataPlane {
         dict.set_item("records_waiting", s.records.len())?;
         dict.set_item("records_dropped", s.records.dropped())?;
         dict.set_item("span_rows_dropped", s.rows.dropped())?;
+        let timing = &s.decider.timing;
+        dict.set_item("decisions", timing.count.load(Ordering::Relaxed))?;
+        dict.set_item("decide_gil_wait_ns", timing.wait_ns.load(Ordering::Relaxed))?;
+        dict.set_item("decide_gil_held_ns", timing.run_ns.load(Ordering::Relaxed))?;
         Ok(dict)
     }
 
