@@ -262,3 +262,27 @@ async def test_stop_lets_calls_finish_within_grace_then_ends_the_rest(mesh: Mesh
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await results(tool_pb2_grpc.ToolServiceStub(channel), call_tool("a/echo"), timeout=1)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_sidecar_draining_with_goaway_finishes_its_calls_and_new_ones_go_elsewhere(
+    mesh: Mesh,
+) -> None:
+    mesh.decider.policy = policy(max_attempts=2, backoff_base=0.001)
+    mesh.decider.next_replica = lambda failed: "b"
+    async with grpc.aio.insecure_channel(mesh.tcp) as channel:
+        stub = tool_pb2_grpc.ToolServiceStub(channel)
+        assert await results(stub, call_tool("a/echo"))  # the connection to a is up
+        mesh.a.started.clear()
+        running = asyncio.ensure_future(results(stub, call_tool("a/slow", delay=0.5), timeout=WAIT))
+        await asyncio.wait_for(mesh.a.started.wait(), WAIT)
+        assert mesh.a.server is not None
+        stopping = asyncio.ensure_future(mesh.a.server.stop(2.0))  # GOAWAY, then drain
+        await asyncio.sleep(0.1)
+        moved = await results(stub, call_tool("a/echo", payload="m"), timeout=WAIT)
+        finished = await running
+        await stopping
+    assert finished[0].result.content[0].text == "a:slept"  # the call in flight completed
+    assert moved[0].result.content[0].text == "b:m"  # the new one never reached a: retried
+    records = await wait_records(mesh.plane, 3)
+    moved_record = next(r for r in records if r.upstream == "b")
+    assert moved_record.attempts[0][:2] == ("a", "never_reached")
