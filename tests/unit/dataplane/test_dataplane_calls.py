@@ -159,7 +159,9 @@ async def test_a_refusal_keeps_code_message_and_details(mesh: Mesh) -> None:
     )
 
 
-async def test_decide_raising_ends_the_call_internal(mesh: Mesh) -> None:
+async def test_decide_raising_ends_the_call_internal(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
     def broken(call: object) -> object:
         raise RuntimeError("catalog exploded")
 
@@ -182,6 +184,9 @@ async def test_decide_raising_ends_the_call_internal(mesh: Mesh) -> None:
         directory.rmdir()
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "catalog exploded" in caught.value.details()
+    (logged,) = [r for r in caplog.records if r.name == "sidemesh.dataplane"]
+    assert logged.getMessage() == "the data plane's decide callback raised"
+    assert logged.exc_info is not None and "catalog exploded" in str(logged.exc_info[1])
     assert unrouted.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -52,8 +52,25 @@ struct DecideTiming {
 
 fn internal_error(py: Python<'_>, what: &str, err: PyErr) -> Status {
     let message = format!("the mesh failed to route the call ({what} raised {err})");
-    err.display(py);
+    log_error(py, what, err);
     Status::new(code::INTERNAL, message)
+}
+
+/// Logs a callback's exception with its traceback on the `sidemesh.dataplane` logger.
+fn log_error(py: Python<'_>, what: &str, err: PyErr) {
+    let logged = py.import("logging").and_then(|logging| {
+        let logger = logging.call_method1("getLogger", ("sidemesh.dataplane",))?;
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("exc_info", err.value(py))?;
+        logger.call_method(
+            "error",
+            ("the data plane's %s callback raised", what),
+            Some(&kwargs),
+        )
+    });
+    if logged.is_err() {
+        err.display(py);
+    }
 }
 
 impl Decider for PyDecider {
@@ -109,7 +126,7 @@ impl Decider for PyDecider {
             {
                 Ok(answer) => answer.extract::<Option<String>>().ok().flatten(),
                 Err(err) => {
-                    err.display(py);
+                    log_error(py, "retry_pick", err);
                     None
                 }
             }
@@ -128,7 +145,7 @@ impl Decider for PyDecider {
                     Status::new(code, message).with_details(details.map(Bytes::from))
                 }
                 Err(err) => {
-                    err.display(py);
+                    log_error(py, "upstream_failed", err);
                     Status::new(
                         code::UNAVAILABLE,
                         format!("replica {replica} failed during the call ({detail})"),
@@ -145,7 +162,7 @@ impl Decider for PyDecider {
         Python::attach(|py| match verify.bind(py).call1((replica, pid, uid)) {
             Ok(answer) => answer.is_truthy().unwrap_or(false),
             Err(err) => {
-                err.display(py);
+                log_error(py, "verify_peer", err);
                 false
             }
         })
