@@ -168,6 +168,7 @@ def main() -> int:
         "records_cpu_us_per_call": cost["ns"] / max(cost["records"], 1) / 1000,
         "decide_gil_wait_us_per_call": stats["decide_gil_wait_ns"] / decisions / 1000,
         "decide_gil_held_us_per_call": stats["decide_gil_held_ns"] / decisions / 1000,
+        "decisions_per_batch": stats["decisions"] / max(stats["decision_batches"], 1),
     }), flush=True)  # fmt: skip
     return 0
 

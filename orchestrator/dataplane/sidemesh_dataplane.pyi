@@ -9,7 +9,8 @@ admission limits, retries and per-try timeouts.
 Python decides: for each *routed* call, once its first request message has
 arrived, ``decide(call)`` is called **synchronously on a data plane thread**
 (holding the GIL only for the call) and returns a :class:`Decision` or a
-:class:`Refusal`. ``retry_pick`` and ``upstream_failed`` are called only when an
+:class:`Refusal`. Calls whose first messages are in hand together are decided
+back to back under one acquisition of the GIL (``stats()["decision_batches"]``). ``retry_pick`` and ``upstream_failed`` are called only when an
 attempt failed; ``verify_peer`` once per new Unix upstream connection made with
 ``verify=True``. These callbacks must not block and must be thread-safe with
 respect to the asyncio thread (they run on another thread; use
@@ -343,8 +344,9 @@ class DataPlane:
     def stats(self) -> dict[str, int]:
         """``in_flight``, ``streams``, ``calls``, ``refused``, ``retries``,
         ``internal_calls``, ``records_waiting``, ``records_dropped``, ``span_rows_dropped``,
-        ``decisions``, ``decide_gil_wait_ns`` and ``decide_gil_held_ns`` (wall time the
-        runtime threads spent waiting for the GIL, and holding it, for ``decide``)."""
+        ``decisions``, ``decision_batches``, ``decide_gil_wait_ns`` and
+        ``decide_gil_held_ns`` (wall time the runtime threads spent waiting for the GIL,
+        and holding it, for ``decide``)."""
     def stop(self, grace: float) -> int:
         """Stops accepting (Unix socket files removed), sends GOAWAY on every
         connection, waits up to ``grace`` seconds for streams in flight, then ends the

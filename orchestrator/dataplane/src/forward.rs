@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::{Admission, Permit};
 use crate::call::{Call, ClientTx};
 use crate::config::{Config, Kind};
-use crate::decision::{CallInfo, Decider, Forward, Verdict};
+use crate::decision::{Batcher, CallInfo, Decider, Forward, Verdict};
 use crate::grpc::{self, code, FirstMessage, FrameError, FrameScanner, Status};
 use crate::identity::Peer;
 use crate::pool::{Pool, Upstream};
@@ -49,6 +49,8 @@ pub struct Stats {
 pub struct Shared<D: Decider> {
     pub config: Config,
     pub decider: D,
+    /// Calls waiting for their decision, decided in batches.
+    pub batcher: Batcher<D::Context>,
     pub pool: Pool,
     pub internal: Option<Arc<Upstream>>,
     pub admission: Arc<Admission>,
@@ -421,17 +423,23 @@ async fn routed<D: Decider>(
         }
     }
     let requests = u64::from(first.message.is_some());
-    let verdict = dp.decider.decide(CallInfo {
-        listener: conn.listener.clone(),
-        caller: conn.caller.clone(),
-        peer: conn.peer.clone(),
-        path: path.clone(),
-        kind,
-        call_id: call_id.clone(),
-        metadata,
-        message: first.message.clone(),
-        trace: trace.clone(),
-    });
+    let verdict = dp
+        .batcher
+        .decide(
+            &dp.decider,
+            CallInfo {
+                listener: conn.listener.clone(),
+                caller: conn.caller.clone(),
+                peer: conn.peer.clone(),
+                path: path.clone(),
+                kind,
+                call_id: call_id.clone(),
+                metadata,
+                message: first.message.clone(),
+                trace: trace.clone(),
+            },
+        )
+        .await;
     let decided_ns = now_ns();
     let forward: Forward<D::Context> = match verdict {
         Verdict::Refuse(status) => {

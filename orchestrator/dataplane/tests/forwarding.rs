@@ -97,6 +97,7 @@ fn data_plane(upstream: &str) -> (Arc<Shared<Echo>>, listener::Bound) {
         internal: None,
         config,
         decider: Echo,
+        batcher: Default::default(),
         pool: Pool::default(),
         ids: CallIds::default(),
         hard_stop: CancellationToken::new(),

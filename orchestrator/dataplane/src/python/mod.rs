@@ -73,48 +73,65 @@ fn log_error(py: Python<'_>, what: &str, err: PyErr) {
     }
 }
 
+impl PyDecider {
+    /// One decision, the GIL held.
+    fn decide_one(&self, py: Python<'_>, call: CallInfo) -> Verdict<Py<PyAny>> {
+        let result =
+            Py::new(py, Call { info: call }).and_then(|c| self.decide.bind(py).call1((c,)));
+        let answer = match result {
+            Ok(answer) => answer,
+            Err(err) => return Verdict::Refuse(internal_error(py, "decide", err)),
+        };
+        if let Ok(decision) = answer.cast::<Decision>() {
+            let d = decision.get();
+            return Verdict::Forward(decision::Forward {
+                upstream: d.upstream.clone(),
+                message: d.message.clone(),
+                metadata: d.metadata.clone(),
+                context: d.context.clone_ref(py),
+                retry: d.retry.clone(),
+                span_attributes: d.span_attributes.clone(),
+            });
+        }
+        if let Ok(refusal) = answer.cast::<Refusal>() {
+            return Verdict::Refuse(refusal.get().status.clone());
+        }
+        Verdict::Refuse(Status::new(
+            code::INTERNAL,
+            format!("the mesh failed to route the call (decide returned {}, not a Decision or a Refusal)",
+                    answer.get_type().name().map(|n| n.to_string()).unwrap_or_default()),
+        ))
+    }
+}
+
 impl Decider for PyDecider {
     type Context = Py<PyAny>;
 
     fn decide(&self, call: CallInfo) -> Verdict<Py<PyAny>> {
+        self.decide_all(vec![call]).pop().unwrap_or_else(|| {
+            Verdict::Refuse(Status::new(code::INTERNAL, "the call's decision was lost"))
+        })
+    }
+
+    fn decide_all(&self, calls: Vec<CallInfo>) -> Vec<Verdict<Py<PyAny>>> {
         let asked = Instant::now();
         let mut held = asked;
-        let verdict = Python::attach(|py| {
+        let count = calls.len() as u64;
+        let verdicts = Python::attach(|py| {
             held = Instant::now();
-            let result =
-                Py::new(py, Call { info: call }).and_then(|c| self.decide.bind(py).call1((c,)));
-            let answer = match result {
-                Ok(answer) => answer,
-                Err(err) => return Verdict::Refuse(internal_error(py, "decide", err)),
-            };
-            if let Ok(decision) = answer.cast::<Decision>() {
-                let d = decision.get();
-                return Verdict::Forward(decision::Forward {
-                    upstream: d.upstream.clone(),
-                    message: d.message.clone(),
-                    metadata: d.metadata.clone(),
-                    context: d.context.clone_ref(py),
-                    retry: d.retry.clone(),
-                    span_attributes: d.span_attributes.clone(),
-                });
-            }
-            if let Ok(refusal) = answer.cast::<Refusal>() {
-                return Verdict::Refuse(refusal.get().status.clone());
-            }
-            Verdict::Refuse(Status::new(
-                code::INTERNAL,
-                format!("the mesh failed to route the call (decide returned {}, not a Decision or a Refusal)",
-                        answer.get_type().name().map(|n| n.to_string()).unwrap_or_default()),
-            ))
+            calls
+                .into_iter()
+                .map(|call| self.decide_one(py, call))
+                .collect()
         });
         let done = Instant::now();
         let t = &self.timing;
-        t.count.fetch_add(1, Ordering::Relaxed);
+        t.count.fetch_add(count, Ordering::Relaxed);
         t.wait_ns
             .fetch_add((held - asked).as_nanos() as u64, Ordering::Relaxed);
         t.run_ns
             .fetch_add((done - held).as_nanos() as u64, Ordering::Relaxed);
-        verdict
+        verdicts
     }
 
     fn retry_pick(&self, context: &Py<PyAny>, failed: &str, reason: &str) -> Option<String> {
@@ -277,6 +294,7 @@ impl DataPlane {
                 verify_peer,
                 timing: DecideTiming::default(),
             },
+            batcher: Default::default(),
             pool: Pool::default(),
             ids: CallIds::default(),
             hard_stop: tokio_util::sync::CancellationToken::new(),
@@ -489,6 +507,7 @@ impl DataPlane {
         dict.set_item("span_rows_dropped", s.rows.dropped())?;
         let timing = &s.decider.timing;
         dict.set_item("decisions", timing.count.load(Ordering::Relaxed))?;
+        dict.set_item("decision_batches", s.batcher.batches())?;
         dict.set_item("decide_gil_wait_ns", timing.wait_ns.load(Ordering::Relaxed))?;
         dict.set_item("decide_gil_held_ns", timing.run_ns.load(Ordering::Relaxed))?;
         Ok(dict)
