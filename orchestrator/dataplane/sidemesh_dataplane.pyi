@@ -11,10 +11,11 @@ arrived, ``decide(call)`` is called **synchronously on a data plane thread**
 (holding the GIL only for the call) and returns a :class:`Decision` or a
 :class:`Refusal`. Calls whose first messages are in hand together are decided
 back to back under one acquisition of the GIL (``stats()["decision_batches"]``).
-``retry_pick`` and ``upstream_failed`` are called only when an attempt failed; ``verify_peer`` once per new Unix upstream connection made with
-``verify=True``. These callbacks must not block and must be thread-safe with
-respect to the asyncio thread (they run on another thread; use
-``loop.call_soon_threadsafe`` to reach the event loop).
+``retry_pick`` and ``upstream_failed`` are called only when an attempt failed;
+``verify_peer`` once per new Unix upstream connection made with ``verify=True``.
+These callbacks must not block and must be thread-safe with respect to the
+asyncio thread (they run on another thread; use ``loop.call_soon_threadsafe`` to
+reach the event loop).
 
 Every other path is forwarded as is to ``internal_address`` (the orchestrator's
 own grpc.aio server), with trusted metadata set by the data plane — any
