@@ -1,9 +1,11 @@
-"""The orchestrator's OpenTelemetry: its tracer and meters, and where every span goes.
+"""The orchestrator's OpenTelemetry: its meters, and where every span goes.
 
-The orchestrator is the mesh's embedded collector. Its own spans and the spans
-sidecars send it over OTLP (on their callback sockets, since a sandboxed
-sidecar has no network) flow through one sink: the embedded trace store, and,
-when an OTLP endpoint is configured, the official OTLP exporter.
+The orchestrator is the mesh's embedded collector. Its own spans (made by the
+data plane as trace store rows: a SERVER span per routed call, a CLIENT span
+per attempt) and the spans sidecars send it over OTLP (on their callback
+sockets, since a sandboxed sidecar has no network) flow through one sink: the
+embedded trace store, and, when an OTLP endpoint is configured, the official
+OTLP exporter.
 """
 
 from __future__ import annotations
@@ -18,18 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from opentelemetry import metrics, trace
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry import metrics
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import StatusCode
 
 from orchestrator._config import TelemetrySettings
 from orchestrator._trace_store import TraceStore, stamp_resource
@@ -40,49 +39,25 @@ TRACES_FILE = "traces.db"
 _STOP = object()
 
 
-class _SinkExporter(SpanExporter):
-    """The orchestrator's own finished spans: rows for the store, OTLP for an endpoint.
-
-    Rows are made straight from the SDK's spans; encoding them to OTLP protobuf
-    (and the store decoding them again) would cost the router's thread its GIL.
-    """
-
-    def __init__(
-        self,
-        store: TraceStore | None,
-        forwarder: _Forwarder | None,
-        service: str,
-    ) -> None:
-        self._store = store
-        self._forwarder = forwarder
-        self._service = service
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if self._store is not None:
-            self._store.add([_row(span, self._service) for span in spans])
-        if self._forwarder is not None:
-            self._forwarder.submit(encode_spans(spans))
-        return SpanExportResult.SUCCESS
-
-
-def _row(span: ReadableSpan, service: str) -> tuple[Any, ...]:
-    """A trace store row (see ``span_rows``) for one of the orchestrator's spans."""
-    context = span.context
-    assert context is not None
-    parent = f"{span.parent.span_id:016x}" if span.parent is not None else ""
-    attributes = {
-        key: value if isinstance(value, str) else json.dumps(
-            list(value) if isinstance(value, tuple) else value
-        )
-        for key, value in (span.attributes or {}).items()
-    }  # fmt: skip
-    error = span.status.status_code is StatusCode.ERROR
-    return (
-        f"{context.trace_id:032x}", f"{context.span_id:016x}", parent, span.name, service,
-        span.kind.value + 1,  # the API counts from INTERNAL = 0, OTLP from INTERNAL = 1
-        span.start_time or 0, span.end_time or 0, int(error), span.status.description or "",
-        json.dumps(attributes),
-    )  # fmt: skip
+def rows_to_otlp(rows: Sequence[tuple[Any, ...]], service: str) -> ExportTraceServiceRequest:
+    """The data plane's span rows (see ``span_rows``) as one OTLP export request."""
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.attributes.add(key="service.name").value.string_value = service
+    scope = resource_spans.scope_spans.add()
+    scope.scope.name = "sidemesh.orchestrator"
+    for trace_id, span_id, parent, name, _service, kind, start, end, error, message, attrs in rows:
+        span = scope.spans.add(
+            trace_id=bytes.fromhex(trace_id), span_id=bytes.fromhex(span_id),
+            parent_span_id=bytes.fromhex(parent) if parent else b"", name=name, kind=kind,
+            start_time_unix_nano=start, end_time_unix_nano=end,
+        )  # fmt: skip
+        if error:
+            span.status.code = Status.STATUS_CODE_ERROR
+            span.status.message = message
+        for key, value in json.loads(attrs).items():
+            span.attributes.add(key=key).value.string_value = str(value)
+    return request
 
 
 class _Forwarder(OTLPSpanExporter):
@@ -129,20 +104,21 @@ class _Forwarder(OTLPSpanExporter):
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     """The OTLP ``TraceService`` the orchestrator serves: where sidecars send their spans.
 
-    On a plugin's callback socket the batches are stamped with the plugin's
-    name (``sidemesh.plugin``), which the plugin cannot forge.
+    A batch that came in on a plugin's callback socket is stamped with the
+    plugin's name (``sidemesh.plugin``), from the data plane's trusted
+    ``sidemesh-caller`` metadata, never from anything the plugin sent.
     """
 
-    def __init__(self, sink: Callable[[ExportTraceServiceRequest], None], plugin: str = "") -> None:
+    def __init__(self, sink: Callable[[ExportTraceServiceRequest], None]) -> None:
         self._sink = sink
-        self._plugin = plugin
 
     async def Export(
         self, request: ExportTraceServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         """Accepts a batch of spans."""
-        if self._plugin:
-            stamp_resource(request, "sidemesh.plugin", self._plugin)
+        for key, value in context.invocation_metadata() or ():
+            if key == "sidemesh-caller":
+                stamp_resource(request, "sidemesh.plugin", str(value))
         self._sink(request)
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -156,24 +132,14 @@ class Telemetry:
         self.endpoint = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         self.store: TraceStore | None = None
         self._forwarder: _Forwarder | None = None
-        self._tracer_provider: TracerProvider | None = None
         self._meter_provider: MeterProvider | None = None
-        service = os.environ.get("OTEL_SERVICE_NAME", "sidemesh-orchestrator")
-        resource = Resource.create({"service.name": service})
+        #: ``service.name`` of the orchestrator's own spans.
+        self.service = os.environ.get("OTEL_SERVICE_NAME", "sidemesh-orchestrator")
+        resource = Resource.create({"service.name": self.service})
         if self.enabled:
             self.store = TraceStore(state_dir / TRACES_FILE, settings.max_traces)
             if self.endpoint:
                 self._forwarder = _Forwarder(self.endpoint)
-            self._tracer_provider = TracerProvider(resource=resource)
-            self._tracer_provider.add_span_processor(
-                BatchSpanProcessor(
-                    _SinkExporter(self.store, self._forwarder, service),
-                    schedule_delay_millis=settings.export_delay_ms,
-                )
-            )
-            self.tracer: trace.Tracer = self._tracer_provider.get_tracer("sidemesh.orchestrator")
-        else:
-            self.tracer = trace.NoOpTracer()
         if self.enabled and self.endpoint:
             reader = PeriodicExportingMetricReader(
                 OTLPMetricExporter(endpoint=self.endpoint),
@@ -189,6 +155,13 @@ class Telemetry:
         """Whether metrics go anywhere (an OTLP endpoint is configured)."""
         return self._meter_provider is not None
 
+    def add_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        """The orchestrator's own spans (the data plane's rows): to the store and the endpoint."""
+        if self.store is not None:
+            self.store.add(rows)
+        if self._forwarder is not None:
+            self._forwarder.submit(rows_to_otlp(rows, self.service))
+
     def accept(self, request: ExportTraceServiceRequest) -> None:
         """The sink: stores a batch of spans and forwards it to the endpoint, if any."""
         if self.store is not None:
@@ -196,9 +169,9 @@ class Telemetry:
         if self._forwarder is not None:
             self._forwarder.submit(request)
 
-    def receiver(self, plugin: str = "") -> OtlpReceiver:
-        """The OTLP receiver for a listener (``plugin``: the callback socket's plugin)."""
-        return OtlpReceiver(self.accept, plugin)
+    def receiver(self) -> OtlpReceiver:
+        """The OTLP receiver of the orchestrator's own services."""
+        return OtlpReceiver(self.accept)
 
     def sidecar_environment(self) -> dict[str, str]:
         """``OTEL_*`` settings every sidecar gets (its endpoint is its callback socket)."""
@@ -225,8 +198,6 @@ class Telemetry:
 
     def shutdown(self) -> None:
         """Exports what is buffered and stops every exporter and the store."""
-        if self._tracer_provider is not None:
-            self._tracer_provider.shutdown()
         if self._meter_provider is not None:
             self._meter_provider.shutdown()
         if self._forwarder is not None:
