@@ -90,13 +90,27 @@ def wait_until(
 class Mesh:
     """``sidemesh serve`` in a subprocess with its own config, state and sockets."""
 
-    def __init__(self, workdir: Path, env: dict[str, str] | None = None, **config: Any) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        *,
+        user: int | None = None,
+        python: str = sys.executable,
+        **config: Any,
+    ) -> None:
         """``config`` becomes top-level keys of its sidemesh.yaml; ``env`` is added to the
-        orchestrator process's environment."""
+        orchestrator process's environment. With ``user`` (a uid, when the tests run as
+        root) the orchestrator runs as that unprivileged user, with ``python``: the
+        workdir must then be one the user may enter."""
         self.workdir = workdir
         self.env = dict(env or {})
+        self.user = user
+        self.python = python
         # Unix socket paths must stay short: keep the runtime dir directly under /tmp.
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="smt", dir="/tmp"))
+        if user is not None:
+            os.chown(self.runtime_dir, user, user)
         self.state_dir = workdir / "state"
         self.socket = self.runtime_dir / "mesh.sock"
         self.address = f"unix:{self.socket}"
@@ -110,6 +124,7 @@ class Mesh:
             "supervisor": dict(FAST_SUPERVISOR),
         }
         self.config.update(config)
+        self.state_dir = Path(self.config["state_dir"])  # another mesh's, to restart it
         self.config_path = workdir / "sidemesh.yaml"
         self.proc: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
@@ -120,10 +135,14 @@ class Mesh:
         """Starts the orchestrator; waits for its endpoints and for ``ready`` plugins."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
+        become: list[str] = []
+        if self.user is not None:
+            os.chown(self.workdir, self.user, self.user)
+            become = [f"--reuid={self.user}", f"--regid={self.user}", "--clear-groups"]
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [shutil.which("setpriv") or "setpriv", "--pdeathsig", "KILL", "--",
-             sys.executable, "-m", "orchestrator.cli", "serve", "-c", str(self.config_path)],
+            [shutil.which("setpriv") or "setpriv", *become, "--pdeathsig", "KILL", "--",
+             self.python, "-m", "orchestrator.cli", "serve", "-c", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **self.env} if self.env else None,
         )  # fmt: skip
@@ -141,9 +160,10 @@ class Mesh:
             )
         try:
             data: dict[str, Any] = json.loads((self.state_dir / "endpoints.json").read_text())
-            return data
         except (OSError, ValueError):
             return None
+        # Not those of an earlier mesh on the same state dir that was killed.
+        return data if data.get("pid") == self.proc.pid else None
 
     @property
     def tcp_address(self) -> str:
