@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -52,6 +53,9 @@ class Supervisor:
         self._data_watchers: dict[str, asyncio.Task[None]] = {}
         self._launched_read_only: dict[tuple[str, int], bool] = {}
         self._data_flips: dict[str, asyncio.Event] = {}
+        # One thread measures every data dir: as an unprivileged user, the orchestrator's
+        # threads count toward the sidecars' process limit (RLIMIT_NPROC is per user).
+        self._measurer: ThreadPoolExecutor | None = None
 
     def add(self, plugin: PluginRuntime) -> None:
         """Registers ``plugin``; :meth:`start` runs it."""
@@ -277,8 +281,12 @@ class Supervisor:
             await asyncio.sleep(quota.tick)
             if not quota.due((r.pid for r in plugin.replicas if r.pid), time.monotonic()):
                 continue
+            if self._measurer is None:
+                self._measurer = ThreadPoolExecutor(1, thread_name_prefix="sidemesh data dirs")
             try:
-                usage = await asyncio.to_thread(quota.measure)
+                usage = await asyncio.get_running_loop().run_in_executor(
+                    self._measurer, quota.measure
+                )
             except Exception:  # a bug of ours: keep watching, slowly
                 log.exception("plugin %s: measuring its data dir failed", plugin.name)
                 await asyncio.sleep(5.0)
@@ -385,6 +393,8 @@ class Supervisor:
         self._stopping = True
         for watcher in self._data_watchers.values():
             watcher.cancel()
+        if self._measurer is not None:
+            self._measurer.shutdown(wait=False, cancel_futures=True)
         for plugin in self.plugins.values():
             plugin.stopping = True
             self.update_state(plugin)
