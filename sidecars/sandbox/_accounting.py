@@ -35,6 +35,10 @@ WALK_INTERVAL, READ_ONLY_INTERVAL = 0.5, 1.0
 #: A walk waits this many times the last one's duration: measuring takes at most
 #: a fifth of a core, however many files the plugin keeps.
 COST_FACTOR = 4
+#: Bytes a second a plugin is assumed to write at most (into the page cache), and the
+#: longest the tripwire waits between looks at one plugin: it looks again before
+#: a plugin writing that fast could fill what is left of its quota.
+FASTEST_WRITES, LONGEST_LOOK = 4 << 30, 0.25
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -169,27 +173,46 @@ class DataAccount:
         self._next = 0.0  # the next periodic walk
         self._earliest = 0.0  # no walk the tripwire asks for before (its cost)
         self._survey_at = 0.0
+        self._look_at = 0.0
         TRIPWIRE.add(self)
 
     def due(self, pids: Iterable[int], now: float) -> bool:
         """A walk is due periodically, or at once when the tripwire froze the plugin."""
-        self._tree.roots = tuple(pids)
+        roots = tuple(pids)
+        if roots != self._tree.roots:  # a replica (re)started: look for its processes now
+            with self._lock:
+                self._tree.roots = roots
+                self._survey_at = self._look_at = 0.0
         return self._suspect or now >= self._next
 
-    def poll(self, now: float) -> None:
-        """Freezes the plugin when what it wrote may have filled its quota (tripwire thread)."""
+    def poll(self, now: float) -> float:
+        """Freezes the plugin when what it wrote may have filled its quota (tripwire thread).
+
+        Returns when to look again: as soon as a plugin writing at
+        ``FASTEST_WRITES`` could fill what is left (often near the quota, seldom
+        far from it).
+        """
         with self._lock:
             if self.read_only or self._frozen:
-                return
-            if now >= self._survey_at:
+                return now + LONGEST_LOOK
+            if now < self._look_at:
+                return self._look_at
+            surveyed = now >= self._survey_at
+            if surveyed:  # new processes (a forked writer); the costlier look
                 self._tree.survey()
-                self._survey_at = now + SURVEY
             self._pending += self._tree.written()
-            if now >= self._earliest and self._last.used_bytes + self._pending > self.quota_bytes:
-                self._tree.signal(signal.SIGSTOP)
-                self._tree.survey()  # what it forked meanwhile
-                self._tree.signal(signal.SIGSTOP)
-                self._frozen = self._suspect = True
+            room = self.quota_bytes - self._last.used_bytes - self._pending
+            if room >= 0 or now < self._earliest:
+                wait = min(max(room, 0) / FASTEST_WRITES, LONGEST_LOOK)
+                self._look_at = now + wait
+                if surveyed:
+                    self._survey_at = now + max(wait, SURVEY)
+                return self._look_at
+            self._tree.signal(signal.SIGSTOP)
+            self._tree.survey()  # what it forked meanwhile
+            self._tree.signal(signal.SIGSTOP)
+            self._frozen = self._suspect = True
+            return now + LONGEST_LOOK
 
     def measure(self) -> DataUsage:
         """Walks the data dir; ``problem`` when it is over its quota (or cannot be measured).
@@ -213,6 +236,7 @@ class DataAccount:
         with self._lock:
             self._pending -= before  # what was written during the walk may not be in it
             self._suspect = False
+            self._look_at = 0.0  # room changed: look again now
             self._last = usage
             self._earliest = now + cost
             self._next = now + max(READ_ONLY_INTERVAL if self.read_only else WALK_INTERVAL, cost)

@@ -24,8 +24,9 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
-#: Seconds between looks at the bytes written, and between looks for new processes.
-POLL, SURVEY = 0.005, 0.02
+#: Seconds between looks at the bytes written, and between looks for new processes,
+#: at the most; the longest the thread sleeps (a new account is looked at by then).
+POLL, SURVEY, LONGEST_SLEEP = 0.005, 0.02, 0.05
 _MAX_PROCESSES = 4096
 
 log = logging.getLogger("sidemesh.sandbox")
@@ -78,9 +79,7 @@ class ProcessTree:
             found.add(pid)
             with contextlib.suppress(OSError):
                 for task in os.listdir(f"/proc/{pid}/task"):
-                    path = f"/proc/{pid}/task/{task}/children"
-                    with contextlib.suppress(OSError, ValueError), open(path) as children:
-                        todo += [int(child) for child in children.read().split()]
+                    todo += _children(f"/proc/{pid}/task/{task}/children")
         for pid in set(self._processes) - found:
             self._processes.pop(pid).close()
         for pid in found - set(self._processes):
@@ -113,11 +112,24 @@ class ProcessTree:
         self._processes.clear()
 
 
+def _children(path: str) -> list[int]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        return [int(child) for child in os.read(fd, 65536).split()]
+    except (OSError, ValueError):
+        return []
+    finally:
+        os.close(fd)
+
+
 class Watched(Protocol):
     """What the tripwire looks at: an accounted data dir."""
 
-    def poll(self, now: float) -> None:
-        """Looks at what was written since the last poll (the tripwire's thread calls it)."""
+    def poll(self, now: float) -> float:
+        """Looks at what was written since the last poll; returns when to look next."""
         ...
 
 
@@ -148,12 +160,14 @@ class Tripwire:
             return list(self._watched)
 
     def _run(self) -> None:
+        wake = 0.0
         while True:
-            time.sleep(POLL)
+            time.sleep(max(POLL, wake - time.monotonic()))
             now = time.monotonic()
+            wake = now + LONGEST_SLEEP
             for watched in self.watching():
                 try:
-                    watched.poll(now)
+                    wake = min(wake, watched.poll(now))
                 except Exception:  # a bug of ours: never let one plugin stop the others' watch
                     log.exception("the data tripwire failed to look at %r", watched)
 
