@@ -17,6 +17,9 @@ use http::{HeaderMap, Response};
 use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+/// A caller's reset this close to its deadline is the deadline (clocks and timers race).
+const DEADLINE_SLACK: Duration = Duration::from_millis(20);
+
 use crate::attempt::{classify, describe};
 use crate::config::Kind;
 use crate::decision::Decider;
@@ -230,6 +233,29 @@ impl<D: Decider> Call<D> {
         Poll::Pending
     }
 
+    /// The caller reset its stream: at its deadline (a gRPC client resets then, racing
+    /// our own timer), that is DEADLINE_EXCEEDED; before it, the caller cancelled.
+    fn client_gone(&mut self) {
+        let at_deadline = self
+            .deadline
+            .is_some_and(|deadline| Instant::now() + DEADLINE_SLACK >= deadline);
+        let (outcome, status, message) = if at_deadline {
+            (
+                "deadline",
+                code::DEADLINE_EXCEEDED,
+                "the caller's deadline passed",
+            )
+        } else {
+            ("cancelled", code::CANCELLED, "cancelled by the caller")
+        };
+        self.reset_upstream(outcome, status, message);
+        self.client = ClientTx::Done;
+        self.outcome = Some(Outcome {
+            code: status,
+            message: message.into(),
+        });
+    }
+
     pub(crate) fn handle(&mut self, event: Event) {
         match event {
             Event::Shutdown => self
@@ -238,14 +264,7 @@ impl<D: Decider> Call<D> {
                 Status::new(code::DEADLINE_EXCEEDED, "Deadline Exceeded"),
                 "deadline",
             ),
-            Event::ClientReset => {
-                self.reset_upstream("cancelled", code::CANCELLED, "cancelled by the caller");
-                self.client = ClientTx::Done;
-                self.outcome = Some(Outcome {
-                    code: code::CANCELLED,
-                    message: "cancelled by the caller".into(),
-                });
-            }
+            Event::ClientReset => self.client_gone(),
             Event::Removed => {
                 let detail = "the replica was removed from the mesh".to_string();
                 self.transport_failure(detail, Failure::Transport, "removed");
@@ -285,14 +304,7 @@ impl<D: Decider> Call<D> {
                 }
             }
             Event::ClientCapacity(Some(Ok(n))) => self.send_client(n),
-            Event::ClientCapacity(None) | Event::ClientCapacity(Some(Err(_))) => {
-                self.reset_upstream("cancelled", code::CANCELLED, "cancelled by the caller");
-                self.client = ClientTx::Done;
-                self.outcome = Some(Outcome {
-                    code: code::CANCELLED,
-                    message: "cancelled by the caller".into(),
-                });
-            }
+            Event::ClientCapacity(None) | Event::ClientCapacity(Some(Err(_))) => self.client_gone(),
             Event::ClientData(Some(Ok(chunk))) => self.client_data(chunk),
             Event::ClientData(None) => {
                 self.client_open = false;
