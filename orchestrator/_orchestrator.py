@@ -16,7 +16,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import Observation
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from clients import SidemeshError, server_options
 from orchestrator._catalog import Catalog
@@ -62,6 +61,7 @@ class Orchestrator:
             launcher = ProcessLauncher() if off else SandboxLauncher(config.sandbox)
         self._launcher = launcher
         self.telemetry = Telemetry(config.telemetry, config.state_dir)
+        self.telemetry.on_violation = self._trace_violation
         self.supervisor = Supervisor(
             config.supervisor,
             self.catalog,
@@ -194,6 +194,12 @@ class Orchestrator:
         plugin.resilience.on_ejected = ejected
         plugin.resilience.on_restored = restored
 
+    def _trace_violation(self, plugin: str, replica: int, detail: str) -> None:
+        """A plugin's spans were refused (reported at a bounded rate): an event."""
+        self.events.emit(
+            plugin, "sandbox_violation", mesh_pb2.SandboxViolation(replica=replica, detail=detail)
+        )
+
     @staticmethod
     def _remote_layers(plugin: PluginRuntime) -> str:
         off = "off: a remote plugin runs outside this mesh's sandbox"
@@ -210,11 +216,23 @@ class Orchestrator:
             self.catalog, self.plugins, self.events, self._admission, self.telemetry, caller=caller
         ).register(server)
         mesh_pb2_grpc.add_MeshServiceServicer_to_server(
-            MeshService(self.catalog, self.plugins, self.events, self.telemetry.store), server
+            MeshService(
+                self.catalog,
+                self.plugins,
+                self.events,
+                self.telemetry.store,
+                trace_usage=self.telemetry.trace_usage,
+            ),
+            server,
         )
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            self.telemetry.receiver(caller.name if caller else ""), server
-        )
+        if caller is None or caller.manifest is None:
+            receiver = self.telemetry.receiver()
+        else:  # the plugin's spans: stamped as its own, within its quota
+            quota = caller.override.sandbox.trace_quota_mb or caller.manifest.sandbox.trace_quota_mb
+            receiver = self.telemetry.receiver(
+                caller.name, quota_mb=quota, replicas=len(caller.replicas)
+            )
+        receiver.register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if caller is None:
             reflection.enable_server_reflection(

@@ -177,6 +177,10 @@ class Router:
         metadata.append(("sidemesh-call-id", call_id))
         if span is None:
             metadata += carrier.items()  # not tracing: pass the caller's context on as is
+        else:  # the plugin (and a calling plugin) may add spans to this trace
+            self._telemetry.routed(
+                entry.plugin, span.get_span_context().trace_id, self._caller_name
+            )
         self._call_started(entry, route.path, call_id, replica)
         tried: list[Replica] = []
         client_span: trace.Span | None = None

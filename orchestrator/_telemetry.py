@@ -1,13 +1,17 @@
 """The orchestrator's OpenTelemetry: its tracer and meters, and where every span goes.
 
-The orchestrator is the mesh's embedded collector. Its own spans and the spans
-sidecars send it over OTLP (on their callback sockets, since a sandboxed
-sidecar has no network) flow through one sink: the embedded trace store, and,
-when an OTLP endpoint is configured, the official OTLP exporter.
+The orchestrator is the mesh's embedded collector. Its own spans go to the
+embedded trace store as rows (source ``orchestrator``); the spans sidecars
+send it over OTLP (on their callback sockets, since a sandboxed sidecar has no
+network) and clients send to its listeners go through an
+:class:`~orchestrator._otlp_receiver.OtlpReceiver`, which stamps them with
+their source and keeps them within their bounds. When an OTLP endpoint is
+configured, what is stored also goes there with the official OTLP exporter.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -17,12 +21,10 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 from opentelemetry import metrics, trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -32,11 +34,17 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import StatusCode
 
 from orchestrator._config import TelemetrySettings
-from orchestrator._trace_store import TraceStore, stamp_resource
+from orchestrator._otlp_receiver import INGEST_THREADS, OtlpReceiver
+from orchestrator._span_rows import ORCHESTRATOR, row_size
+from orchestrator._trace_sources import TraceSource, TraceSources
+from orchestrator._trace_store import TraceStore
+from sidemesh.v1 import mesh_pb2
 
 log = logging.getLogger("sidemesh.telemetry")
 
 TRACES_FILE = "traces.db"
+#: What one of the orchestrator's rows is charged besides its (ASCII) text.
+_OWN_ROW = row_size(ORCHESTRATOR)
 _STOP = object()
 
 
@@ -66,7 +74,7 @@ class _SinkExporter(SpanExporter):
 
 
 def _row(span: ReadableSpan, service: str) -> tuple[Any, ...]:
-    """A trace store row (see ``span_rows``) for one of the orchestrator's spans."""
+    """A trace store row (see :data:`orchestrator._span_rows.Row`) for one of its own spans."""
     context = span.context
     assert context is not None
     parent = f"{span.parent.span_id:016x}" if span.parent is not None else ""
@@ -77,11 +85,13 @@ def _row(span: ReadableSpan, service: str) -> tuple[Any, ...]:
         for key, value in (span.attributes or {}).items()
     }  # fmt: skip
     error = span.status.status_code is StatusCode.ERROR
+    message = span.status.description or ""
+    text = json.dumps(attributes)
     return (
         f"{context.trace_id:032x}", f"{context.span_id:016x}", parent, span.name, service,
         span.kind.value + 1,  # the API counts from INTERNAL = 0, OTLP from INTERNAL = 1
-        span.start_time or 0, span.end_time or 0, int(error), span.status.description or "",
-        json.dumps(attributes),
+        span.start_time or 0, span.end_time or 0, int(error), message, text, ORCHESTRATOR,
+        _OWN_ROW + len(span.name) + len(service) + len(message) + len(text),  # see row_size
     )  # fmt: skip
 
 
@@ -126,27 +136,6 @@ class _Forwarder(OTLPSpanExporter):
         self.shutdown()
 
 
-class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """The OTLP ``TraceService`` the orchestrator serves: where sidecars send their spans.
-
-    On a plugin's callback socket the batches are stamped with the plugin's
-    name (``sidemesh.plugin``), which the plugin cannot forge.
-    """
-
-    def __init__(self, sink: Callable[[ExportTraceServiceRequest], None], plugin: str = "") -> None:
-        self._sink = sink
-        self._plugin = plugin
-
-    async def Export(
-        self, request: ExportTraceServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        """Accepts a batch of spans."""
-        if self._plugin:
-            stamp_resource(request, "sidemesh.plugin", self._plugin)
-        self._sink(request)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
 class Telemetry:
     """Tracer, meter, trace store and OTLP export of one orchestrator."""
 
@@ -155,13 +144,28 @@ class Telemetry:
         self.enabled = settings.enabled
         self.endpoint = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         self.store: TraceStore | None = None
+        #: Who sends spans, and what each may store; None when tracing is off.
+        self.sources: TraceSources | None = None
+        #: Called with (plugin, replica, detail) when a plugin's spans are refused (at a
+        #: bounded rate): the orchestrator makes it a ``sandbox_violation`` event.
+        self.on_violation: Callable[[str, int, str], None] | None = None
         self._forwarder: _Forwarder | None = None
+        self._ingest: concurrent.futures.ThreadPoolExecutor | None = None
         self._tracer_provider: TracerProvider | None = None
         self._meter_provider: MeterProvider | None = None
         service = os.environ.get("OTEL_SERVICE_NAME", "sidemesh-orchestrator")
+        self.service = service
         resource = Resource.create({"service.name": service})
         if self.enabled:
-            self.store = TraceStore(state_dir / TRACES_FILE, settings.max_traces)
+            self.store = TraceStore(
+                state_dir / TRACES_FILE, settings.max_traces, settings.max_store_mb << 20
+            )
+            self.sources = TraceSources(
+                self.store, settings.client_quota_mb << 20, orchestrator_service=service
+            )
+            self._ingest = concurrent.futures.ThreadPoolExecutor(
+                INGEST_THREADS, thread_name_prefix="otlp-ingest"
+            )
             if self.endpoint:
                 self._forwarder = _Forwarder(self.endpoint)
             self._tracer_provider = TracerProvider(resource=resource)
@@ -189,16 +193,42 @@ class Telemetry:
         """Whether metrics go anywhere (an OTLP endpoint is configured)."""
         return self._meter_provider is not None
 
-    def accept(self, request: ExportTraceServiceRequest) -> None:
-        """The sink: stores a batch of spans and forwards it to the endpoint, if any."""
-        if self.store is not None:
-            self.store.add(request)
-        if self._forwarder is not None:
-            self._forwarder.submit(request)
+    def receiver(self, plugin: str = "", *, quota_mb: int = 0, replicas: int = 1) -> OtlpReceiver:
+        """The OTLP receiver for a listener: plugin ``plugin``'s callback socket, or ("")
+        the mesh's own listeners (clients). A plugin's spans may take ``quota_mb`` MiB."""
+        sources = self.sources
+        source: TraceSource | None = None
+        if sources is not None:
+            source = (
+                sources.add_plugin(plugin, quota_mb << 20, replicas) if plugin else sources.client
+            )
+        forwarder = self._forwarder
+        return OtlpReceiver(
+            source,
+            sources,
+            executor=self._ingest,
+            forward=forwarder.submit if forwarder is not None else None,
+            report=self._refused,
+        )
 
-    def receiver(self, plugin: str = "") -> OtlpReceiver:
-        """The OTLP receiver for a listener (``plugin``: the callback socket's plugin)."""
-        return OtlpReceiver(self.accept, plugin)
+    def routed(self, plugin: str, trace_id: int, caller: str = "") -> None:
+        """Notes a call of trace ``trace_id`` routed to ``plugin`` (from plugin ``caller``).
+
+        Any forwarding path calls it for every call it routes: it is how the
+        trace store knows which traces a plugin may add spans to.
+        """
+        if self.sources is not None:
+            self.sources.routed(plugin, trace_id, caller)
+
+    def trace_usage(self, plugin: str) -> mesh_pb2.TraceUsage | None:
+        """What ``plugin``'s spans take in the store and what was refused; None if unknown."""
+        source = self.sources.plugins.get(plugin) if self.sources is not None else None
+        return source.usage() if source is not None else None
+
+    def _refused(self, source: TraceSource, replica: int, detail: str) -> None:
+        log.warning("%s", detail)
+        if source.plugin and self.on_violation is not None:
+            self.on_violation(source.plugin, replica, detail)
 
     def sidecar_environment(self) -> dict[str, str]:
         """``OTEL_*`` settings every sidecar gets (its endpoint is its callback socket)."""
@@ -229,6 +259,8 @@ class Telemetry:
             self._tracer_provider.shutdown()
         if self._meter_provider is not None:
             self._meter_provider.shutdown()
+        if self._ingest is not None:
+            self._ingest.shutdown(wait=True, cancel_futures=True)
         if self._forwarder is not None:
             self._forwarder.close()
         if self.store is not None:
