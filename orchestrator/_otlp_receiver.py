@@ -39,7 +39,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from orchestrator._span_rows import MAX_STATUS, Batch, cut
+from orchestrator._span_rows import MAX_STATUS, PLUGIN_PREFIX, Batch, cut
 from orchestrator._trace_sources import Outcome, TraceSource, TraceSources
 
 log = logging.getLogger("sidemesh.telemetry")
@@ -174,6 +174,8 @@ def forwardable(
             attributes = resource_spans.resource.attributes
             attributes.append(_kv("service.name", row[4]))
             attributes.append(_kv("sidemesh.source", source))
+            if source.startswith(PLUGIN_PREFIX):
+                attributes.append(_kv("sidemesh.plugin", source.removeprefix(PLUGIN_PREFIX)))
             scope = scopes[index] = resource_spans.scope_spans.add()
         span = batch.spans[i]
         if not batch.truncated[i] and span.ByteSize() <= MAX_FORWARD_SPAN_BYTES:

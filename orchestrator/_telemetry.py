@@ -35,7 +35,7 @@ from opentelemetry.trace import StatusCode
 
 from orchestrator._config import TelemetrySettings
 from orchestrator._otlp_receiver import INGEST_THREADS, OtlpReceiver
-from orchestrator._span_rows import ORCHESTRATOR, row_size
+from orchestrator._span_rows import ORCHESTRATOR, ROW_OVERHEAD
 from orchestrator._trace_sources import TraceSource, TraceSources
 from orchestrator._trace_store import TraceStore
 from sidemesh.v1 import mesh_pb2
@@ -43,8 +43,6 @@ from sidemesh.v1 import mesh_pb2
 log = logging.getLogger("sidemesh.telemetry")
 
 TRACES_FILE = "traces.db"
-#: What one of the orchestrator's rows is charged besides its (ASCII) text.
-_OWN_ROW = row_size(ORCHESTRATOR)
 _STOP = object()
 
 
@@ -87,11 +85,12 @@ def _row(span: ReadableSpan, service: str) -> tuple[Any, ...]:
     error = span.status.status_code is StatusCode.ERROR
     message = span.status.description or ""
     text = json.dumps(attributes)
+    size = len(span.name) + len(service) + len(message) + len(text) + len(ORCHESTRATOR)
     return (
         f"{context.trace_id:032x}", f"{context.span_id:016x}", parent, span.name, service,
         span.kind.value + 1,  # the API counts from INTERNAL = 0, OTLP from INTERNAL = 1
         span.start_time or 0, span.end_time or 0, int(error), message, text, ORCHESTRATOR,
-        _OWN_ROW + len(span.name) + len(service) + len(message) + len(text),  # see row_size
+        ROW_OVERHEAD + size + size // 6,  # as row_size counts it, for ASCII text
     )  # fmt: skip
 
 

@@ -391,8 +391,9 @@ class TraceUsage(_message.Message):
     SPANS_TRUNCATED_FIELD_NUMBER: _builtins.int
     LAST_REFUSAL_FIELD_NUMBER: _builtins.int
     bytes_used: _builtins.int
-    """Bytes its stored spans take (as the store counts them: their text plus a
-    fixed overhead per span).
+    """Bytes its stored spans take, as the store counts them: about what they
+    take in its database file (their text, a sixth more, and 384 bytes a
+    span).
     """
     bytes_quota: _builtins.int
     """Its quota in bytes: the manifest's `sandbox.trace_quota_mb`, or the
