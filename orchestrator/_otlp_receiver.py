@@ -12,7 +12,9 @@ a few exports in flight; and the answer follows the OTLP specification:
 - all refused: ``RESOURCE_EXHAUSTED`` (over quota; without ``RetryInfo``, so
   not to be retried), ``PERMISSION_DENIED`` (traces it is not part of) or
   ``INVALID_ARGUMENT`` (malformed spans, or a request that does not decode);
-- too many exports at once: ``RESOURCE_EXHAUSTED`` with ``RetryInfo``.
+- too many exports at once (``MAX_IN_FLIGHT``), or too many bytes of them
+  (``EXPORT_BYTES_PER_SECOND``): ``RESOURCE_EXHAUSTED`` with ``RetryInfo``,
+  before anything is decoded.
 
 Decoding and checking run on a small thread pool of their own (``INGEST_THREADS``),
 shared by every receiver: senders of spans compete with each other, not with
@@ -40,7 +42,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from orchestrator._span_rows import MAX_STATUS, PLUGIN_PREFIX, Batch, cut
-from orchestrator._trace_sources import Outcome, TraceSource, TraceSources
+from orchestrator._trace_sources import (
+    EXPORT_BYTES_PER_SECOND,
+    Outcome,
+    TraceSource,
+    TraceSources,
+)
 
 log = logging.getLogger("sidemesh.telemetry")
 
@@ -95,11 +102,20 @@ class OtlpReceiver:
         if source is None or self._sources is None:
             return ExportTraceServiceResponse()
         if source.in_flight >= MAX_IN_FLIGHT:
+            source.throttled += 1
             await _abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many span exports in flight (at most {MAX_IN_FLIGHT}); retry shortly",
-                retry=True,
+                retry=_RETRY_DELAY,
+            )
+        wait = source.throttle(len(payload))
+        if wait:
+            await _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"span exports above {EXPORT_BYTES_PER_SECOND >> 20} MiB/s; retry in {wait:.1f} s",
+                retry=wait,
             )
         source.in_flight += 1
         try:
@@ -197,12 +213,13 @@ def _kv(key: str, value: str) -> KeyValue:
 
 
 async def _abort(
-    context: Context, code: grpc.StatusCode, message: str, retry: bool = False
+    context: Context, code: grpc.StatusCode, message: str, retry: float | None = None
 ) -> None:
+    """Ends the call; ``retry``: seconds after which to retry (OTLP's ``RetryInfo``)."""
     trailers: tuple[tuple[str, bytes], ...] = ()
-    if retry:
+    if retry is not None:
         delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(_RETRY_DELAY * 1e9))
+        delay.FromNanoseconds(int(retry * 1e9))
         info = error_details_pb2.RetryInfo(retry_delay=delay).SerializeToString()
         trailers = (("google.rpc.retryinfo-bin", info),)
     await context.abort(code, message, trailers)

@@ -36,6 +36,9 @@ from sidemesh.v1 import mesh_pb2
 KNOWN_TRACES = 8192
 #: Seconds between two reports of refused spans of one source (the first is at once).
 REPORT_INTERVAL = 10.0
+#: Bytes of export requests one source may send per second, and at once.
+EXPORT_BYTES_PER_SECOND = 8 << 20
+EXPORT_BURST = 32 << 20
 _MIB = 1024 * 1024
 
 
@@ -111,11 +114,33 @@ class TraceSource:
         self.refused_malformed = 0
         self.truncated = 0
         self.last_refusal = ""
-        #: Export requests being processed now (the receiver bounds it).
+        #: Export requests being processed now, and those refused for coming too fast (the
+        #: receiver bounds both, on the event loop).
         self.in_flight = 0
+        self.throttled = 0
+        self._tokens = float(EXPORT_BURST)
+        self._filled_at = time.monotonic()
         self._stats = threading.Lock()
         self._unreported = Outcome()
         self._reported_at: float | None = None
+
+    def throttle(self, size: int, now: float | None = None) -> float:
+        """Seconds to wait before sending ``size`` more bytes of exports; 0: go ahead.
+
+        A token bucket of ``EXPORT_BYTES_PER_SECOND``, bursting to
+        ``EXPORT_BURST``: decoding costs the orchestrator CPU whatever becomes
+        of the spans, so a sender gets that much of it and no more.
+        """
+        now = time.monotonic() if now is None else now
+        self._tokens = min(
+            float(EXPORT_BURST), self._tokens + (now - self._filled_at) * EXPORT_BYTES_PER_SECOND
+        )
+        self._filled_at = now
+        if self._tokens < 0:
+            self.throttled += 1
+            return -self._tokens / EXPORT_BYTES_PER_SECOND
+        self._tokens -= size  # may go below zero: a request larger than the burst still passes
+        return 0.0
 
     # -- admission (in a worker thread) -----------------------------------------
 
@@ -242,6 +267,7 @@ class TraceSource:
                 refused_malformed=self.refused_malformed,
                 spans_truncated=self.truncated,
                 last_refusal=self.last_refusal,
+                exports_throttled=self.throttled,
             )
 
 

@@ -114,6 +114,8 @@ def trace_usage(usage: mesh_pb2.TraceUsage) -> str:
         )
     if usage.spans_truncated:
         line += f", {usage.spans_truncated} truncated"
+    if usage.exports_throttled:
+        line += f", {usage.exports_throttled} exports throttled"
     if usage.last_refusal:
         line += f"\n    last refusal: {usage.last_refusal}"
     return line

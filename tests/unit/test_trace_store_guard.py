@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -34,7 +35,7 @@ from orchestrator._span_rows import (
     rows_of,
 )
 from orchestrator._telemetry import Telemetry
-from orchestrator._trace_sources import KnownTraces
+from orchestrator._trace_sources import EXPORT_BURST, EXPORT_BYTES_PER_SECOND, KnownTraces
 from orchestrator._trace_store import TraceStore
 from orchestrator.cli._inspect import trace_usage
 from orchestrator.cli._traces import waterfall
@@ -587,3 +588,24 @@ def test_what_is_forwarded_to_an_otlp_endpoint_is_what_was_stored() -> None:
     assert sent_small == small  # as it came
     assert len(sent_huge.name) == MAX_NAME and not sent_huge.events
     assert sent_huge.ByteSize() < 16 * 1024
+
+
+async def test_a_plugin_sending_too_fast_is_told_to_retry_later_unread(mesh: Mesh) -> None:
+    assert mesh.telemetry.sources is not None
+    source = mesh.telemetry.sources.plugins["forger"]
+    # A full bucket lets even more than itself through: half a second's worth too many.
+    assert source.throttle(EXPORT_BURST + EXPORT_BYTES_PER_SECOND // 2) == 0
+    trace_id = _new_trace()
+    mesh.telemetry.routed("forger", trace_id)
+    call = mesh.channels["forger"].unary_unary(EXPORT)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call(_request(_span(trace_id)).SerializeToString(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = dict(refused.value.trailing_metadata() or ())
+    retry = error_details_pb2.RetryInfo.FromString(trailers["google.rpc.retryinfo-bin"])
+    assert 0.3e9 < retry.retry_delay.ToNanoseconds() <= 0.5e9
+    usage = mesh.telemetry.trace_usage("forger")
+    assert usage is not None and usage.exports_throttled == 1 and usage.spans_refused == 0
+    assert "1 exports throttled" in trace_usage(usage)
+    # Refilled a second later.
+    assert source.throttle(1, now=time.monotonic() + 1.5) == 0

@@ -390,6 +390,7 @@ class TraceUsage(_message.Message):
     REFUSED_MALFORMED_FIELD_NUMBER: _builtins.int
     SPANS_TRUNCATED_FIELD_NUMBER: _builtins.int
     LAST_REFUSAL_FIELD_NUMBER: _builtins.int
+    EXPORTS_THROTTLED_FIELD_NUMBER: _builtins.int
     bytes_used: _builtins.int
     """Bytes its stored spans take, as the store counts them: about what they
     take in its database file (their text, a sixth more, and 384 bytes a
@@ -422,6 +423,10 @@ class TraceUsage(_message.Message):
     """
     last_refusal: _builtins.str
     """The last refusal, in a sentence; empty if none."""
+    exports_throttled: _builtins.int
+    """Export requests refused unread, to be retried (`RESOURCE_EXHAUSTED` with
+    `RetryInfo`): more than 2 at once, or more than 8 MiB a second.
+    """
     def __init__(
         self,
         *,
@@ -434,10 +439,11 @@ class TraceUsage(_message.Message):
         refused_malformed: _builtins.int = ...,
         spans_truncated: _builtins.int = ...,
         last_refusal: _builtins.str = ...,
+        exports_throttled: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_quota", b"bytes_quota", "bytes_used", b"bytes_used", "last_refusal", b"last_refusal", "refused_malformed", b"refused_malformed", "refused_over_quota", b"refused_over_quota", "refused_unknown_trace", b"refused_unknown_trace", "spans_accepted", b"spans_accepted", "spans_refused", b"spans_refused", "spans_truncated", b"spans_truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_quota", b"bytes_quota", "bytes_used", b"bytes_used", "exports_throttled", b"exports_throttled", "last_refusal", b"last_refusal", "refused_malformed", b"refused_malformed", "refused_over_quota", b"refused_over_quota", "refused_unknown_trace", b"refused_unknown_trace", "spans_accepted", b"spans_accepted", "spans_refused", b"spans_refused", "spans_truncated", b"spans_truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
