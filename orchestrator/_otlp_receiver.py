@@ -86,6 +86,7 @@ class OtlpReceiver:
         self._executor = executor
         self._forward = forward
         self._report = report
+        self._flush_scheduled = False
 
     def register(self, server: grpc.aio.Server) -> None:
         """Serves ``TraceService/Export`` on ``server``; the request arrives as bytes."""
@@ -125,10 +126,8 @@ class OtlpReceiver:
             )
         finally:
             source.in_flight -= 1
-        if outcome.refused and self._report is not None:
-            due = source.report(outcome.replica)
-            if due is not None:
-                self._report(source, *due)
+        if outcome.refused:
+            self._reporting(source, outcome.replica)
         if undecodable:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, undecodable)
         if not outcome.refused:
@@ -149,6 +148,18 @@ class OtlpReceiver:
         )
         await _abort(context, code, detail)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _reporting(self, source: TraceSource, replica: int, scheduled: bool = False) -> None:
+        """Reports the refusals that are due; comes back once for those held back."""
+        if scheduled:
+            self._flush_scheduled = False
+        detail, later = source.report()
+        if detail and self._report is not None:
+            self._report(source, replica, detail)
+        if later is not None and not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop = asyncio.get_running_loop()
+            loop.call_later(later + 0.01, self._reporting, source, replica, True)
 
     def _admit(self, source: TraceSource, payload: bytes) -> tuple[Outcome, str]:
         """Decodes, checks and stores one request (in a worker thread).

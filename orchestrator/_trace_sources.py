@@ -40,6 +40,7 @@ REPORT_INTERVAL = 10.0
 EXPORT_BYTES_PER_SECOND = 8 << 20
 EXPORT_BURST = 32 << 20
 _MIB = 1024 * 1024
+_REASONS = ("over_quota", "unknown_trace", "malformed")
 
 
 class KnownTraces:
@@ -122,7 +123,8 @@ class TraceSource:
         self._filled_at = time.monotonic()
         self._stats = threading.Lock()
         self._unreported = Outcome()
-        self._reported_at: float | None = None
+        #: When each reason of refusal was last reported.
+        self._reported_at: dict[str, float] = {}
 
     def throttle(self, size: int, now: float | None = None) -> float:
         """Seconds to wait before sending ``size`` more bytes of exports; 0: go ahead.
@@ -215,22 +217,30 @@ class TraceSource:
 
     # -- reporting (on the event loop) ------------------------------------------
 
-    def report(self, replica: int, now: float | None = None) -> tuple[int, str] | None:
-        """The refusals to report now (replica, detail), or None: none, or reported lately.
+    def report(self, now: float | None = None) -> tuple[str, float | None]:
+        """The refusals to report now (a sentence, "" if none), and when to look again.
 
-        The first refusal is reported at once; later ones at most every
-        ``REPORT_INTERVAL`` seconds, summed. The totals are always in :meth:`usage`.
+        Each reason (over quota, not its trace, malformed) is reported at once
+        the first time, then at most every ``REPORT_INTERVAL`` seconds, summed;
+        the second value is how many seconds until refusals held back become
+        due (None: none are). The totals are always in :meth:`usage`.
         """
         now = time.monotonic() if now is None else now
+        due, later = Outcome(), None
         with self._stats:
             pending = self._unreported
-            if not pending.refused:
-                return None
-            if self._reported_at is not None and now - self._reported_at < REPORT_INTERVAL:
-                return None
-            self._reported_at = now
-            self._unreported = Outcome()
-        return replica, self.describe(pending)
+            for reason in _REASONS:
+                count = getattr(pending, reason)
+                if not count:
+                    continue
+                wait = self._reported_at.get(reason, -REPORT_INTERVAL) + REPORT_INTERVAL - now
+                if wait <= 0:
+                    setattr(due, reason, count)
+                    setattr(pending, reason, 0)
+                    self._reported_at[reason] = now
+                else:
+                    later = wait if later is None else min(later, wait)
+        return (self.describe(due) if due.refused else ""), later
 
     def describe(self, outcome: Outcome) -> str:
         """A sentence saying what was refused and why, for logs, events and ``plugins -v``."""

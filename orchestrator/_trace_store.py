@@ -32,6 +32,8 @@ from sidemesh.v1 import mesh_pb2
 
 log = logging.getLogger("sidemesh.traces")
 
+#: What the write-ahead log keeps between checkpoints (it holds one batch more at most).
+WAL_BYTES = 1 << 20
 #: Bumped when the schema changes; an older store is started afresh.
 SCHEMA_VERSION = 2
 _SCHEMA = """
@@ -98,8 +100,9 @@ class TraceStore:
         db = sqlite3.connect(self._path, timeout=5, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        # The WAL file shrinks back to this after each checkpoint.
-        db.execute(f"PRAGMA journal_size_limit={4 << 20}")
+        # The write-ahead log is checkpointed every 1 MiB of pages and shrinks back to 1 MiB.
+        db.execute("PRAGMA wal_autocheckpoint=256")
+        db.execute(f"PRAGMA journal_size_limit={WAL_BYTES}")
         return db
 
     def _migrate(self, db: sqlite3.Connection) -> None:

@@ -35,7 +35,13 @@ from orchestrator._span_rows import (
     rows_of,
 )
 from orchestrator._telemetry import Telemetry
-from orchestrator._trace_sources import EXPORT_BURST, EXPORT_BYTES_PER_SECOND, KnownTraces
+from orchestrator._trace_sources import (
+    EXPORT_BURST,
+    EXPORT_BYTES_PER_SECOND,
+    KnownTraces,
+    Outcome,
+    TraceSource,
+)
 from orchestrator._trace_store import TraceStore
 from orchestrator.cli._inspect import trace_usage
 from orchestrator.cli._traces import waterfall
@@ -609,3 +615,21 @@ async def test_a_plugin_sending_too_fast_is_told_to_retry_later_unread(mesh: Mes
     assert "1 exports throttled" in trace_usage(usage)
     # Refilled a second later.
     assert source.throttle(1, now=time.monotonic() + 1.5) == 0
+
+
+def test_refusals_are_reported_at_once_then_summed_per_reason(tmp_path: Path) -> None:
+    store = TraceStore(tmp_path / "traces.db", max_traces=10)
+    source = TraceSource(store, "plugin:forger", plugin="forger", quota_bytes=MIB)
+    source.count(Outcome(unknown_trace=1))
+    detail, later = source.report(now=100.0)
+    assert "1 for traces never routed to it" in detail and later is None
+    source.count(Outcome(unknown_trace=5))
+    assert source.report(now=101.0) == ("", 9.0)  # held back...
+    source.count(Outcome(over_quota=3))  # ... but another reason is reported at once
+    detail, later = source.report(now=102.0)
+    assert "3 over its trace quota" in detail and "never routed" not in detail
+    assert later == 8.0
+    detail, later = source.report(now=110.0)  # the held-back ones, summed
+    assert "5 for traces never routed to it" in detail and later is None
+    assert source.report(now=111.0) == ("", None)
+    store.close()
