@@ -69,7 +69,7 @@ def plugin_source(plugin: str) -> str:
 def row_size(*texts: str) -> int:
     """The bytes a row with these text fields is charged (see ``ROW_OVERHEAD``)."""
     size = sum(len(t) if t.isascii() else len(t.encode()) for t in texts)
-    return ROW_OVERHEAD + size + size // 6
+    return ROW_OVERHEAD + size * 7 // 6
 
 
 def cut(text: str, limit: int) -> str:

@@ -35,9 +35,8 @@ from opentelemetry.trace import StatusCode
 
 from orchestrator._config import TelemetrySettings
 from orchestrator._otlp_receiver import INGEST_THREADS, OtlpReceiver
-from orchestrator._span_rows import ORCHESTRATOR, ROW_OVERHEAD
 from orchestrator._trace_sources import TraceSource, TraceSources
-from orchestrator._trace_store import TraceStore
+from orchestrator._trace_store import OwnRow, TraceStore
 from sidemesh.v1 import mesh_pb2
 
 log = logging.getLogger("sidemesh.telemetry")
@@ -65,14 +64,14 @@ class _SinkExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._store is not None:
-            self._store.add([_row(span, self._service) for span in spans])
+            self._store.add_own([_row(span, self._service) for span in spans])
         if self._forwarder is not None:
             self._forwarder.submit(encode_spans(spans))
         return SpanExportResult.SUCCESS
 
 
-def _row(span: ReadableSpan, service: str) -> tuple[Any, ...]:
-    """A trace store row (see :data:`orchestrator._span_rows.Row`) for one of its own spans."""
+def _row(span: ReadableSpan, service: str) -> OwnRow:
+    """A trace store row (see :data:`orchestrator._trace_store.OwnRow`) for one of its spans."""
     context = span.context
     assert context is not None
     parent = f"{span.parent.span_id:016x}" if span.parent is not None else ""
@@ -83,14 +82,11 @@ def _row(span: ReadableSpan, service: str) -> tuple[Any, ...]:
         for key, value in (span.attributes or {}).items()
     }  # fmt: skip
     error = span.status.status_code is StatusCode.ERROR
-    message = span.status.description or ""
-    text = json.dumps(attributes)
-    size = len(span.name) + len(service) + len(message) + len(text) + len(ORCHESTRATOR)
     return (
         f"{context.trace_id:032x}", f"{context.span_id:016x}", parent, span.name, service,
         span.kind.value + 1,  # the API counts from INTERNAL = 0, OTLP from INTERNAL = 1
-        span.start_time or 0, span.end_time or 0, int(error), message, text, ORCHESTRATOR,
-        ROW_OVERHEAD + size + size // 6,  # as row_size counts it, for ASCII text
+        span.start_time or 0, span.end_time or 0, int(error), span.status.description or "",
+        json.dumps(attributes),
     )  # fmt: skip
 
 

@@ -187,7 +187,7 @@ class TraceSource:
         outcome.accepted = len(rows)
         outcome.truncated = sum(1 for i in stored if batch.truncated[i])
         if rows:
-            self.store.add(rows, charged=True)
+            self.store.add(rows)
         self.count(outcome)
         return outcome, batch, stored
 

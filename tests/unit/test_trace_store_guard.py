@@ -433,17 +433,20 @@ async def test_an_export_carries_a_bounded_number_of_spans(mesh: Mesh) -> None:
 
 
 def _rows(
-    traces: int, per_trace: int, attribute: int, source: str = "orchestrator"
+    traces: int, per_trace: int, attribute: int, source: str | None = None
 ) -> list[list[tuple[Any, ...]]]:
+    """Batches of rows, one trace each: the orchestrator's own (``source`` None), or charged."""
     batches = []
     for _ in range(traces):
         trace_id = os.urandom(16).hex()
         text = '{"a": "' + "x" * attribute + '"}'
-        batches.append([
-            (trace_id, os.urandom(8).hex(), "", "span", "svc", 2, 1, 2, 0, "", text, source,
-             row_size("span", "svc", "", text, source))
+        rows = [
+            (trace_id, os.urandom(8).hex(), "", "span", "svc", 2, 1, 2, 0, "", text)
             for _ in range(per_trace)
-        ])  # fmt: skip
+        ]
+        if source is not None:
+            rows = [(*row, source, row_size("span", "svc", "", text, source)) for row in rows]
+        batches.append(rows)
     return batches
 
 
@@ -456,7 +459,7 @@ def test_the_store_evicts_the_oldest_traces_to_stay_within_its_bytes(tmp_path: P
     store = TraceStore(path, max_traces=100_000, max_bytes=2 * MIB)
     batches = _rows(400, 5, 5000)  # about 10 MiB
     for batch in batches:
-        store.add(batch)
+        store.add_own(batch)
     assert store.flush(30)
     assert store.total_bytes <= 2 * MIB
     assert path.stat().st_size <= 2 * MIB + 512 * 1024  # the last batch may overshoot
@@ -465,6 +468,9 @@ def test_the_store_evicts_the_oldest_traces_to_stay_within_its_bytes(tmp_path: P
     assert batches[-1][0][0] in kept and batches[0][0][0] not in kept
     (size,) = db.execute("SELECT SUM(size) FROM spans").fetchone()
     assert size == store.total_bytes == store.used("orchestrator")  # the ledger is exact
+    # SQLite charged the orchestrator's rows as row_size counts them.
+    (one,) = db.execute("SELECT DISTINCT size FROM spans").fetchone()
+    assert one == row_size("span", "svc", "", batches[-1][0][-1], "orchestrator")
     db.close()
     store.close()
     reopened = TraceStore(path, max_traces=100_000, max_bytes=2 * MIB)
@@ -477,11 +483,11 @@ def test_the_ledger_refunds_duplicates_and_evictions(tmp_path: Path) -> None:
     (batch,) = _rows(1, 3, 10, source="plugin:forger")
     for _ in range(2):  # the same spans twice: stored once
         assert all(store.charge("plugin:forger", row[-1], 10 * MIB) for row in batch)
-        store.add(batch, charged=True)
+        store.add(batch)
     assert store.flush()
     assert store.used("plugin:forger") == sum(row[-1] for row in batch)
     for later in _rows(600, 1, 10):  # more traces than max_traces: the first goes
-        store.add(later)
+        store.add_own(later)
     assert store.flush()
     store.close()  # prunes
     assert TraceStore(tmp_path / "traces.db", max_traces=2).used("plugin:forger") == 0
@@ -502,7 +508,7 @@ def test_a_store_of_the_old_schema_is_started_afresh(tmp_path: Path) -> None:
     db.close()
     store = TraceStore(path, max_traces=10)
     (batch,) = _rows(1, 1, 10)
-    store.add(batch)
+    store.add_own(batch)
     assert store.flush()
     store.close()
     assert sqlite3.connect(path).execute("SELECT source FROM spans").fetchall() == [
