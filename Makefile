@@ -14,7 +14,7 @@ export PATH := $(BIN):$(PATH)
 # Arguments for pytest, e.g. `make test PYTEST_ARGS="-k manifest -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps node-deps run test unit proto proto-check lint typecheck breaking bench lock clean
+.PHONY: help setup system-deps node-deps dataplane run test unit proto proto-check lint typecheck breaking bench lock clean
 
 help:
 	@echo "make run | test | proto | proto-check | lint | typecheck | breaking | bench | clean"
@@ -34,7 +34,21 @@ system-deps:
 node-deps:
 	@scripts/node-deps.sh
 
-setup: $(STAMP) system-deps node-deps
+# The native data plane (orchestrator/dataplane, Rust + PyO3), built by maturin into the
+# venv as the `sidemesh_dataplane` module; rebuilt only when its sources change.
+DATAPLANE       := orchestrator/dataplane
+DATAPLANE_STAMP := $(VENV)/.dataplane-stamp
+DATAPLANE_SRC   := $(shell find $(DATAPLANE)/src -name '*.rs') $(addprefix $(DATAPLANE)/,Cargo.toml Cargo.lock pyproject.toml sidemesh_dataplane.pyi)
+CARGO_FLAGS     := --manifest-path $(DATAPLANE)/Cargo.toml --locked -j2
+
+$(DATAPLANE_STAMP): $(STAMP) $(DATAPLANE_SRC)
+	@command -v cargo >/dev/null || { echo "the data plane needs a Rust toolchain (cargo) on PATH" >&2; exit 1; }
+	cd $(DATAPLANE) && CARGO_BUILD_JOBS=2 VIRTUAL_ENV=$(CURDIR)/$(VENV) $(BIN)/maturin develop --release --locked --quiet
+	@touch $@
+
+dataplane: $(DATAPLANE_STAMP)
+
+setup: $(STAMP) $(DATAPLANE_STAMP) system-deps node-deps
 
 ## Main jobs ------------------------------------------------------------------
 
@@ -43,6 +57,7 @@ run: setup
 
 test: setup proto-check lint
 	@scripts/system-deps.sh bench  # the benchmark's smoke test needs nginx and h2load
+	cargo test $(CARGO_FLAGS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Contracts ------------------------------------------------------------------
@@ -62,6 +77,9 @@ lint: $(STAMP)
 	ruff check .
 	ruff format --check .
 	buf lint
+	cargo fmt --manifest-path $(DATAPLANE)/Cargo.toml --check
+	cargo clippy $(CARGO_FLAGS) --all-targets -- -D warnings
+	cargo clippy $(CARGO_FLAGS) --features python -- -D warnings
 
 typecheck: $(STAMP)
 	mypy
@@ -82,4 +100,4 @@ lock:
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info $(DATAPLANE)/target

@@ -42,6 +42,7 @@ from clients._errors import (
     from_status,
 )
 from clients._event_loop import run_loop
+from clients._mcp import McpRequestError, McpToolCall
 from clients._results import AgentReply, ToolCallResult
 from clients._server_options import server_options
 from clients._streams import AgentStream, ServerStream, ToolCallStream
@@ -65,6 +66,8 @@ __all__ = [
     "FieldViolation",
     "InternalError",
     "InvalidArgumentError",
+    "McpRequestError",
+    "McpToolCall",
     "MeshClient",
     "NotFoundError",
     "OutOfRangeError",

@@ -16,6 +16,7 @@ from clients._chat import ChatSession
 from clients._convert import agent_input, to_struct
 from clients._credentials import Credentials, TlsOptions, resolve_credentials
 from clients._errors import FailedPreconditionError, InternalError, UnavailableError
+from clients._mcp import McpMethods
 from clients._results import ToolCallResult
 from clients._streams import AgentStream, ServerStream, ToolCallStream, unary
 from clients._tracing import tracing_interceptors
@@ -23,6 +24,7 @@ from sidemesh.v1 import (
     agent_pb2,
     agent_pb2_grpc,
     common_pb2,
+    mcp_pb2_grpc,
     mesh_pb2,
     mesh_pb2_grpc,
     tool_pb2,
@@ -46,9 +48,10 @@ class _Stubs:
         self.agents = agent_pb2_grpc.AgentServiceStub(channel)
         self.tools = tool_pb2_grpc.ToolServiceStub(channel)
         self.mesh = mesh_pb2_grpc.MeshServiceStub(channel)
+        self.mcp = mcp_pb2_grpc.McpServiceStub(channel)
 
 
-class AsyncMeshClient:
+class AsyncMeshClient(McpMethods):
     """A connection to the mesh (the orchestrator, or a sidecar's callback socket).
 
     ``address`` is ``host:port`` or ``unix:/path``; by default ``$SIDEMESH_ADDRESS``,
@@ -63,7 +66,9 @@ class AsyncMeshClient:
     is an OpenTelemetry CLIENT span that carries its W3C context to the server
     (``tracing_interceptors``, installed before ``interceptors``). The channel
     opens on first use, bound to the running event loop: use a client within
-    one loop. ``close`` cancels the calls still running.
+    one loop. ``close`` cancels the calls still running. The MCP servers of
+    the mesh (resources, prompts, interactive tool calls) are
+    :class:`~clients._mcp.McpMethods`.
     """
 
     def __init__(
@@ -396,6 +401,9 @@ class AsyncMeshClient:
 
     def _stubs(self) -> _Stubs:
         return self._connect()[1]
+
+    def _mcp_stub(self) -> mcp_pb2_grpc.McpServiceAsyncStub:
+        return self._stubs().mcp
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self._timeout if timeout is None else timeout

@@ -21,7 +21,6 @@ A token is never sent in clear to another host: that is refused here.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,17 +29,14 @@ from typing import Any
 
 import grpc
 
+from sidemesh.core import TOKEN_FILE, default_state_dir, running_mesh
+
 TOKEN_ENV = "SIDEMESH_TOKEN"
 TOKEN_FILE_ENV = "SIDEMESH_TOKEN_FILE"
 TLS_CA_ENV = "SIDEMESH_TLS_CA"
 TLS_CERT_ENV = "SIDEMESH_TLS_CERT"
 TLS_KEY_ENV = "SIDEMESH_TLS_KEY"
 _TLS_ENVS = (TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV)
-#: In a running mesh's state dir: its addresses, and its owner's token. The same names
-#: as ``orchestrator._orchestrator.ENDPOINTS_FILE`` and ``orchestrator._tokens.TOKEN_FILE``
-#: (a test pins them together).
-ENDPOINTS_FILE = "endpoints.json"
-TOKEN_FILE = "token"
 
 #: How to authenticate, for an ``UNAUTHENTICATED`` error whose message does not say.
 HOW_TO_AUTHENTICATE = (
@@ -49,12 +45,6 @@ HOW_TO_AUTHENTICATE = (
     "owner's token in <state_dir>/token) or a TLS client certificate (clients: "
     "tls=TlsOptions(ca=..., cert=..., key=...); the CLI: --tls-ca, --tls-cert, --tls-key)"
 )
-
-
-def default_state_dir() -> Path:
-    """``$XDG_STATE_HOME/sidemesh``, else ``~/.local/state/sidemesh`` (the mesh's default)."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "sidemesh"
 
 
 @dataclass(frozen=True)
@@ -214,16 +204,12 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
 
 def _serves(state_dir: Path, address: str) -> bool:
     """True when the mesh running from ``state_dir`` listens on TCP ``address``."""
-    try:
-        data = json.loads((state_dir / ENDPOINTS_FILE).read_text())
-        pid, addresses = int(data["pid"]), list(data["addresses"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    if not _alive(pid):
+    mesh = running_mesh(state_dir)
+    if mesh is None:
         return False
     host, port = _split(address)
-    for bound in addresses:
-        if not isinstance(bound, str) or bound.startswith("unix:"):
+    for bound in mesh["addresses"]:
+        if bound.startswith("unix:"):
             continue
         bound_host, bound_port = _split(bound)
         if bound_port != port:
@@ -251,13 +237,3 @@ def _is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0

@@ -23,7 +23,7 @@ from clients._errors import InternalError
 from clients._loop import LoopThread
 from clients._results import ToolCallResult
 from clients._sync_streams import SyncAgentStream, SyncChatSession, SyncStream, SyncToolCallStream
-from sidemesh.v1 import agent_pb2, common_pb2, mesh_pb2, tool_pb2
+from sidemesh.v1 import agent_pb2, common_pb2, mcp_pb2, mesh_pb2, tool_pb2
 
 
 class MeshClient:
@@ -264,6 +264,55 @@ class MeshClient:
     ) -> list[mesh_pb2.TraceSpan]:
         """One trace's spans; see ``AsyncMeshClient.get_trace``."""
         return self._loop.run(self._async.get_trace(trace_id, timeout=timeout, metadata=metadata))
+
+    # -- MCP servers (McpService) ----------------------------------------------
+
+    def list_mcp_servers(self, *, timeout: float | None = None) -> list[str]:
+        """The names of the mesh's MCP plugins."""
+        return self._loop.run(self._async.list_mcp_servers(timeout=timeout))
+
+    def mcp_server_info(
+        self, server: str, *, timeout: float | None = None
+    ) -> mcp_pb2.McpServerInfo:
+        """An MCP server's identity, protocol version and capabilities."""
+        return self._loop.run(self._async.mcp_server_info(server, timeout=timeout))
+
+    def list_resources(
+        self, server: str, *, timeout: float | None = None
+    ) -> list[mcp_pb2.Resource]:
+        """Every resource of ``server``."""
+        return self._loop.run(self._async.list_resources(server, timeout=timeout))
+
+    def list_resource_templates(
+        self, server: str, *, timeout: float | None = None
+    ) -> list[mcp_pb2.ResourceTemplate]:
+        """Every resource template of ``server``."""
+        return self._loop.run(self._async.list_resource_templates(server, timeout=timeout))
+
+    def read_resource(
+        self, server: str, uri: str, *, timeout: float | None = None
+    ) -> list[common_pb2.ResourceContents]:
+        """A resource's contents; ``NotFoundError`` for an unknown URI."""
+        return self._loop.run(self._async.read_resource(server, uri, timeout=timeout))
+
+    def list_prompts(self, server: str, *, timeout: float | None = None) -> list[mcp_pb2.Prompt]:
+        """Every prompt of ``server``."""
+        return self._loop.run(self._async.list_prompts(server, timeout=timeout))
+
+    def get_prompt(
+        self,
+        server: str,
+        name: str,
+        arguments: Mapping[str, str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> mcp_pb2.GetPromptResponse:
+        """A prompt rendered with ``arguments``."""
+        return self._loop.run(self._async.get_prompt(server, name, arguments, timeout=timeout))
+
+    def complete(self, server: str, argument: str, value: str = "", **kwargs: Any) -> Any:
+        """Completions of a prompt argument or a template variable; see ``AsyncMeshClient``."""
+        return self._loop.run(self._async.complete(server, argument, value, **kwargs))
 
     def watch_events(
         self,

@@ -10,16 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from clients import DEFAULT_TCP_ADDRESS, normalize_address
 from orchestrator._auth_config import PluginGrant
+from orchestrator._mcp_config import McpGatewaySettings
 from orchestrator._yaml_models import load_yaml_model, validate_model
+from sidemesh.core import default_state_dir
 
 #: The example plugins that ship with Sidemesh (used when no plugin_dirs are configured).
 BUNDLED_PLUGINS_DIR = Path(__file__).resolve().parent.parent / "examples" / "plugins"
-
-
-def default_state_dir() -> Path:
-    """``$XDG_STATE_HOME/sidemesh``, else ``~/.local/state/sidemesh``."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "sidemesh"
 
 
 def default_runtime_dir() -> Path:
@@ -307,6 +303,10 @@ class MeshConfig(_Strict):
     )
     telemetry: TelemetrySettings = Field(
         default_factory=TelemetrySettings, description="tracing, metrics, OTLP export"
+    )
+    mcp: McpGatewaySettings = Field(
+        default_factory=McpGatewaySettings,
+        description="the mesh as an MCP gateway: HTTP endpoint, authorization, virtual servers",
     )
     state_dir: Path = Field(
         default_factory=default_state_dir,

@@ -166,7 +166,7 @@ class ProcessLauncher:
         )  # fmt: skip
         return LaunchSpec(
             argv=plugin_command(plugin.manifest), env=env, cwd=plugin.manifest.directory,
-            socket_path=socket,
+            socket_path=socket, socket_owner=os.getuid(),
         )  # fmt: skip
 
     def close(self) -> None:
@@ -182,6 +182,8 @@ class SandboxLauncher:
         self._policies: dict[str, sandbox.Policy] = {}
         self._runtime_paths = _runtime_paths()
         self._uids = sandbox.UidAllocator(settings.uid_base)
+        #: The mesh's TCP listener ports (set once bound): kept from plugins with network.
+        self.mesh_ports: tuple[int, ...] = ()
 
     def prepare(self, plugin: PluginRuntime) -> str:
         """Computes the plugin's sandbox policy; in strict mode, why it may not start."""
@@ -207,6 +209,7 @@ class SandboxLauncher:
             env_declared=tuple(needs.env),
             env_provided=len(set(needs.env) & set(plugin.override.env)),
             relaxed=not grant.enabled,
+            mesh_listeners_granted=grant.allow_mesh_listeners,
         )
         uid = self._uids.uid_for(plugin.name) if self._host.root and grant.enabled else None
         policy = sandbox.policy(request, self._host, uid)
@@ -235,7 +238,7 @@ class SandboxLauncher:
         prepared = sandbox.prepare(
             policy, self._host, plugin_command(plugin.manifest), replica=replica,
             replica_dir=replica_dir, mesh_socket=paths.mesh_socket,
-            runtime_paths=self._runtime_paths,
+            runtime_paths=self._runtime_paths, mesh_ports=self.mesh_ports,
         )  # fmt: skip
         env = sidecar_environment(
             plugin.manifest, plugin.override, listen=prepared.listen,
@@ -244,9 +247,11 @@ class SandboxLauncher:
             startup_timeout=plugin.startup_timeout, telemetry_env=telemetry_env,
         )  # fmt: skip
         # die_with_parent: bwrap's outer process dies with us; its sandbox dies with it.
+        owner = policy.host_uid if policy.host_uid is not None else os.getuid()
         return LaunchSpec(
             argv=prepared.argv, env=env, cwd=plugin.manifest.directory,
             socket_path=prepared.socket_path, pass_fds=prepared.pass_fds, sandbox=prepared,
+            socket_owner=owner,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -266,13 +271,18 @@ def _own_tree(path: Path, uid: int) -> None:
 def _runtime_paths() -> list[Path]:
     """What a Python sidecar needs to see: the interpreter, the venv, the mesh's packages."""
     import importlib.util
+    import site
 
     paths = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}
     paths.add(Path(sys.executable).resolve().parent.parent)
+    # A venv's site-packages may be a link to elsewhere: what it links to must be seen too.
+    paths.update(Path(p).resolve() for p in site.getsitepackages())
     for name in _RUNTIME_PACKAGES:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations:
             paths.update(Path(p).resolve() for p in spec.submodule_search_locations)
+    # What this user cannot read, a sandbox of its own cannot bind (nor would it need it).
+    paths = {p for p in paths if os.access(p, os.R_OK | os.X_OK)}
     # A path inside another is already visible.
     ordered = sorted(paths, key=lambda p: len(p.parts))
     return [p for i, p in enumerate(ordered) if not any(p.is_relative_to(q) for q in ordered[:i])]

@@ -7,11 +7,17 @@ import sys
 
 from opentelemetry import trace
 
+# Every C0 control but newline and tab, DEL, and the C1 controls: shown, never obeyed.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0))}
+
 
 class _Formatter(logging.Formatter):
     """``12:00:00.123 INFO  tools-demo[0]: message``; sidecar lines carry their plugin tag.
 
     Inside a call, the orchestrator's own lines end with ``trace_id=… span_id=…``.
+    Messages often carry text a plugin chose (its output, its error details):
+    control characters are escaped, and every line after a record's first is
+    indented, so no text can pass for a record of its own or drive the terminal.
     """
 
     def format(self, record: logging.LogRecord) -> str:
@@ -27,7 +33,8 @@ class _Formatter(logging.Formatter):
             record.tag = name[len("sidemesh.") :]
         else:
             record.tag = name
-        return super().format(record)
+        text = super().format(record)
+        return text.translate(_CONTROLS).replace("\n", "\n    ")
 
 
 def configure_logging(level: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from clients import FailedPreconditionError, NotFoundError, SidemeshError
+from clients import FailedPreconditionError, NotFoundError, PermissionDeniedError, SidemeshError
 from orchestrator._catalog import Catalog
 from orchestrator._events import EventBus
 from orchestrator._plugin import PluginRuntime
@@ -19,7 +19,12 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class MeshService(mesh_pb2_grpc.MeshServiceServicer):
-    """Answers from the orchestrator's own state; never calls a sidecar."""
+    """Answers from the orchestrator's own state; never calls a sidecar.
+
+    On a plugin's callback socket (``caller``) it shows the plugin only the
+    agents and tools it may call, and nothing of the other plugins' status,
+    traces or events unless the operator granted ``permissions.mesh: [read]``.
+    """
 
     def __init__(
         self,
@@ -27,6 +32,7 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
         plugins: Mapping[str, PluginRuntime],
         events: EventBus,
         traces: TraceStore | None,
+        caller: PluginRuntime | None = None,
         *,
         trace_usage: Callable[[str], mesh_pb2.TraceUsage | None] | None = None,
     ) -> None:
@@ -35,6 +41,42 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
         self._events = events
         self._traces = traces
         self._trace_usage = trace_usage
+        self._caller = caller
+        grant = caller.override.permissions if caller is not None else None
+        self._reads = caller is None or (grant is not None and "read" in grant.mesh)
+
+    async def _require_read(self, context: Context, method: str) -> None:
+        """PERMISSION_DENIED (and an event) for a plugin the operator granted no mesh reads."""
+        if self._reads:
+            return
+        assert self._caller is not None
+        plugin = self._caller.name
+        reason = (
+            f"plugin {plugin!r} may not use MeshService/{method} on its callback socket: it "
+            f"shows the other plugins' status, traces and events; the operator can grant it "
+            f"with plugins.{plugin}.permissions.mesh: [read] in the Sidemesh config"
+        )
+        self._events.emit(
+            plugin,
+            "permission_denied",
+            mesh_pb2.PermissionDenied(
+                caller=plugin, target="MeshService", method=method, reason=reason
+            ),
+        )
+        await PermissionDeniedError(
+            reason, reason="MESH_API_NOT_GRANTED", metadata={"caller": plugin}
+        ).abort(context)
+
+    def _may(self, kind: str, qualified: str) -> bool:
+        return self._caller is None or self._caller.may_call(kind, qualified)
+
+    async def _visible(self, context: Context, kind: str, qualified: str) -> None:
+        if not self._may(kind, qualified):
+            await PermissionDeniedError(
+                f"plugin {self._caller.name if self._caller else ''!r} may not call {kind} "
+                f"{qualified!r}, so it cannot look it up either",
+                reason="PERMISSION_DENIED",
+            ).abort(context)
 
     def plugin_status(self, plugin: PluginRuntime) -> mesh_pb2.PluginStatus:
         """The status of one plugin, with what its spans take in the trace store."""
@@ -49,6 +91,7 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
         self, request: mesh_pb2.ListPluginsRequest, context: Context
     ) -> mesh_pb2.ListPluginsResponse:
         """Every plugin, by name."""
+        await self._require_read(context, "ListPlugins")
         plugins = [self.plugin_status(self._plugins[n]) for n in sorted(self._plugins)]
         return mesh_pb2.ListPluginsResponse(plugins=plugins)
 
@@ -56,6 +99,7 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
         self, request: mesh_pb2.GetPluginRequest, context: Context
     ) -> mesh_pb2.GetPluginResponse:
         """One plugin; ``NOT_FOUND`` naming the closest names."""
+        await self._require_read(context, "GetPlugin")
         plugin = self._plugins.get(request.name)
         if plugin is None:
             close = difflib.get_close_matches(request.name, list(self._plugins), n=3, cutoff=0.4)
@@ -73,8 +117,9 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
         self, request: mesh_pb2.ListAgentsRequest, context: Context
     ) -> mesh_pb2.ListAgentsResponse:
         """Agents, filtered by plugin and capability."""
+        agents = self._catalog.agents(request.plugin, request.capability)
         return mesh_pb2.ListAgentsResponse(
-            agents=self._catalog.agents(request.plugin, request.capability)
+            agents=[a for a in agents if self._may("agent", a.qualified_name)]
         )
 
     async def GetAgent(
@@ -85,14 +130,16 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
             entry = self._catalog.agent(request.name)
         except SidemeshError as err:
             await err.abort(context)
+        await self._visible(context, "agent", entry.qualified)
         return mesh_pb2.GetAgentResponse(agent=entry.descriptor)
 
     async def ListTools(
         self, request: mesh_pb2.MeshServiceListToolsRequest, context: Context
     ) -> mesh_pb2.MeshServiceListToolsResponse:
         """Tools, filtered by plugin and a text query."""
+        tools = self._catalog.tools(request.plugin, request.query)
         return mesh_pb2.MeshServiceListToolsResponse(
-            tools=self._catalog.tools(request.plugin, request.query)
+            tools=[t for t in tools if self._may("tool", t.qualified_name)]
         )
 
     async def GetTool(
@@ -103,12 +150,14 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
             entry = self._catalog.tool(request.name)
         except SidemeshError as err:
             await err.abort(context)
+        await self._visible(context, "tool", entry.qualified)
         return mesh_pb2.GetToolResponse(tool=entry.descriptor)
 
     async def WatchEvents(
         self, request: mesh_pb2.WatchEventsRequest, context: Context
     ) -> AsyncIterator[mesh_pb2.WatchEventsResponse]:
         """The event stream, until the client leaves or the orchestrator stops."""
+        await self._require_read(context, "WatchEvents")
         async for event in self._events.subscribe(
             plugin=request.plugin, lifecycle_only=request.lifecycle_only, replay=request.replay
         ):
@@ -118,6 +167,7 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
         self, request: mesh_pb2.ListTracesRequest, context: Context
     ) -> mesh_pb2.ListTracesResponse:
         """Recent traces from the embedded store, newest first."""
+        await self._require_read(context, "ListTraces")
         store = await self._store(context)
         return mesh_pb2.ListTracesResponse(traces=await store.recent(request.limit, request.plugin))
 
@@ -125,6 +175,7 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
         self, request: mesh_pb2.GetTraceRequest, context: Context
     ) -> mesh_pb2.GetTraceResponse:
         """Every span of one trace."""
+        await self._require_read(context, "GetTrace")
         store = await self._store(context)
         try:
             spans, omitted = await store.spans(request.trace_id)

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import Observation
 
-from clients import SidemeshError, server_options
+from clients import AsyncMeshClient, SidemeshError, server_options
 from orchestrator._catalog import Catalog
 from orchestrator._config import MeshConfig
 from orchestrator._discovery import DiscoveredPlugin, discover
@@ -31,6 +31,7 @@ from orchestrator._launch import (
 )
 from orchestrator._manifest import MANIFEST_FILE, start_problem
 from orchestrator._mesh_service import MeshService
+from orchestrator._output import OutputLimits
 from orchestrator._plugin import PluginPaths, PluginRuntime, duration, state_name
 from orchestrator._replica import Replica
 from orchestrator._router import Admission, Router
@@ -38,19 +39,28 @@ from orchestrator._routes import AGENT_SERVICE, MCP_SERVICE, TOOL_SERVICE
 from orchestrator._supervisor import Supervisor
 from orchestrator._telemetry import Telemetry
 from orchestrator._yaml_models import ConfigError
+from orchestrator.gateway import Authenticator, Authorizer
+from orchestrator.gateway._http import McpHttpEndpoint
 from sidecars.sandbox import LAYERS, remove_mesh_cgroups
+from sidemesh.core import ENDPOINTS_FILE, process_alive, running_mesh
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("sidemesh.orchestrator")
 
 MESH_SERVICE = "sidemesh.v1.MeshService"
-ENDPOINTS_FILE = "endpoints.json"
 
 
 class Orchestrator:
     """One mesh on one machine. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, config: MeshConfig, *, launcher: Launcher | None = None) -> None:
+    def __init__(
+        self,
+        config: MeshConfig,
+        *,
+        launcher: Launcher | None = None,
+        mcp_authenticator: Authenticator | None = None,
+        mcp_authorizer: Authorizer | None = None,
+    ) -> None:
         self.config = config
         self.catalog = Catalog()
         self.catalog.not_serving = self._not_serving
@@ -69,6 +79,11 @@ class Orchestrator:
             self._launcher,
             config.log_level,
             self.telemetry.sidecar_environment(),
+            OutputLimits(
+                config.limits.plugin_log_lines_per_second,
+                config.limits.plugin_log_burst,
+                config.limits.plugin_log_line_bytes,
+            ),
         )
         self._admission = Admission(config.limits.max_concurrent_calls)
         self._server: grpc.aio.Server | None = None
@@ -77,6 +92,10 @@ class Orchestrator:
         self._run_dir: Path | None = None
         #: The addresses actually bound (TCP port 0 replaced by the real port).
         self.addresses: list[str] = []
+        #: The streamable-HTTP MCP endpoint (``mcp.http``), its hooks, and its mesh client.
+        self.mcp_http: McpHttpEndpoint | None = None
+        self._mcp_hooks = (mcp_authenticator, mcp_authorizer)
+        self._mcp_client: AsyncMeshClient | None = None
 
     # -- start ---------------------------------------------------------------
 
@@ -98,6 +117,10 @@ class Orchestrator:
         for address in config.listen_addresses():
             self.addresses.append(_bind(self._server, address))
         await self._server.start()
+        if isinstance(self._launcher, SandboxLauncher):
+            self._launcher.mesh_ports = tuple(
+                int(a.rpartition(":")[2]) for a in self.addresses if not a.startswith("unix:")
+            )
         for plugin in self.plugins.values():
             if plugin.manifest is not None and plugin.manifest.remote and plugin.replicas:
                 self.supervisor.start(plugin)
@@ -108,9 +131,21 @@ class Orchestrator:
                 self._callback_servers.append(server)
                 self.supervisor.start(plugin)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if config.mcp.http.enabled:
+            await self._start_mcp_http()
         self._observe()
         self._write_endpoints()
         log.info("serving on %s", ", ".join(self.addresses))
+
+    async def _start_mcp_http(self) -> None:
+        """The MCP endpoint calls the mesh as a client of its own first listener."""
+        address = next((a for a in self.addresses if a.startswith("unix:")), self.addresses[0])
+        self._mcp_client = AsyncMeshClient(address)
+        authenticator, authorizer = self._mcp_hooks
+        self.mcp_http = McpHttpEndpoint(
+            self.config.mcp, self._mcp_client, authenticator=authenticator, authorizer=authorizer
+        )
+        await self.mcp_http.start()
 
     def _add_plugin(self, found: DiscoveredPlugin) -> None:
         manifest = found.manifest
@@ -221,6 +256,7 @@ class Orchestrator:
                 self.plugins,
                 self.events,
                 self.telemetry.store,
+                caller=caller,
                 trace_usage=self.telemetry.trace_usage,
             ),
             server,
@@ -275,7 +311,10 @@ class Orchestrator:
     def _write_endpoints(self) -> None:
         path = self.config.state_dir / ENDPOINTS_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "addresses": self.addresses}))
+        written: dict[str, Any] = {"pid": os.getpid(), "addresses": self.addresses}
+        if self.mcp_http is not None:
+            written["mcp"] = self.mcp_http.urls
+        tmp.write_text(json.dumps(written))
         tmp.replace(path)
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -293,6 +332,10 @@ class Orchestrator:
         grace = self.config.supervisor.shutdown_grace if grace is None else grace
         log.info("shutting down: draining calls in flight (grace %.1fs)", grace)
         await self._health.enter_graceful_shutdown()
+        if self.mcp_http is not None:
+            await self.mcp_http.stop()
+        if self._mcp_client is not None:
+            await self._mcp_client.close()
         self.events.close()  # event streams never end by themselves: end them now
         if self._server is not None:
             await self._drain(self._server, grace)
@@ -373,27 +416,13 @@ def _make_run_dir(runtime_dir: Path) -> Path:
     ensure_private_dir(runtime_dir)
     for old in runtime_dir.glob("m*"):
         pid = old.name[1:]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     run_dir = runtime_dir / f"m{os.getpid()}"
     shutil.rmtree(run_dir, ignore_errors=True)
     return ensure_private_dir(run_dir)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def endpoints(state_dir: Path) -> dict[str, Any] | None:
     """What a running mesh wrote to ``state_dir``: its pid and addresses."""
-    try:
-        data: dict[str, Any] = json.loads((state_dir / ENDPOINTS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if _alive(int(data.get("pid", 0))) else None
+    return running_mesh(state_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import time
 from collections.abc import Collection
@@ -77,6 +78,7 @@ class PluginRuntime:
         )
         #: Replicas that take calls, kept current by :meth:`refresh_ready`.
         self.ready: list[Replica] = []
+        self._allowed: dict[str, bool] = {}
         self._rr = itertools.count()
         self.config: dict[str, Any] = {}
         self.sandbox_layers: list[mesh_pb2.SandboxLayer] = []
@@ -115,6 +117,31 @@ class PluginRuntime:
                     + f"{self.name}.config in the Sidemesh config)"
                 )
         return config
+
+    # -- permissions ---------------------------------------------------------
+
+    def may_call(self, kind: str, qualified: str) -> bool:
+        """Whether this plugin may call ``kind`` (``tool``/``agent``) ``qualified`` back.
+
+        Its manifest's ``permissions``, narrowed to the operator's grant
+        (``plugins.<name>.permissions``) when there is one.
+        """
+        key = f"{kind}:{qualified}"
+        allowed = self._allowed.get(key)
+        if allowed is None:
+            allowed = _matches(self.asked(kind), qualified)
+            grant = self.override.permissions
+            if allowed and grant is not None:
+                allowed = _matches(grant.tools if kind == "tool" else grant.agents, qualified)
+            self._allowed[key] = allowed
+        return allowed
+
+    def asked(self, kind: str) -> list[str]:
+        """The patterns its manifest's permissions give for ``kind``."""
+        if self.manifest is None:
+            return []
+        perms = self.manifest.permissions
+        return perms.tools if kind == "tool" else perms.agents
 
     # -- routing -------------------------------------------------------------
 
@@ -211,6 +238,7 @@ class PluginRuntime:
                 last_exit=r.last_exit,
                 rss_bytes=tree_rss_bytes(r.pid),
                 ejections=r.ejections,
+                output_lines_dropped=r.output_dropped,
                 ejection_reason=r.ejection_reason if r.ejected_until else "",
             )
             if r.ejected_until:
@@ -222,6 +250,10 @@ class PluginRuntime:
             if r.state == S.REPLICA_STATE_READY:
                 replica.startup_duration.CopyFrom(duration(r.startup_duration))
         return status
+
+
+def _matches(patterns: list[str], name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def state_name(state: int) -> str:

@@ -12,6 +12,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from orchestrator._output import LineBudget, OutputLimits, clean_line
 from sidemesh.core import Child, spawn
 
 log = logging.getLogger("sidemesh.process")
@@ -21,6 +22,8 @@ _LEVELS = {
     name: getattr(logging, name) for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 }
 _MAX_LINE = 8192
+#: Bytes of a sidecar's output read at a time.
+_CHUNK = 65536
 
 #: Prefix that makes the kernel SIGKILL the child when the orchestrator dies,
 #: however it dies (PR_SET_PDEATHSIG, via util-linux's setpriv).
@@ -77,11 +80,20 @@ class SidecarProcess:
     ``spawn``): the orchestrator runs gRPC's threads.
     """
 
-    def __init__(self, child: Child, tag: str, streams: list[asyncio.StreamReader]) -> None:
+    def __init__(
+        self,
+        child: Child,
+        tag: str,
+        streams: list[asyncio.StreamReader],
+        output: OutputLimits,
+    ) -> None:
         self._child = child
         self.tag = tag
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._logger = logging.getLogger(f"plugin.{tag}")
+        self._limits = output
+        #: The output's rate limit, shared by stdout and stderr; counts what it dropped.
+        self.budget = LineBudget(output)
         stdout, stderr = streams
         self._pumps = [
             asyncio.create_task(self._pump(stdout, logging.INFO, keep=False)),
@@ -99,6 +111,7 @@ class SidecarProcess:
         tag: str,
         die_with_parent: bool = True,
         pass_fds: tuple[int, ...] = (),
+        output: OutputLimits | None = None,
     ) -> SidecarProcess:
         """Starts ``argv`` in its own session, with exactly ``env`` as its environment.
 
@@ -118,7 +131,7 @@ class SidecarProcess:
         child.watch()
         assert child.stdout is not None and child.stderr is not None
         streams = [await _reader(fd) for fd in (child.stdout, child.stderr)]
-        return cls(child, tag, streams)
+        return cls(child, tag, streams, output or OutputLimits())
 
     @property
     def pid(self) -> int:
@@ -159,25 +172,52 @@ class SidecarProcess:
         return await self.wait()
 
     async def _pump(self, stream: asyncio.StreamReader, level: int, *, keep: bool) -> None:
+        """Logs each line of ``stream``: escaped, cut to length, within the rate limit."""
+        pending = b""
+        limit = self._limits.max_line_bytes
         while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:  # a line longer than the buffer: take what is there
-                raw = await stream.read(_MAX_LINE)
-            if not raw:
+            chunk = await stream.read(_CHUNK)
+            if not chunk:
+                if pending:
+                    self._line(pending, level, keep)
+                self._report_drops()
                 return
-            line = raw[:_MAX_LINE].decode("utf-8", "replace").rstrip()
-            if not line:
-                continue
-            if keep:
-                self._stderr_tail.append(line)
-            # Sidecars log "LEVEL logger: message"; keep their level.
-            word, _, rest = line.partition(" ")
-            line_level = _LEVELS.get(word)
-            if line_level is not None and rest:
-                self._logger.log(line_level, "%s", rest)
-            else:
-                self._logger.log(level, "%s", line)
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            if len(pending) > limit:  # a line without end: log what there is, cut
+                lines.append(pending)
+                pending = b""
+            for index, raw in enumerate(lines):
+                if not self._line(raw, level, keep):
+                    self.budget.drop(len(lines) - index - 1)  # over the rate: skip the rest
+                    break
+            self._report_drops()
+
+    def _line(self, raw: bytes, level: int, keep: bool) -> bool:
+        """Logs one line; False when the rate limit dropped it."""
+        if not raw.strip():
+            return True
+        if not self.budget.admit():
+            return False
+        line = clean_line(raw.rstrip(b"\r"), self._limits.max_line_bytes)
+        if keep:
+            self._stderr_tail.append(line)
+        # Sidecars log "LEVEL logger: message"; keep their level.
+        word, _, rest = line.partition(" ")
+        line_level = _LEVELS.get(word)
+        if line_level is not None and rest:
+            self._logger.log(line_level, "%s", rest)
+        else:
+            self._logger.log(level, "%s", line)
+        return True
+
+    def _report_drops(self) -> None:
+        dropped = self.budget.report()
+        if dropped:
+            self._logger.warning(
+                "dropped %d lines of its output (over %g lines/s; %d dropped since it started)",
+                dropped, self._limits.lines_per_second, self.budget.dropped,
+            )  # fmt: skip
 
 
 async def _reader(fd: int) -> asyncio.StreamReader:

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,8 @@ import grpc
 from google.protobuf import duration_pb2, json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from orchestrator._output import OutputLimits
+from orchestrator._pinned import PinnedSocket, SocketRefused
 from orchestrator._process import SidecarProcess, describe_exit
 from sidecars.sandbox import PreparedSidecar
 from sidemesh.core import contract_refusal
@@ -40,6 +42,10 @@ class LaunchSpec:
     pass_fds: tuple[int, ...] = ()
     #: The sandbox the process runs in, if any: why it exited, limits it hit.
     sandbox: PreparedSidecar | None = None
+    #: The uid the sidecar's socket file must belong to (the plugin's host uid).
+    socket_owner: int | None = None
+    #: How much of its output is logged.
+    output: OutputLimits = field(default_factory=OutputLimits)
 
 
 class ReplicaStartError(Exception):
@@ -100,6 +106,7 @@ class Replica:
         self._max_message_bytes = max_message_bytes
         self._methods: dict[str, Any] = {}
         self._spec: LaunchSpec | None = None
+        self._pinned: PinnedSocket | None = None
 
     @property
     def in_flight(self) -> int:
@@ -135,6 +142,11 @@ class Replica:
         return str(self._spec.socket_path) if self._spec else ""
 
     @property
+    def output_dropped(self) -> int:
+        """Lines of the current process's output the rate limit dropped."""
+        return self.process.budget.dropped if self.process is not None else 0
+
+    @property
     def pid(self) -> int:
         """The sidecar's host pid, or 0."""
         return self.process.pid if self.process and self.process.returncode is None else 0
@@ -162,6 +174,7 @@ class Replica:
             self.process = await SidecarProcess.spawn(
                 spec.argv, env=spec.env, cwd=spec.cwd, tag=self.tag,
                 die_with_parent=spec.die_with_parent, pass_fds=spec.pass_fds,
+                output=spec.output,
             )  # fmt: skip
         finally:
             if spec.sandbox is not None:
@@ -226,12 +239,23 @@ class Replica:
     async def _handshake(
         self, spec: LaunchSpec, config: dict[str, Any]
     ) -> plugin_pb2.DescribeResponse:
-        while not spec.socket_path.exists():
+        while not (spec.socket_path.is_symlink() or spec.socket_path.exists()):
             await asyncio.sleep(_POLL)
+        try:
+            # Dialled by inode from now on: the plugin cannot redirect its reconnections.
+            self._pinned = PinnedSocket(spec.socket_path, spec.socket_owner)
+        except SocketRefused as refused:
+            raise ReplicaStartError(str(refused)) from None
         self.channel = grpc.aio.insecure_channel(
-            f"unix:{spec.socket_path}", options=channel_options(self._max_message_bytes)
+            self._pinned.address, options=channel_options(self._max_message_bytes)
         )
-        return await self._describe_and_configure(config)
+        describe = await self._describe_and_configure(config)
+        assert self.process is not None
+        try:
+            await asyncio.to_thread(self._pinned.verify_listener, self.process.pid)
+        except SocketRefused as refused:
+            raise ReplicaStartError(str(refused)) from None
+        return describe
 
     async def _describe_and_configure(self, config: dict[str, Any]) -> plugin_pb2.DescribeResponse:
         """Describe (checking the name), Configure, then wait for health SERVING."""
@@ -323,6 +347,9 @@ class Replica:
             call.cancel()
         if channel is not None:
             await channel.close()
+        pinned, self._pinned = self._pinned, None
+        if pinned is not None:
+            pinned.close()
         if self._spec is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._spec.socket_path.unlink()

@@ -91,7 +91,6 @@ class Router:
         self._tracing = telemetry.enabled
         self._caller = caller
         self._caller_name = caller.name if caller else ""
-        self._allowed: dict[str, bool] = {}
         self._call_ids = _CallIds()
         # Only when metrics are exported: recording costs an attribute dict per call.
         self._durations = (
@@ -366,25 +365,22 @@ class Router:
     # -- permissions -----------------------------------------------------------
 
     def _permitted(self, kind: str, qualified: str) -> bool:
-        key = f"{kind}:{qualified}"
-        allowed = self._allowed.get(key)
-        if allowed is None:
-            assert self._caller is not None and self._caller.manifest is not None
-            perms = self._caller.manifest.permissions
-            patterns = perms.tools if kind == "tool" else perms.agents
-            allowed = any(fnmatch.fnmatchcase(qualified, p) for p in patterns)
-            self._allowed[key] = allowed
-        return allowed
+        assert self._caller is not None
+        return self._caller.may_call(kind, qualified)
 
     def authorize(self, kind: str, entry: Entry[Any], method: str) -> None:
         """Raises ``PERMISSION_DENIED`` (and records it) when the caller may not call ``entry``."""
         if self._caller is None or self._permitted(kind, entry.qualified):
             return
         field = "tools" if kind == "tool" else "agents"
+        asked = self._caller.asked(kind)
+        if any(fnmatch.fnmatchcase(entry.qualified, p) for p in asked):
+            where = f"plugins.{self._caller_name}.permissions.{field} in the Sidemesh config"
+        else:
+            where = f"permissions.{field} in {self._caller_name}'s plugin.yaml"
         reason = (
             f"plugin {self._caller_name!r} may not call {kind} {entry.qualified!r}: add it "
-            f"(or a pattern such as '{entry.plugin}/*') to permissions.{field} in "
-            f"{self._caller_name}'s plugin.yaml"
+            f"(or a pattern such as '{entry.plugin}/*') to {where}"
         )
         self._events.emit(
             self._caller_name,

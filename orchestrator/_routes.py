@@ -140,6 +140,32 @@ def _mcp_resolver(request_cls: Any) -> Resolver:
     return resolve
 
 
+async def _resolve_call_tool_interactive(
+    router: Resolving, requests: AsyncIterator[bytes]
+) -> tuple[Entry[Any], Any]:
+    first = await anext(aiter(requests), None)
+    if first is None:
+        raise InvalidArgumentError("the call ended before its first message (start)")
+    request = _parse(mcp_pb2.CallToolInteractiveRequest, first)
+    if request.WhichOneof("message") != "start":
+        raise InvalidArgumentError(
+            "CallToolInteractive must begin with CallToolInteractiveRequest.start",
+            reason="CALL_NOT_STARTED",
+        )
+    call = request.start.call
+    plugin = router.catalog.mcp_server(call.server)
+    tool = router.catalog.tool(f"{plugin}/{call.name}")
+    router.authorize("tool", tool, "CallTool")
+    tool.check_arguments(call.arguments)
+
+    async def upstream() -> AsyncIterator[bytes]:
+        yield first
+        async for message in requests:
+            yield message
+
+    return tool, upstream()
+
+
 ROUTES = [
     Route(AGENT_SERVICE, "Invoke", "unary_stream", _resolve_invoke, _tag(7)),  # result = 7
     Route(AGENT_SERVICE, "Chat", "stream_stream", _resolve_chat),
@@ -165,4 +191,5 @@ ROUTES = [
             ("Watch", mcp_pb2.WatchRequest, True),
         )
     ),
+    Route(MCP_SERVICE, "CallToolInteractive", "stream_stream", _resolve_call_tool_interactive),
 ]

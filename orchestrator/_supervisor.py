@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -14,6 +15,7 @@ from orchestrator._catalog import Catalog
 from orchestrator._config import SupervisorSettings
 from orchestrator._events import EventBus
 from orchestrator._launch import Launcher
+from orchestrator._output import OutputLimits
 from orchestrator._plugin import PluginRuntime, duration, state_name
 from orchestrator._replica import Replica, ReplicaStartError
 from sidemesh.v1 import mcp_pb2, mcp_pb2_grpc, mesh_pb2, plugin_pb2, plugin_pb2_grpc
@@ -33,8 +35,10 @@ class Supervisor:
         launcher: Launcher,
         log_level: str,
         telemetry_env: dict[str, str],
+        output: OutputLimits | None = None,
     ) -> None:
         self._settings = settings
+        self._output = output or OutputLimits()
         self._catalog = catalog
         self._events = events
         self._launcher = launcher
@@ -140,8 +144,11 @@ class Supervisor:
                     plugin.manifest.address, plugin.config, plugin.startup_timeout
                 )
             else:
-                spec = self._launcher.launch_spec(
-                    plugin, replica.index, self._log_level, self._telemetry_env
+                spec = dataclasses.replace(
+                    self._launcher.launch_spec(
+                        plugin, replica.index, self._log_level, self._telemetry_env
+                    ),
+                    output=self._output,
                 )
                 describe = await replica.start(
                     spec, plugin.config, plugin.startup_timeout, on_spawn=spawned

@@ -209,8 +209,10 @@ class Telemetry:
     def routed(self, plugin: str, trace_id: int, caller: str = "") -> None:
         """Notes a call of trace ``trace_id`` routed to ``plugin`` (from plugin ``caller``).
 
-        Any forwarding path calls it for every call it routes: it is how the
-        trace store knows which traces a plugin may add spans to.
+        Any forwarding path calls it for every call it routes (the router, and
+        the data plane's ``decide`` with ``int(call.trace_id, 16)``), before the
+        call reaches the sidecar: it is how the trace store knows which traces
+        a plugin may add spans to. Thread-safe, under a microsecond.
         """
         if self.sources is not None:
             self.sources.routed(plugin, trace_id, caller)

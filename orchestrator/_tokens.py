@@ -31,11 +31,10 @@ import yaml
 
 from orchestrator._principals import OWNER_TOKEN, check_name
 from orchestrator._yaml_models import ConfigError, Problem
+from sidemesh.core import TOKEN_FILE
 
 log = logging.getLogger("sidemesh.auth")
 
-#: The owner's token, in the state dir (``clients`` reads the same name).
-TOKEN_FILE = "token"
 #: The default secrets file, in the state dir.
 SECRETS_FILE = "tokens.yaml"
 #: Generated tokens start with this, so secret scanners can recognise them.

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from orchestrator.cli import _call, _certs, _inspect, _mcp, _serve, _traces, _validate
+from orchestrator.cli import _call, _certs, _inspect, _mcp, _resources, _serve, _traces, _validate
 from orchestrator.cli._common import EXIT_CODES_HELP
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve.add_parser(sub)
     _inspect.add_parsers(sub)
     _call.add_parsers(sub)
+    _resources.add_parsers(sub)
     _traces.add_parsers(sub)
     _validate.add_parser(sub)
     _mcp.add_parser(sub)

@@ -88,6 +88,8 @@ async def _plugins(client: AsyncMeshClient, args: argparse.Namespace) -> int:
                     ejected = f", EJECTED until {until} ({r.ejection_reason})"
                 elif r.ejections:
                     ejected = f", ejected {r.ejections}x recently"
+                if r.output_lines_dropped:
+                    ejected += f", {r.output_lines_dropped} output lines dropped (rate limit)"
                 print(f"  replica {r.index}: {_replica_state(r.state)}, pid {r.pid or '-'}, "
                       f"{r.restarts} restarts, {r.rss_bytes // 1024} KiB RSS{started}{ejected}"
                       + (f", last exit: {r.last_exit}" if r.last_exit else ""))  # fmt: skip

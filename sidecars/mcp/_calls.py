@@ -18,6 +18,7 @@ from plugins_sdk._pump import EventPump
 from plugins_sdk._tracing import CallSpan, ServerSpans
 from sidecars.mcp import _convert as convert
 from sidecars.mcp._arguments import check_arguments
+from sidecars.mcp._asking import CallSlot
 from sidecars.mcp._link import ServerLink
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -67,15 +68,23 @@ async def stream_tool_call(
     name: str,
     arguments: struct_pb2.Struct,
     response_cls: type[M],
+    *,
+    answers: frozenset[str] | None = None,
+    on_slot: Callable[[CallSlot], None] | None = None,
+    method: str = "CallTool",
 ) -> AsyncGenerator[M, None]:
     """A whole ``CallTool`` (of ToolService or McpService): its SERVER span, its deadline,
-    its events as ``response_cls`` messages; a failure ends the call with its status."""
+    its events as ``response_cls`` messages; a failure ends the call with its status.
+
+    ``answers``: the server requests the caller can answer (``CallToolInteractive``;
+    ``None`` for a plain ``CallTool``);
+    ``on_slot`` receives the call's slot, to deliver the answers to."""
     info = CallInfo.from_grpc(context)
-    span = spans.start("CallTool", info, name)
+    span = spans.start(method, info, name)
     timeout = call_timeout(context, link)
     try:
         with span:
-            events = tool_call_events(link, name, arguments, timeout, span)
+            events = tool_call_events(link, name, arguments, timeout, span, answers, on_slot)
             async with aclosing(events):
                 async for event in events:
                     span.messages += 1
@@ -85,7 +94,13 @@ async def stream_tool_call(
 
 
 async def tool_call_events(
-    link: ServerLink, name: str, arguments: struct_pb2.Struct, timeout: float, span: CallSpan
+    link: ServerLink,
+    name: str,
+    arguments: struct_pb2.Struct,
+    timeout: float,
+    span: CallSpan,
+    answers: frozenset[str] | None = None,
+    on_slot: Callable[[CallSlot], None] | None = None,
 ) -> AsyncGenerator[Event, None]:
     """A tool call's events: the server's progress, in order, then its result.
 
@@ -93,7 +108,8 @@ async def tool_call_events(
     request runs in its own task, with the call's span current (the SDK
     passes its trace context on in ``_meta``); if the gRPC call ends early,
     closing this generator cancels the task, and the SDK sends the server
-    ``notifications/cancelled``.
+    ``notifications/cancelled``. While it runs, the call is in flight on the
+    link: the server's requests and log messages can find it (``_asking``).
     """
     entry = link.catalog.tool(name)
     tool = entry.tool.name
@@ -101,6 +117,11 @@ async def tool_call_events(
     values = struct_to_dict(arguments)
     check_arguments(tool, entry.validator, values)
     pump = EventPump()
+    slot = CallSlot(
+        tool, answers or frozenset(), pump.emit, pump.offer, interactive=answers is not None
+    )
+    if on_slot is not None:
+        on_slot(slot)
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         # The MCP session cannot wait for a slow caller: progress it cannot take is dropped
@@ -108,13 +129,14 @@ async def tool_call_events(
         pump.offer(("progress", convert.progress(progress, total, message)))
 
     async def run() -> Event:
-        result = await link.request(
-            f"tool {tool!r}",
-            lambda client, seconds: client.call_tool(
-                tool, values, read_timeout_seconds=seconds, progress_callback=on_progress
-            ),
-            timeout,
-        )
+        with link.in_flight.call(slot):
+            result = await link.request(
+                f"tool {tool!r}",
+                lambda client, seconds: client.call_tool(
+                    tool, values, read_timeout_seconds=seconds, progress_callback=on_progress
+                ),
+                timeout,
+            )
         proto = convert.tool_result(result)
         span.tool_result(proto)
         return ("result", proto)

@@ -2,7 +2,7 @@
 
 | MCP | gRPC |
 |---|---|
-| ``-32602`` invalid params | ``INVALID_ARGUMENT`` (``NOT_FOUND``: unknown resource, prompt) |
+| ``-32602`` invalid params | ``INVALID_ARGUMENT`` (``NOT_FOUND``: see ``to_status``) |
 | ``-32601`` method not found | ``UNIMPLEMENTED`` |
 | ``-32002`` resource not found (before 2026) | ``NOT_FOUND`` |
 | request timeout (the deadline) | ``DEADLINE_EXCEEDED`` |
@@ -14,6 +14,8 @@ A tool that fails at its task (``isError``) is a result, not an error: it never 
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import anyio
 import mcp_types as types
@@ -32,6 +34,10 @@ from clients import (
 
 #: Retired MCP code for an unknown resource, still sent by 2025-era servers.
 RESOURCE_NOT_FOUND = -32002
+#: What a request names, when it names a resource or prompt (see ``to_status``).
+Lookup = Literal["", "resource", "prompt"]
+#: Words of an invalid-params message that say the named thing does not exist.
+_UNKNOWN_WORDS = ("not found", "unknown", "does not exist", "no such", "no prompt")
 #: Seconds after which a call may succeed again once the server went away.
 RESTART_DELAY = 1.0
 
@@ -46,12 +52,16 @@ def server_gone(what: str) -> UnavailableError:
     )
 
 
-def to_status(error: BaseException, what: str, *, lookup: bool = False) -> SidemeshError | None:
+def to_status(error: BaseException, what: str, *, lookup: Lookup = "") -> SidemeshError | None:
     """The ``SidemeshError`` for ``error`` raised while the bridge did ``what``.
 
-    ``lookup``: the request names a resource or prompt, so "invalid params …
-    not found" means ``NOT_FOUND``. Returns ``None`` for an unexpected error (a
-    bug), which the caller reports as a sanitized ``UNKNOWN``.
+    ``lookup``: the request names a resource or a prompt. Servers word an
+    unknown one differently (``-32002``, or ``-32602`` "not found", "unknown
+    resource", "Resource ... does not exist"); for a resource read every
+    invalid-params answer is ``NOT_FOUND`` (its only parameter is the URI),
+    for a prompt one whose message says the name is unknown. Returns ``None``
+    for an unexpected error (a bug), which the caller reports as a sanitized
+    ``UNKNOWN``.
     """
     if isinstance(error, SidemeshError):
         return error
@@ -73,7 +83,7 @@ def to_status(error: BaseException, what: str, *, lookup: bool = False) -> Sidem
     return None
 
 
-def _from_mcp(error: MCPError, what: str, lookup: bool) -> SidemeshError:
+def _from_mcp(error: MCPError, what: str, lookup: Lookup) -> SidemeshError:
     code, message = error.code, error.message
     if code == types.CONNECTION_CLOSED:
         return server_gone(what)
@@ -83,9 +93,10 @@ def _from_mcp(error: MCPError, what: str, lookup: bool) -> SidemeshError:
             "cancelled there",
             reason="MCP_REQUEST_TIMEOUT",
         )
-    if code == RESOURCE_NOT_FOUND or (
-        lookup and code == types.INVALID_PARAMS and "not found" in message.lower()
-    ):
+    unknown = lookup == "resource" or (
+        lookup == "prompt" and any(w in message.lower() for w in _UNKNOWN_WORDS)
+    )
+    if code == RESOURCE_NOT_FOUND or (unknown and code == types.INVALID_PARAMS):
         return NotFoundError(f"{what}: {message}", reason="MCP_NOT_FOUND")
     if code == types.INVALID_PARAMS:
         return InvalidArgumentError(

@@ -14,7 +14,9 @@ falls back to the ``initialize`` handshake, so servers of both eras work.
   within their deadline. A server that keeps failing right away makes the
   link give up (``failed``), and the sidecar exits for the orchestrator's
   own supervision to take over.
-- **Notifications** go to :class:`~sidecars.mcp._notifications.Notifications`.
+- **Notifications** go to :class:`~sidecars.mcp._notifications.Notifications`;
+  the server's requests (sampling, elicitation, roots) and log messages to
+  the call that caused them (:mod:`sidecars.mcp._asking`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from mcp import Client
 from mcp.shared.exceptions import MCPError
 
 from clients import UnavailableError
+from sidecars.mcp._asking import Callbacks, InFlight
 from sidecars.mcp._catalog import Catalog, list_all_tools
 from sidecars.mcp._convert import server_info
-from sidecars.mcp._errors import server_gone, to_status
+from sidecars.mcp._errors import Lookup, server_gone, to_status
 from sidecars.mcp._notifications import Notifications
 from sidecars.mcp._process import SERVER_LOG, SpawnError
 from sidecars.mcp._spec import RUNTIME, ServerSpec
@@ -75,6 +78,11 @@ class ServerLink:
         self.failed = asyncio.Event()
         self.failure = ""
         self.notifications = Notifications(self, watchers)
+        #: The calls in flight, which the server's requests and log messages go to.
+        self.in_flight = InFlight(plugin)
+        self._callbacks = Callbacks(
+            self.in_flight, _log_server_message, self.notifications.publish_log
+        )
         self._client: Client | None = None
         #: Set when the current session's transport has closed (the server died).
         self._closed: asyncio.Event | None = None
@@ -149,7 +157,11 @@ class ServerLink:
         timer = asyncio.get_running_loop().call_later(self.spec.startup_timeout, expire)
         client = Client(
             transport, mode="auto", cache=None, client_info=CLIENT_INFO,
-            message_handler=self.notifications.on_message, logging_callback=_log_server_message,
+            message_handler=self.notifications.on_message,
+            logging_callback=self._callbacks.logging, log_level="info",
+            sampling_callback=self._callbacks.sampling,
+            elicitation_callback=self._callbacks.elicitation,
+            list_roots_callback=self._callbacks.roots,
         )  # fmt: skip
         try:
             async with client:
@@ -219,7 +231,7 @@ class ServerLink:
         send: Callable[[Client, float], Awaitable[T]],
         timeout: float,
         *,
-        lookup: bool = False,
+        lookup: Lookup = "",
     ) -> T:
         """Runs ``send(client, seconds_left)``, mapping MCP failures to gRPC statuses.
 
@@ -232,7 +244,8 @@ class ServerLink:
         client = await self.ready_client(timeout, what)
         try:
             async with asyncio.timeout_at(deadline + _TIMEOUT_SLACK):
-                return await send(client, max(0.001, deadline - loop.time()))
+                with self.in_flight.request():
+                    return await send(client, max(0.001, deadline - loop.time()))
         except Exception as exc:
             error = _leaf(exc)
             if self._client is not client and not isinstance(error, MCPError | TimeoutError):

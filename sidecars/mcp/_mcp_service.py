@@ -6,10 +6,13 @@ of each request is the orchestrator's routing key; the bridge ignores it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import TypeVar
 
+import grpc
 import mcp_types as types
 from mcp import Client
 
@@ -17,7 +20,9 @@ from clients import UnavailableError
 from plugins_sdk._context import CallInfo
 from plugins_sdk._failures import end_call
 from sidecars.mcp import _convert as convert
+from sidecars.mcp._asking import CallSlot, capabilities
 from sidecars.mcp._calls import Context, call_timeout, server_spans, stream_tool_call, unary
+from sidecars.mcp._errors import Lookup
 from sidecars.mcp._link import ServerLink
 from sidemesh.v1 import mcp_pb2, mcp_pb2_grpc
 
@@ -26,6 +31,16 @@ R = TypeVar("R")
 
 def _page(token: str) -> types.PaginatedRequestParams:
     return types.PaginatedRequestParams(cursor=token or None)
+
+
+async def _read_answers(
+    requests: AsyncIterator[mcp_pb2.CallToolInteractiveRequest], slots: list[CallSlot]
+) -> None:
+    """Delivers the caller's answers to the call's slot until the caller closes its side."""
+    with contextlib.suppress(Exception):  # the call ended: its stream says why
+        async for message in requests:
+            if message.WhichOneof("message") == "answer" and slots:
+                slots[0].answer(message.answer)
 
 
 class McpServicer(mcp_pb2_grpc.McpServiceServicer):
@@ -70,6 +85,32 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
         async with aclosing(calls):
             async for message in calls:
                 yield message
+
+    async def CallToolInteractive(
+        self, requests: AsyncIterator[mcp_pb2.CallToolInteractiveRequest], context: Context
+    ) -> AsyncIterator[mcp_pb2.CallToolInteractiveResponse]:
+        """A tool call whose caller answers the server's requests on the same stream."""
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("message") != "start":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "CallToolInteractive must begin with CallToolInteractiveRequest.start",
+            )
+        assert first is not None
+        start = first.start
+        slots: list[CallSlot] = []
+        reader = asyncio.create_task(_read_answers(requests, slots))
+        calls = stream_tool_call(
+            self._spans, self._link, context, start.call.name, start.call.arguments,
+            mcp_pb2.CallToolInteractiveResponse, answers=capabilities(start.client_capabilities),
+            on_slot=slots.append, method="CallToolInteractive",
+        )  # fmt: skip
+        try:
+            async with aclosing(calls):
+                async for message in calls:
+                    yield message
+        finally:
+            reader.cancel()
 
     async def ListResources(
         self, request: mcp_pb2.ListResourcesRequest, context: Context
@@ -125,7 +166,7 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
             )
 
         return await self._unary(
-            "ReadResource", context, f"resources/read {request.uri}", send, lookup=True
+            "ReadResource", context, f"resources/read {request.uri}", send, lookup="resource"
         )
 
     async def ListPrompts(
@@ -163,7 +204,7 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
             return convert.prompt_result(result)
 
         return await self._unary(
-            "GetPrompt", context, f"prompts/get {request.name}", send, lookup=True
+            "GetPrompt", context, f"prompts/get {request.name}", send, lookup="prompt"
         )
 
     async def Complete(
@@ -204,8 +245,9 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
         try:
             with span:
                 watcher = await notifications.watch(
-                    list(request.resource_uris), call_timeout(context, self._link)
-                )
+                    list(request.resource_uris), call_timeout(context, self._link),
+                    logs=request.logs,
+                )  # fmt: skip
                 try:
                     while (event := await watcher.next()) is not None:
                         span.messages += 1
@@ -225,7 +267,7 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
         what: str,
         send: Callable[[Client, float], Awaitable[R]],
         *,
-        lookup: bool = False,
+        lookup: Lookup = "",
     ) -> R:
         """A unary call in its SERVER span: ``send`` through the link, failures as statuses."""
 

@@ -42,6 +42,7 @@ from clients import UnimplementedError
 from sidecars.mcp._catalog import list_all_tools
 from sidecars.mcp._errors import to_status
 from sidecars.mcp._watchers import Event, Watcher, Watchers, list_changed, resource_updated
+from sidemesh.v1 import common_pb2, mcp_pb2
 
 if TYPE_CHECKING:
     from sidecars.mcp._link import ServerLink
@@ -138,15 +139,15 @@ class Notifications:
 
     # -- watchers and resource subscriptions -------------------------------------------
 
-    async def watch(self, uris: list[str], timeout: float) -> Watcher:
-        """A new watcher of the notifications and of updates to ``uris``."""
+    async def watch(self, uris: list[str], timeout: float, *, logs: bool = False) -> Watcher:
+        """A new watcher of the notifications, of updates to ``uris``, and of logs (``logs``)."""
         if uris and not self._link.info.capabilities.resources_subscribe:
             raise UnimplementedError(
                 f"the MCP server of plugin {self._link.plugin!r} does not support resource "
                 "subscriptions (capability resources.subscribe)",
                 reason="MCP_NO_SUBSCRIPTIONS",
             )
-        watcher, new = self._watchers.add(uris)
+        watcher, new = self._watchers.add(uris, logs=logs)
         try:
             if new and self._modern:
                 self._filter_changed.set()
@@ -158,6 +159,10 @@ class Notifications:
             await self.unwatch(watcher)
             raise
         return watcher
+
+    def publish_log(self, record: common_pb2.LogRecord) -> None:
+        """A log message of the server that belongs to no call, for the watchers of logs."""
+        self._watchers.publish(mcp_pb2.WatchResponse(log=record))
 
     async def unwatch(self, watcher: Watcher) -> None:
         """Forgets ``watcher``; unsubscribes from resources nobody watches any more."""

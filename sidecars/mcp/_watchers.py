@@ -3,18 +3,21 @@
 Notifications are level triggers ("the tool list changed: list it again"),
 so a watcher keeps at most one pending copy of each: a slow reader never
 makes the bridge buffer without bound. A resource update reaches only the
-watchers that asked for that URI.
+watchers that asked for that URI. Log messages (outside calls) are events,
+not levels: a watcher that asked for them keeps the last ``MAX_LOGS``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 
 from sidemesh.v1 import mcp_pb2
 
 Event = mcp_pb2.WatchResponse
+#: Log messages a watcher keeps for a slow reader; older ones are dropped.
+MAX_LOGS = 100
 
 
 def list_changed(kind: str) -> Event:
@@ -32,16 +35,24 @@ def resource_updated(uri: str) -> Event:
 class Watcher:
     """One stream's pending notifications, in order, each at most once."""
 
-    def __init__(self, uris: Iterable[str]) -> None:
+    def __init__(self, uris: Iterable[str], *, logs: bool = False) -> None:
         #: The resources whose updates this watcher receives.
         self.uris = frozenset(uris)
+        #: Whether it receives the server's log messages outside calls.
+        self.logs = logs
         self._pending: dict[bytes, Event] = {}
+        self._logs: deque[Event] = deque(maxlen=MAX_LOGS)
         self._wake = asyncio.Event()
         self._closed = False
 
     def push(self, event: Event) -> None:
         """Queues ``event`` unless it is for another resource, or already pending."""
         if event.HasField("resource_updated") and event.resource_updated.uri not in self.uris:
+            return
+        if event.HasField("log"):
+            if self.logs:
+                self._logs.append(event)
+                self._wake.set()
             return
         self._pending.setdefault(event.SerializeToString(deterministic=True), event)
         self._wake.set()
@@ -53,11 +64,13 @@ class Watcher:
 
     async def next(self) -> Event | None:
         """The next notification; ``None`` once closed."""
-        while not self._pending:
+        while not self._pending and not self._logs:
             if self._closed:
                 return None
             self._wake.clear()
             await self._wake.wait()
+        if self._logs:
+            return self._logs.popleft()
         key = next(iter(self._pending))
         return self._pending.pop(key)
 
@@ -75,9 +88,9 @@ class Watchers:
         """Every resource some watcher wants updates of."""
         return frozenset(self._uris)
 
-    def add(self, uris: Iterable[str]) -> tuple[Watcher, list[str]]:
+    def add(self, uris: Iterable[str], *, logs: bool = False) -> tuple[Watcher, list[str]]:
         """A new watcher, and the URIs nobody watched until now (to subscribe to)."""
-        watcher = Watcher(uris)
+        watcher = Watcher(uris, logs=logs)
         if self._closed:
             watcher.close()
         self._all.add(watcher)

@@ -122,8 +122,12 @@ def prepare(
     replica_dir: Path,
     mesh_socket: Path,
     runtime_paths: list[Path],
+    mesh_ports: tuple[int, ...] = (),
 ) -> PreparedSidecar:
-    """The command line and descriptors that start ``command`` under ``policy``."""
+    """The command line and descriptors that start ``command`` under ``policy``.
+
+    ``mesh_ports``: the mesh's TCP listener ports, refused to a plugin with network.
+    """
     req, lim = policy.request, policy.request.limits
     fds: list[int] = []
     argv: list[str] = []
@@ -160,6 +164,9 @@ def prepare(
     argv += [sys.executable, "-I", "-S", str(_LANDLOCK_EXEC), "--pdeathsig"]
     if policy.active("landlock"):
         argv += _landlock_options(policy, host, replica_dir, runtime_paths, bwrapped)
+        if policy.network and not req.mesh_listeners_granted:
+            for port in mesh_ports:
+                argv += ["--deny-connect", str(port)]
     argv += ["--", *command]
     return PreparedSidecar(
         argv=argv, pass_fds=tuple(fds), socket_path=replica_dir / REPLICA_SOCKET,

@@ -61,6 +61,8 @@ class SandboxRequest:
     env_provided: int = 0
     #: The operator turned the sandbox off for this plugin.
     relaxed: bool = False
+    #: With network: the operator lets it connect to the mesh's own TCP listeners too.
+    mesh_listeners_granted: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,21 @@ def policy(request: SandboxRequest, host: HostSupport, host_uid: int | None) -> 
             "none (loopback only): the manifest asks for network access but the operator "
             "has not granted it (plugins.<name>.sandbox.allow_network)"
         )
+    elif not net:
+        net_detail = "none (loopback only)"
+    elif request.mesh_listeners_granted:
+        net_detail = "host network (granted by the operator), the mesh's TCP listeners included"
+    elif host.landlock_abi >= 4:
+        net_detail = (
+            "host network (granted by the operator), except the mesh's own TCP listeners "
+            "(Landlock refuses connections to their ports)"
+        )
     else:
-        net_detail = "host network (granted by the operator)" if net else "none (loopback only)"
+        net_detail = (
+            "host network (granted by the operator); WARNING: the mesh's TCP listeners are "
+            f"reachable from it (Landlock network rules need ABI 4, the host has "
+            f"{host.landlock_abi})"
+        )
     writable = ["/tmp (private)", "its data dir"]
     if request.write_paths and request.paths_granted:
         writable += list(request.write_paths)
@@ -160,7 +175,13 @@ def policy(request: SandboxRequest, host: HostSupport, host_uid: int | None) -> 
         "seccomp": "deny-list of dangerous system calls (EPERM), no_new_privs",
         "landlock": (
             f"ABI {host.landlock_abi}: writes only to writable paths"
-            + ("" if net or host.landlock_abi < 4 else ", no TCP connect/bind")
+            + (
+                ""
+                if host.landlock_abi < 4
+                else ", no TCP to the mesh's listeners"
+                if net
+                else ", no TCP connect/bind"
+            )
             + (", signals scoped" if host.landlock_abi >= 6 else "")
         ),
         "environment": (

@@ -9,8 +9,10 @@ neither connect nor bind TCP ports; signals and abstract Unix sockets are
 scoped to the sandbox where the kernel supports it.
 
 Options: ``--abi N`` (the kernel's Landlock ABI; 0 or absent: no Landlock),
-``--ro PATH`` and ``--rw PATH`` (repeatable), ``--no-tcp``, and ``--pdeathsig``
-(the command is killed when its parent, the orchestrator or bwrap, dies).
+``--ro PATH`` and ``--rw PATH`` (repeatable), ``--no-tcp``, ``--deny-connect
+PORT`` (repeatable: with network, TCP connections to these ports are refused
+— the mesh's own client listeners), and ``--pdeathsig`` (the command is killed
+when its parent, the orchestrator or bwrap, dies).
 Exit status 126 when the restriction cannot be applied.
 """
 
@@ -24,7 +26,7 @@ _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_PDEATHSIG = 1
 _SIGKILL = 9
-_RULE_PATH_BENEATH = 1
+_RULE_PATH_BENEATH, _RULE_NET_PORT = 1, 2
 
 # Filesystem access rights (ABI 1), then REFER (2), TRUNCATE (3), IOCTL_DEV (5).
 _EXECUTE, _WRITE_FILE, _READ_FILE, _READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
@@ -44,6 +46,10 @@ class _RulesetAttr(ctypes.Structure):
     ]
 
 
+class _NetPortAttr(ctypes.Structure):
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
+
+
 class _PathBeneathAttr(ctypes.Structure):
     _pack_ = 1
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
@@ -60,7 +66,13 @@ def _fs_rights(abi: int) -> int:
     return rights
 
 
-def restrict(abi: int, read_only: list[str], read_write: list[str], no_tcp: bool) -> None:
+def restrict(
+    abi: int,
+    read_only: list[str],
+    read_write: list[str],
+    no_tcp: bool,
+    deny_connect: frozenset[int] = frozenset(),
+) -> None:
     """Applies the Landlock ruleset to this process (and what it executes)."""
     libc = ctypes.CDLL(None, use_errno=True)
     all_fs = _fs_rights(abi)
@@ -68,6 +80,8 @@ def restrict(abi: int, read_only: list[str], read_write: list[str], no_tcp: bool
     size = ctypes.sizeof(_RulesetAttr)
     if abi >= 4 and no_tcp:
         attr.handled_access_net = _BIND_TCP | _CONNECT_TCP
+    elif abi >= 4 and deny_connect:
+        attr.handled_access_net = _CONNECT_TCP  # then allowed port by port, but these
     if abi >= 6:
         attr.scoped = _SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL
     if abi < 4:
@@ -84,12 +98,26 @@ def restrict(abi: int, read_only: list[str], read_write: list[str], no_tcp: bool
         rules.append(("/dev", device))
         for path, rights in rules:
             _add_path(libc, ruleset, path, rights)
+        if attr.handled_access_net == _CONNECT_TCP:
+            _allow_ports_but(libc, ruleset, deny_connect)
         if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
         if libc.syscall(_SYS_RESTRICT_SELF, ruleset, 0) != 0:
             raise OSError(ctypes.get_errno(), "landlock_restrict_self")
     finally:
         os.close(ruleset)
+
+
+def _allow_ports_but(libc: ctypes.CDLL, ruleset: int, denied: frozenset[int]) -> None:
+    """Allows TCP connections to every port but ``denied`` (Landlock rules only allow)."""
+    rule = _NetPortAttr(allowed_access=_CONNECT_TCP)
+    ref = ctypes.byref(rule)
+    for port in range(1 << 16):
+        if port in denied:
+            continue
+        rule.port = port
+        if libc.syscall(_SYS_ADD_RULE, ruleset, _RULE_NET_PORT, ref, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"landlock_add_rule(port {port})")
 
 
 def _add_path(libc: ctypes.CDLL, ruleset: int, path: str, rights: int) -> None:
@@ -117,14 +145,17 @@ def main(argv: list[str]) -> int:
     options, command = argv[:split], argv[split + 1 :]
     read_only: list[str] = []
     read_write: list[str] = []
+    deny_connect: set[int] = set()
     no_tcp, abi, pdeathsig = False, 0, False
     i = 0
     while i < len(options):
         flag = options[i]
-        if flag in ("--ro", "--rw", "--abi"):
+        if flag in ("--ro", "--rw", "--abi", "--deny-connect"):
             value = options[i + 1]
             if flag == "--abi":
                 abi = int(value)
+            elif flag == "--deny-connect":
+                deny_connect.add(int(value))
             else:
                 (read_only if flag == "--ro" else read_write).append(value)
             i += 2
@@ -141,7 +172,7 @@ def main(argv: list[str]) -> int:
             if libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0) != 0:
                 raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
         if abi > 0:
-            restrict(abi, read_only, read_write, no_tcp)
+            restrict(abi, read_only, read_write, no_tcp, frozenset(deny_connect))
     except OSError as exc:
         print(f"landlock_exec: cannot apply Landlock: {exc}", file=sys.stderr)
         return 126

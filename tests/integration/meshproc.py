@@ -90,13 +90,27 @@ def wait_until(
 class Mesh:
     """``sidemesh serve`` in a subprocess with its own config, state and sockets."""
 
-    def __init__(self, workdir: Path, env: dict[str, str] | None = None, **config: Any) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        *,
+        user: int | None = None,
+        **config: Any,
+    ) -> None:
         """``config`` becomes top-level keys of its sidemesh.yaml; ``env`` is added to the
-        orchestrator process's environment."""
+        orchestrator process's environment. With ``user`` (a uid) the orchestrator runs as
+        that unprivileged user, its state in a directory of its own."""
+        self.user = user
+        if user is not None:  # tmp_path is root's alone: the mesh's files live elsewhere
+            workdir = Path(tempfile.mkdtemp(prefix="smu", dir="/tmp"))
+            os.chown(workdir, user, user)
         self.workdir = workdir
         self.env = dict(env or {})
         # Unix socket paths must stay short: keep the runtime dir directly under /tmp.
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="smt", dir="/tmp"))
+        if user is not None:
+            os.chown(self.runtime_dir, user, user)
         self.state_dir = workdir / "state"
         self.socket = self.runtime_dir / "mesh.sock"
         self.address = f"unix:{self.socket}"
@@ -121,11 +135,18 @@ class Mesh:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
         log = self.log_path.open("wb")
+        setpriv = [shutil.which("setpriv") or "setpriv", "--pdeathsig", "KILL"]
+        env = {**os.environ, **self.env}
+        python = sys.executable
+        if self.user is not None:
+            setpriv += [f"--reuid={self.user}", f"--regid={self.user}", "--clear-groups"]
+            env.update(HOME=str(self.workdir), XDG_STATE_HOME=str(self.workdir))
+            python = str(unprivileged_python())
         self.proc = subprocess.Popen(
-            [shutil.which("setpriv") or "setpriv", "--pdeathsig", "KILL", "--",
-             sys.executable, "-m", "orchestrator.cli", "serve", "-c", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env} if self.env else None,
+            [*setpriv, "--", python, "-m", "orchestrator.cli", "serve", "-c",
+             str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            cwd=ROOT,
         )  # fmt: skip
         log.close()
         wait_until(self._endpoints, 20, lambda: f"the orchestrator to listen\n{self.log()}")
@@ -177,6 +198,8 @@ class Mesh:
         for pid in processes_with(str(self.runtime_dir)):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        if self.user is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def sidecars(self) -> list[int]:
         """Pids of live processes started for this mesh (they carry its runtime dir)."""
@@ -219,6 +242,41 @@ class Mesh:
                 f"plugin {name} to be {'/'.join(states)} (it is {self.state(name)})\n" + self.log()
             ),
         )
+
+
+def unprivileged_python() -> Path:
+    """A Python any user can run, with this venv's packages: for meshes run unprivileged.
+
+    The venv's interpreter may live where only root can read (a pyenv build in
+    /root): then an unprivileged orchestrator could not hand it to its sidecars.
+    This makes, once, a venv shim around a system interpreter of the same
+    version whose site-packages are this venv's.
+    """
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    system = Path("/usr/bin") / version
+    shim = Path(tempfile.gettempdir()) / f"sidemesh-venv-{os.getuid()}-{version}"
+    python = shim / "bin" / "python"
+    if python.exists():
+        return python
+    if not system.exists():
+        raise AssertionError(f"{system} is missing: an unprivileged mesh needs a system {version}")
+    site = Path(sys.prefix) / "lib" / version / "site-packages"
+    tmp = Path(tempfile.mkdtemp(prefix="sidemesh-venv-", dir=tempfile.gettempdir()))
+    (tmp / "bin").mkdir()
+    (tmp / "lib" / version).mkdir(parents=True)
+    (tmp / "lib" / version / "site-packages").symlink_to(site)
+    (tmp / "bin" / "python").symlink_to(system)
+    (tmp / "pyvenv.cfg").write_text(
+        f"home = {system.parent}\ninclude-system-site-packages = false\nversion = "
+        f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}\n"
+    )
+    for path in (tmp, tmp / "bin", tmp / "lib", tmp / "lib" / version):
+        path.chmod(0o755)
+    try:
+        tmp.rename(shim)
+    except OSError:  # another test made it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return python
 
 
 def _state_name(state: int) -> str:

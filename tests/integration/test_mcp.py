@@ -257,10 +257,8 @@ async def test_sidemesh_mcp_serves_tools_and_agents_to_an_mcp_client(mesh: Mesh)
         assert divided.is_error
         answer = await session.call_tool("agent_assistant.assistant", {"text": "What is 2 + 3?"})
         assert not answer.is_error and "5" in answer.content[0].text
-        from mcp.shared.exceptions import MCPError
-
-        with pytest.raises(MCPError, match="INVALID_ARGUMENT"):
-            await session.call_tool("tools-demo.add", {"a": "two", "b": 3})
+        bad = await session.call_tool("tools-demo.add", {"a": "two", "b": 3})
+        assert bad.is_error and "arguments.a" in bad.content[0].text  # a result the model reads
 
 
 # -- failures: the server dies, never answers; nothing outlives the mesh --------------------

@@ -37,6 +37,7 @@ EXPECTED_SERVICES = {
         "GetPrompt": UNARY,
         "Complete": UNARY,
         "Watch": SERVER_STREAM,
+        "CallToolInteractive": BIDI,
     },
     "PluginService": {"Describe": UNARY, "Configure": UNARY, "Shutdown": UNARY},
     "MeshService": {

@@ -14,7 +14,7 @@ from mcp.client.session import IncomingMessage
 from mcp.shared.subscriptions import ToolsListChanged
 
 from clients import to_struct
-from orchestrator.cli import _mcp as mesh_mcp
+from orchestrator.gateway import _server as mesh_mcp
 from sidemesh.v1 import tool_pb2
 
 
@@ -36,6 +36,9 @@ class FakeMesh:
         return list(self.tools)
 
     async def list_agents(self) -> list[Any]:
+        return []
+
+    async def list_plugins(self) -> list[Any]:
         return []
 
     async def watch_events(self, **_: Any) -> AsyncIterator[Any]:

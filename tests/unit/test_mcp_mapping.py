@@ -12,11 +12,14 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from clients import InvalidArgumentError, NotFoundError, SidemeshError, struct_to_dict, to_struct
-from orchestrator.cli import _mcp as mesh_mcp
+from orchestrator.gateway import View, mcp_name
+from orchestrator.gateway._catalog import tool_targets
+from orchestrator.gateway._convert import content
+from orchestrator.gateway._server import mcp_error
 from sidecars.mcp import _convert as convert
 from sidecars.mcp._arguments import check_arguments, compile_schema
 from sidecars.mcp._catalog import Catalog
-from sidecars.mcp._errors import to_status
+from sidecars.mcp._errors import Lookup, to_status
 from sidecars.mcp._spec import ServerSpec, SpecError
 from sidecars.mcp._watchers import Watchers, list_changed, resource_updated
 from sidemesh.v1 import agent_pb2, common_pb2, mcp_pb2, tool_pb2
@@ -142,22 +145,34 @@ def test_capabilities() -> None:
 @pytest.mark.parametrize(
     ("code", "lookup", "status"),
     [
-        (types.INVALID_PARAMS, False, grpc.StatusCode.INVALID_ARGUMENT),
-        (types.INVALID_PARAMS, True, grpc.StatusCode.NOT_FOUND),
-        (types.METHOD_NOT_FOUND, False, grpc.StatusCode.UNIMPLEMENTED),
-        (types.REQUEST_TIMEOUT, False, grpc.StatusCode.DEADLINE_EXCEEDED),
-        (types.CONNECTION_CLOSED, False, grpc.StatusCode.UNAVAILABLE),
-        (-32002, False, grpc.StatusCode.NOT_FOUND),
-        (-32099, False, grpc.StatusCode.INTERNAL),
+        (types.INVALID_PARAMS, "", grpc.StatusCode.INVALID_ARGUMENT),
+        (types.INVALID_PARAMS, "prompt", grpc.StatusCode.NOT_FOUND),
+        (types.METHOD_NOT_FOUND, "", grpc.StatusCode.UNIMPLEMENTED),
+        (types.REQUEST_TIMEOUT, "", grpc.StatusCode.DEADLINE_EXCEEDED),
+        (types.CONNECTION_CLOSED, "", grpc.StatusCode.UNAVAILABLE),
+        (-32002, "", grpc.StatusCode.NOT_FOUND),
+        (-32099, "", grpc.StatusCode.INTERNAL),
     ],
 )
 def test_json_rpc_errors_map_to_grpc_codes(
-    code: int, lookup: bool, status: grpc.StatusCode
+    code: int, lookup: Lookup, status: grpc.StatusCode
 ) -> None:
     error = to_status(MCPError(code, "Prompt p not found"), "prompts/get p", lookup=lookup)
     assert error is not None and error.code == status
     if status == grpc.StatusCode.INTERNAL:
         assert "-32099" in error.message and "Prompt p not found" in error.message
+
+
+def test_an_unknown_resource_is_not_found_however_the_server_words_it() -> None:
+    for message in ("Resource demo://x not found", "Unknown resource: demo://x", "bad uri"):
+        error = to_status(
+            MCPError(types.INVALID_PARAMS, message), "resources/read", lookup="resource"
+        )
+        assert error is not None and error.code == grpc.StatusCode.NOT_FOUND
+    # A prompt's invalid params are NOT_FOUND only when they say the prompt is unknown.
+    missing = to_status(MCPError(types.INVALID_PARAMS, "Missing argument: city"), "prompts/get p",
+                        lookup="prompt")  # fmt: skip
+    assert missing is not None and missing.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_other_failures() -> None:
@@ -237,17 +252,17 @@ def test_spec_reads_the_manifest_section_and_says_what_is_wrong() -> None:
         ServerSpec.from_json("{")
 
 
-# -- sidemesh mcp ------------------------------------------------------------------------------
+# -- the MCP gateway (sidemesh mcp, the HTTP endpoint) ----------------------------------------
 
 
 def test_mcp_names_are_unambiguous_and_within_mcps_limits() -> None:
-    assert mesh_mcp.mcp_name("tools-demo/add") == "tools-demo.add"
-    assert mesh_mcp.mcp_name("mcp-time/get.time") == "mcp-time.get.time"  # split at the first dot
-    assert mesh_mcp.mcp_name("assistant/assistant", agent=True) == "agent_assistant.assistant"
+    assert mcp_name("tools-demo/add") == "tools-demo.add"
+    assert mcp_name("mcp-time/get.time") == "mcp-time.get.time"  # split at the first dot
+    assert mcp_name("assistant/assistant", agent=True) == "agent_assistant.assistant"
     long_a, long_b = "p/" + "a" * 130, "p/" + "a" * 129 + "b"
-    short_a, short_b = mesh_mcp.mcp_name(long_a), mesh_mcp.mcp_name(long_b)
+    short_a, short_b = mcp_name(long_a), mcp_name(long_b)
     assert len(short_a) == len(short_b) == 128
-    assert short_a != short_b and short_a == mesh_mcp.mcp_name(long_a)
+    assert short_a != short_b and short_a == mcp_name(long_a)
     allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
     assert set(short_a) <= allowed
 
@@ -259,7 +274,7 @@ def test_mesh_catalog_as_mcp_tools() -> None:
         annotations=tool_pb2.ToolAnnotations(read_only=True),
     )  # fmt: skip
     agent = agent_pb2.AgentDescriptor(name="assistant", qualified_name="assistant/assistant")
-    targets = mesh_mcp.catalog([tool], [agent])
+    targets = tool_targets([tool], [agent], set(), View())
     assert list(targets) == ["agent_assistant.assistant", "tools-demo.add"]
     added = targets["tools-demo.add"]
     assert (added.qualified, added.agent) == ("tools-demo/add", False)
@@ -270,15 +285,13 @@ def test_mesh_catalog_as_mcp_tools() -> None:
 
 
 def test_mesh_content_and_errors_as_mcp() -> None:
-    image = mesh_mcp._content(
-        common_pb2.Content(blob=common_pb2.Blob(data=PNG, mime_type="image/png"))
-    )
+    image = content(common_pb2.Content(blob=common_pb2.Blob(data=PNG, mime_type="image/png")))
     assert isinstance(image, types.ImageContent) and base64.b64decode(image.data) == PNG
-    other = mesh_mcp._content(common_pb2.Content(blob=common_pb2.Blob(data=b"z", mime_type="x/y")))
+    other = content(common_pb2.Content(blob=common_pb2.Blob(data=b"z", mime_type="x/y")))
     assert isinstance(other, types.EmbeddedResource)
-    link = mesh_mcp._content(common_pb2.Content(resource_link=common_pb2.ResourceLink(uri="u")))
+    link = content(common_pb2.Content(resource_link=common_pb2.ResourceLink(uri="u")))
     assert isinstance(link, types.ResourceLink) and link.name == "u"
-    bad = mesh_mcp._mcp_error(InvalidArgumentError("invalid arguments for tool 'x': a: missing"))
+    bad = mcp_error(InvalidArgumentError("invalid arguments for tool 'x': a: missing"))
     assert bad.code == types.INVALID_PARAMS and bad.message.startswith("INVALID_ARGUMENT: ")
-    down = mesh_mcp._mcp_error(SidemeshError("boom"))
+    down = mcp_error(SidemeshError("boom"))
     assert down.code == types.INTERNAL_ERROR and "UNKNOWN: boom" in down.message

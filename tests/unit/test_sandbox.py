@@ -64,7 +64,16 @@ def test_network_is_granted_only_by_the_operator(tmp_path: Path) -> None:
         _request(tmp_path, wants_network=True, network_granted=True), FULL, 61000
     )
     assert granted.network
-    assert _layers(granted)["network"] == (False, "host network (granted by the operator)")
+    assert _layers(granted)["network"] == (
+        False,
+        "host network (granted by the operator), except the mesh's own TCP listeners "
+        "(Landlock refuses connections to their ports)",
+    )
+    listeners = sandbox.policy(
+        _request(tmp_path, wants_network=True, network_granted=True,
+                 mesh_listeners_granted=True), FULL, 61000,
+    )  # fmt: skip
+    assert "the mesh's TCP listeners included" in _layers(listeners)["network"][1]
 
 
 def test_a_relaxed_plugin_has_no_layers(tmp_path: Path) -> None:

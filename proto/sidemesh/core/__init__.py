@@ -8,6 +8,8 @@ import these; none of them imports another's private modules.
   :data:`CONTRACT_VERSION`.
 - :func:`spawn`: starting a process without ``fork()`` (a process running
   gRPC must not fork).
+- The mesh's state dir and the files its clients find it by
+  (:func:`running_mesh`, :data:`TOKEN_FILE`).
 """
 
 from sidemesh.core._contract import (
@@ -24,9 +26,17 @@ from sidemesh.core._contract import (
     contract_refusal,
 )
 from sidemesh.core._spawn import Child, spawn
+from sidemesh.core._state import (
+    ENDPOINTS_FILE,
+    TOKEN_FILE,
+    default_state_dir,
+    process_alive,
+    running_mesh,
+)
 
 __all__ = [
     "CONTRACT_VERSION",
+    "ENDPOINTS_FILE",
     "MESH_SOCKET",
     "READINESS_STEPS",
     "REPLICA_SOCKET",
@@ -35,8 +45,12 @@ __all__ = [
     "SANDBOX_RUN_DIR",
     "SIDECAR_ENVIRONMENT",
     "SUPPORTED_CONTRACT_VERSIONS",
+    "TOKEN_FILE",
     "Child",
     "SidecarEnv",
     "contract_refusal",
+    "default_state_dir",
+    "process_alive",
+    "running_mesh",
     "spawn",
 ]

@@ -322,6 +322,249 @@ class McpServiceCallToolResponse(_message.Message):
 Global___McpServiceCallToolResponse: _TypeAlias = McpServiceCallToolResponse  # noqa: Y015
 
 @_typing.final
+class CallToolInteractiveRequest(_message.Message):
+    """Request for `McpService.CallToolInteractive`: the call, then answers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> Global___CallToolInteractiveStart:
+        """The call; always the first message, and only once."""
+
+    @_builtins.property
+    def answer(self) -> Global___McpClientAnswer:
+        """The caller's answer to a `server_request` of this call."""
+
+    def __init__(
+        self,
+        *,
+        start: Global___CallToolInteractiveStart | None = ...,
+        answer: Global___McpClientAnswer | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "message", b"message", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "message", b"message", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["start", "answer"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___CallToolInteractiveRequest: _TypeAlias = CallToolInteractiveRequest  # noqa: Y015
+
+@_typing.final
+class CallToolInteractiveStart(_message.Message):
+    """The first message of `McpService.CallToolInteractive`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_FIELD_NUMBER: _builtins.int
+    CLIENT_CAPABILITIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def call(self) -> Global___McpServiceCallToolRequest:
+        """The tool call: server, tool name and arguments, as for `CallTool`."""
+
+    @_builtins.property
+    def client_capabilities(self) -> Global___McpClientCapabilities:
+        """The server-to-client requests the caller can answer. A server request
+        the caller did not declare is refused by the bridge with MCP error
+        `-32601`, as an MCP client without that capability would.
+        """
+
+    def __init__(
+        self,
+        *,
+        call: Global___McpServiceCallToolRequest | None = ...,
+        client_capabilities: Global___McpClientCapabilities | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "client_capabilities", b"client_capabilities"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "client_capabilities", b"client_capabilities"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallToolInteractiveStart: _TypeAlias = CallToolInteractiveStart  # noqa: Y015
+
+@_typing.final
+class McpClientCapabilities(_message.Message):
+    """What an MCP client (the caller behind the mesh) can answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLING_FIELD_NUMBER: _builtins.int
+    ELICITATION_FIELD_NUMBER: _builtins.int
+    ROOTS_FIELD_NUMBER: _builtins.int
+    sampling: _builtins.bool
+    """It can answer `sampling/createMessage` (it has a model)."""
+    elicitation: _builtins.bool
+    """It can answer `elicitation/create` (it can ask its user)."""
+    roots: _builtins.bool
+    """It can answer `roots/list` (it has workspace roots)."""
+    def __init__(
+        self,
+        *,
+        sampling: _builtins.bool = ...,
+        elicitation: _builtins.bool = ...,
+        roots: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["elicitation", b"elicitation", "roots", b"roots", "sampling", b"sampling"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___McpClientCapabilities: _TypeAlias = McpClientCapabilities  # noqa: Y015
+
+@_typing.final
+class CallToolInteractiveResponse(_message.Message):
+    """One event of `McpService.CallToolInteractive`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    LOG_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    SERVER_REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> _common_pb2.Progress:
+        """A progress notification from the server."""
+
+    @_builtins.property
+    def log(self) -> _common_pb2.LogRecord:
+        """A log message the server sent during the call."""
+
+    @_builtins.property
+    def result(self) -> _tool_pb2.ToolResult:
+        """The tool's result; always the last event."""
+
+    @_builtins.property
+    def server_request(self) -> Global___McpServerRequest:
+        """A request of the server to its client, to be answered with
+        `CallToolInteractiveRequest.answer` (same `id`).
+        """
+
+    def __init__(
+        self,
+        *,
+        progress: _common_pb2.Progress | None = ...,
+        log: _common_pb2.LogRecord | None = ...,
+        result: _tool_pb2.ToolResult | None = ...,
+        server_request: Global___McpServerRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "log", b"log", "progress", b"progress", "result", b"result", "server_request", b"server_request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "log", b"log", "progress", b"progress", "result", b"result", "server_request", b"server_request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "log", "result", "server_request"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___CallToolInteractiveResponse: _TypeAlias = CallToolInteractiveResponse  # noqa: Y015
+
+@_typing.final
+class McpServerRequest(_message.Message):
+    """A request an MCP server sent its client during a call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Identifies the request within the call; the answer carries it back."""
+    method: _builtins.str
+    """The MCP method, for example `sampling/createMessage`,
+    `elicitation/create` or `roots/list`.
+    """
+    @_builtins.property
+    def params(self) -> _struct_pb2.Struct:
+        """The request's MCP `params`, as JSON (the MCP schema's field names)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        method: _builtins.str = ...,
+        params: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "method", b"method", "params", b"params"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___McpServerRequest: _TypeAlias = McpServerRequest  # noqa: Y015
+
+@_typing.final
+class McpClientAnswer(_message.Message):
+    """The caller's answer to an `McpServerRequest`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The `id` of the request answered."""
+    @_builtins.property
+    def result(self) -> _struct_pb2.Struct:
+        """The MCP result, as JSON (for example a `CreateMessageResult`)."""
+
+    @_builtins.property
+    def error(self) -> Global___McpError:
+        """An MCP error: the caller refused or failed."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        result: _struct_pb2.Struct | None = ...,
+        error: Global___McpError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___McpClientAnswer: _TypeAlias = McpClientAnswer  # noqa: Y015
+
+@_typing.final
+class McpError(_message.Message):
+    """A JSON-RPC error of MCP."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The JSON-RPC error code, for example `-32601` (method not found)."""
+    message: _builtins.str
+    """What went wrong."""
+    @_builtins.property
+    def data(self) -> _struct_pb2.Value:
+        """Additional data, when the error has any."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        data: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "data", b"data", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___McpError: _TypeAlias = McpError  # noqa: Y015
+
+@_typing.final
 class Resource(_message.Message):
     """A resource an MCP server offers."""
 
@@ -913,8 +1156,13 @@ class WatchRequest(_message.Message):
 
     SERVER_FIELD_NUMBER: _builtins.int
     RESOURCE_URIS_FIELD_NUMBER: _builtins.int
+    LOGS_FIELD_NUMBER: _builtins.int
     server: _builtins.str
     """The MCP plugin's name."""
+    logs: _builtins.bool
+    """Also stream the server's log messages that belong to no call in flight
+    (those of a call go to its caller, in the call's stream).
+    """
     @_builtins.property
     def resource_uris(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Resources to subscribe to: an update of any of them is streamed as
@@ -927,10 +1175,11 @@ class WatchRequest(_message.Message):
         *,
         server: _builtins.str = ...,
         resource_uris: _abc.Iterable[_builtins.str] | None = ...,
+        logs: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resource_uris", b"resource_uris", "server", b"server"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logs", b"logs", "resource_uris", b"resource_uris", "server", b"server"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -946,6 +1195,7 @@ class WatchResponse(_message.Message):
     RESOURCES_LIST_CHANGED_FIELD_NUMBER: _builtins.int
     PROMPTS_LIST_CHANGED_FIELD_NUMBER: _builtins.int
     RESOURCE_UPDATED_FIELD_NUMBER: _builtins.int
+    LOG_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def tools_list_changed(self) -> Global___ListChanged:
         """The server's tool list changed; the mesh's catalog is already
@@ -964,6 +1214,12 @@ class WatchResponse(_message.Message):
     def resource_updated(self) -> Global___ResourceUpdated:
         """A subscribed resource changed; read it again to see the change."""
 
+    @_builtins.property
+    def log(self) -> _common_pb2.LogRecord:
+        """A log message of the server outside any call (with `logs` only). A
+        slow reader loses the oldest ones beyond a bounded backlog.
+        """
+
     def __init__(
         self,
         *,
@@ -971,12 +1227,13 @@ class WatchResponse(_message.Message):
         resources_list_changed: Global___ListChanged | None = ...,
         prompts_list_changed: Global___ListChanged | None = ...,
         resource_updated: Global___ResourceUpdated | None = ...,
+        log: _common_pb2.LogRecord | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "prompts_list_changed", b"prompts_list_changed", "resource_updated", b"resource_updated", "resources_list_changed", b"resources_list_changed", "tools_list_changed", b"tools_list_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "log", b"log", "prompts_list_changed", b"prompts_list_changed", "resource_updated", b"resource_updated", "resources_list_changed", b"resources_list_changed", "tools_list_changed", b"tools_list_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "prompts_list_changed", b"prompts_list_changed", "resource_updated", b"resource_updated", "resources_list_changed", b"resources_list_changed", "tools_list_changed", b"tools_list_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "log", b"log", "prompts_list_changed", b"prompts_list_changed", "resource_updated", b"resource_updated", "resources_list_changed", b"resources_list_changed", "tools_list_changed", b"tools_list_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["tools_list_changed", "resources_list_changed", "prompts_list_changed", "resource_updated"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["tools_list_changed", "resources_list_changed", "prompts_list_changed", "resource_updated", "log"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

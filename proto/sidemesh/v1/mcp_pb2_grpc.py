@@ -80,6 +80,11 @@ class McpServiceStub:
                 request_serializer=sidemesh_dot_v1_dot_mcp__pb2.McpServiceCallToolRequest.SerializeToString,
                 response_deserializer=sidemesh_dot_v1_dot_mcp__pb2.McpServiceCallToolResponse.FromString,
                 _registered_method=True)
+        self.CallToolInteractive = channel.stream_stream(
+                '/sidemesh.v1.McpService/CallToolInteractive',
+                request_serializer=sidemesh_dot_v1_dot_mcp__pb2.CallToolInteractiveRequest.SerializeToString,
+                response_deserializer=sidemesh_dot_v1_dot_mcp__pb2.CallToolInteractiveResponse.FromString,
+                _registered_method=True)
         self.ListResources = channel.unary_unary(
                 '/sidemesh.v1.McpService/ListResources',
                 request_serializer=sidemesh_dot_v1_dot_mcp__pb2.ListResourcesRequest.SerializeToString,
@@ -173,6 +178,30 @@ class McpServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CallToolInteractive(self, request_iterator, context):
+        """Calls a tool whose server may ask the caller something while it runs:
+        MCP's server-to-client requests (`sampling/createMessage`,
+        `elicitation/create`, `roots/list`).
+
+        The caller sends `start` first, then one `answer` for each
+        `server_request` it receives, and closes its side when the result has
+        arrived. One stream is one call on one replica, so the answers reach the
+        MCP session that asked (an answer in a separate RPC could land on
+        another replica). The responses are those of `CallTool` plus
+        `server_request`; the stream ends with `OK` after the result.
+
+        Which call a server request belongs to: a 2026 server asks within the
+        call's own result (exact); a 2025 server over stdio sends a JSON-RPC
+        request that names no call, so the bridge gives it to the only call in
+        flight on the session whose caller declared that capability. When no
+        such call is in flight, or several are, the bridge answers the server
+        with an MCP error (`-32601`/`-32603`) saying why, rather than guess; so
+        does the plain `CallTool`, whose caller cannot answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListResources(self, request, context):
         """Lists the server's resources, one page at a time.
         """
@@ -243,6 +272,11 @@ def add_McpServiceServicer_to_server(servicer, server):
                     servicer.CallTool,
                     request_deserializer=sidemesh_dot_v1_dot_mcp__pb2.McpServiceCallToolRequest.FromString,
                     response_serializer=sidemesh_dot_v1_dot_mcp__pb2.McpServiceCallToolResponse.SerializeToString,
+            ),
+            'CallToolInteractive': grpc.stream_stream_rpc_method_handler(
+                    servicer.CallToolInteractive,
+                    request_deserializer=sidemesh_dot_v1_dot_mcp__pb2.CallToolInteractiveRequest.FromString,
+                    response_serializer=sidemesh_dot_v1_dot_mcp__pb2.CallToolInteractiveResponse.SerializeToString,
             ),
             'ListResources': grpc.unary_unary_rpc_method_handler(
                     servicer.ListResources,
@@ -392,6 +426,33 @@ class McpService:
             '/sidemesh.v1.McpService/CallTool',
             sidemesh_dot_v1_dot_mcp__pb2.McpServiceCallToolRequest.SerializeToString,
             sidemesh_dot_v1_dot_mcp__pb2.McpServiceCallToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CallToolInteractive(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sidemesh.v1.McpService/CallToolInteractive',
+            sidemesh_dot_v1_dot_mcp__pb2.CallToolInteractiveRequest.SerializeToString,
+            sidemesh_dot_v1_dot_mcp__pb2.CallToolInteractiveResponse.FromString,
             options,
             channel_credentials,
             insecure,

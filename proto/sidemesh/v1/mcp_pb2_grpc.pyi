@@ -75,6 +75,26 @@ class McpServiceStub:
     """Calls a tool. The stream carries zero or more progress and log events,
     then exactly one result, then ends with `OK`.
     """
+    CallToolInteractive: _grpc.StreamStreamMultiCallable[_mcp_pb2.CallToolInteractiveRequest, _mcp_pb2.CallToolInteractiveResponse]
+    """Calls a tool whose server may ask the caller something while it runs:
+    MCP's server-to-client requests (`sampling/createMessage`,
+    `elicitation/create`, `roots/list`).
+
+    The caller sends `start` first, then one `answer` for each
+    `server_request` it receives, and closes its side when the result has
+    arrived. One stream is one call on one replica, so the answers reach the
+    MCP session that asked (an answer in a separate RPC could land on
+    another replica). The responses are those of `CallTool` plus
+    `server_request`; the stream ends with `OK` after the result.
+
+    Which call a server request belongs to: a 2026 server asks within the
+    call's own result (exact); a 2025 server over stdio sends a JSON-RPC
+    request that names no call, so the bridge gives it to the only call in
+    flight on the session whose caller declared that capability. When no
+    such call is in flight, or several are, the bridge answers the server
+    with an MCP error (`-32601`/`-32603`) saying why, rather than guess; so
+    does the plain `CallTool`, whose caller cannot answer.
+    """
     ListResources: _grpc.UnaryUnaryMultiCallable[_mcp_pb2.ListResourcesRequest, _mcp_pb2.ListResourcesResponse]
     """Lists the server's resources, one page at a time."""
     ListResourceTemplates: _grpc.UnaryUnaryMultiCallable[_mcp_pb2.ListResourceTemplatesRequest, _mcp_pb2.ListResourceTemplatesResponse]
@@ -140,6 +160,26 @@ class McpServiceAsyncStub(McpServiceStub):
     CallTool: _aio.UnaryStreamMultiCallable[_mcp_pb2.McpServiceCallToolRequest, _mcp_pb2.McpServiceCallToolResponse]  # type: ignore[assignment]
     """Calls a tool. The stream carries zero or more progress and log events,
     then exactly one result, then ends with `OK`.
+    """
+    CallToolInteractive: _aio.StreamStreamMultiCallable[_mcp_pb2.CallToolInteractiveRequest, _mcp_pb2.CallToolInteractiveResponse]  # type: ignore[assignment]
+    """Calls a tool whose server may ask the caller something while it runs:
+    MCP's server-to-client requests (`sampling/createMessage`,
+    `elicitation/create`, `roots/list`).
+
+    The caller sends `start` first, then one `answer` for each
+    `server_request` it receives, and closes its side when the result has
+    arrived. One stream is one call on one replica, so the answers reach the
+    MCP session that asked (an answer in a separate RPC could land on
+    another replica). The responses are those of `CallTool` plus
+    `server_request`; the stream ends with `OK` after the result.
+
+    Which call a server request belongs to: a 2026 server asks within the
+    call's own result (exact); a 2025 server over stdio sends a JSON-RPC
+    request that names no call, so the bridge gives it to the only call in
+    flight on the session whose caller declared that capability. When no
+    such call is in flight, or several are, the bridge answers the server
+    with an MCP error (`-32601`/`-32603`) saying why, rather than guess; so
+    does the plain `CallTool`, whose caller cannot answer.
     """
     ListResources: _aio.UnaryUnaryMultiCallable[_mcp_pb2.ListResourcesRequest, _mcp_pb2.ListResourcesResponse]  # type: ignore[assignment]
     """Lists the server's resources, one page at a time."""
@@ -221,6 +261,32 @@ class McpServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_mcp_pb2.McpServiceCallToolResponse], _abc.AsyncIterator[_mcp_pb2.McpServiceCallToolResponse]]:
         """Calls a tool. The stream carries zero or more progress and log events,
         then exactly one result, then ends with `OK`.
+        """
+
+    @_abc_1.abstractmethod
+    def CallToolInteractive(
+        self,
+        request_iterator: _MaybeAsyncIterator[_mcp_pb2.CallToolInteractiveRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_mcp_pb2.CallToolInteractiveResponse], _abc.AsyncIterator[_mcp_pb2.CallToolInteractiveResponse]]:
+        """Calls a tool whose server may ask the caller something while it runs:
+        MCP's server-to-client requests (`sampling/createMessage`,
+        `elicitation/create`, `roots/list`).
+
+        The caller sends `start` first, then one `answer` for each
+        `server_request` it receives, and closes its side when the result has
+        arrived. One stream is one call on one replica, so the answers reach the
+        MCP session that asked (an answer in a separate RPC could land on
+        another replica). The responses are those of `CallTool` plus
+        `server_request`; the stream ends with `OK` after the result.
+
+        Which call a server request belongs to: a 2026 server asks within the
+        call's own result (exact); a 2025 server over stdio sends a JSON-RPC
+        request that names no call, so the bridge gives it to the only call in
+        flight on the session whose caller declared that capability. When no
+        such call is in flight, or several are, the bridge answers the server
+        with an MCP error (`-32601`/`-32603`) saying why, rather than guess; so
+        does the plain `CallTool`, whose caller cannot answer.
         """
 
     @_abc_1.abstractmethod

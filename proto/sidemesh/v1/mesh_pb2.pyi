@@ -189,6 +189,7 @@ class ReplicaStatus(_message.Message):
     EJECTED_UNTIL_FIELD_NUMBER: _builtins.int
     EJECTIONS_FIELD_NUMBER: _builtins.int
     EJECTION_REASON_FIELD_NUMBER: _builtins.int
+    OUTPUT_LINES_DROPPED_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Replica index within the plugin, from 0."""
     state: Global___ReplicaState.ValueType
@@ -211,6 +212,10 @@ class ReplicaStatus(_message.Message):
     """
     ejection_reason: _builtins.str
     """While ejected: why, for example `5 per-try timeouts in a row`."""
+    output_lines_dropped: _builtins.int
+    """Lines of the current process's output the orchestrator did not log:
+    the plugin wrote faster than `limits.plugin_log_lines_per_second`.
+    """
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the current process started."""
@@ -240,10 +245,11 @@ class ReplicaStatus(_message.Message):
         ejected_until: _timestamp_pb2.Timestamp | None = ...,
         ejections: _builtins.int = ...,
         ejection_reason: _builtins.str = ...,
+        output_lines_dropped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ejected_until", b"ejected_until", "started_at", b"started_at", "startup_duration", b"startup_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ejected_until", b"ejected_until", "ejection_reason", b"ejection_reason", "ejections", b"ejections", "in_flight", b"in_flight", "index", b"index", "last_exit", b"last_exit", "pid", b"pid", "restarts", b"restarts", "rss_bytes", b"rss_bytes", "started_at", b"started_at", "startup_duration", b"startup_duration", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ejected_until", b"ejected_until", "ejection_reason", b"ejection_reason", "ejections", b"ejections", "in_flight", b"in_flight", "index", b"index", "last_exit", b"last_exit", "output_lines_dropped", b"output_lines_dropped", "pid", b"pid", "restarts", b"restarts", "rss_bytes", b"rss_bytes", "started_at", b"started_at", "startup_duration", b"startup_duration", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

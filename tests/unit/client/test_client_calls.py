@@ -31,7 +31,14 @@ def test_public_names_are_pinned() -> None:
     assert sorted(clients.__all__) == sorted(
         [
             *("AsyncMeshClient", "MeshClient", "AgentStream", "AgentReply", "ChatSession"),
-            *("ToolCallResult", "ToolCallStream", "ServerStream", "TlsOptions"),
+            *(
+                "ToolCallResult",
+                "ToolCallStream",
+                "ServerStream",
+                "TlsOptions",
+                "McpToolCall",
+                "McpRequestError",
+            ),
             *("SyncAgentStream", "SyncChatSession", "SyncStream", "SyncToolCallStream"),
             *("DEFAULT_TCP_ADDRESS", "ERROR_DOMAIN", "FieldViolation", "SidemeshError"),
             *("from_status", "normalize_address", "unix_socket_path"),

@@ -297,12 +297,3 @@ def test_the_cli_sends_its_token_file_and_says_what_it_sent_when_refused(
         main(["plugins", "-a", "10.9.8.7:1", "--token", "smt_x"])
     assert exited.value.code == 2
     assert "refusing to send a bearer token (token=) in clear" in capsys.readouterr().err
-
-
-def test_the_client_and_the_mesh_agree_on_the_state_dir_file_names() -> None:
-    from clients import _credentials
-    from orchestrator import _config, _orchestrator, _tokens
-
-    assert _credentials.ENDPOINTS_FILE == _orchestrator.ENDPOINTS_FILE
-    assert _credentials.TOKEN_FILE == _tokens.TOKEN_FILE
-    assert _credentials.default_state_dir() == _config.default_state_dir()
