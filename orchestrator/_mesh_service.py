@@ -13,17 +13,30 @@ from orchestrator._catalog import Catalog
 from orchestrator._events import EventBus
 from orchestrator._plugin import PluginRuntime
 from orchestrator._trace_store import TraceStore
-from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
+from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc, tool_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+#: Set by the data plane on calls it passes to the orchestrator's own services (clients
+#: cannot send it: the data plane strips every ``sidemesh-*`` key a client sends).
+CALLER_KEY = "sidemesh-caller"
+
+
+def caller_of(context: Context, plugins: Mapping[str, PluginRuntime]) -> PluginRuntime | None:
+    """The plugin whose callback socket the call came in on; None for a client's call."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CALLER_KEY:
+            return plugins.get(str(value))
+    return None
 
 
 class MeshService(mesh_pb2_grpc.MeshServiceServicer):
     """Answers from the orchestrator's own state; never calls a sidecar.
 
-    On a plugin's callback socket (``caller``) it shows the plugin only the
-    agents and tools it may call, and nothing of the other plugins' status,
-    traces or events unless the operator granted ``permissions.mesh: [read]``.
+    On a plugin's callback socket it shows the plugin only the agents and tools
+    it may call, and nothing of the other plugins' status, traces or events
+    unless the operator granted ``permissions.mesh: [read]``.
     """
 
     def __init__(
@@ -32,7 +45,6 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
         plugins: Mapping[str, PluginRuntime],
         events: EventBus,
         traces: TraceStore | None,
-        caller: PluginRuntime | None = None,
         *,
         trace_usage: Callable[[str], mesh_pb2.TraceUsage | None] | None = None,
     ) -> None:
@@ -41,16 +53,16 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
         self._events = events
         self._traces = traces
         self._trace_usage = trace_usage
-        self._caller = caller
-        grant = caller.override.permissions if caller is not None else None
-        self._reads = caller is None or (grant is not None and "read" in grant.mesh)
 
     async def _require_read(self, context: Context, method: str) -> None:
         """PERMISSION_DENIED (and an event) for a plugin the operator granted no mesh reads."""
-        if self._reads:
+        caller = caller_of(context, self._plugins)
+        if caller is None:
             return
-        assert self._caller is not None
-        plugin = self._caller.name
+        grant = caller.override.permissions
+        if grant is not None and "read" in grant.mesh:
+            return
+        plugin = caller.name
         reason = (
             f"plugin {plugin!r} may not use MeshService/{method} on its callback socket: it "
             f"shows the other plugins' status, traces and events; the operator can grant it "
@@ -67,14 +79,12 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
             reason, reason="MESH_API_NOT_GRANTED", metadata={"caller": plugin}
         ).abort(context)
 
-    def _may(self, kind: str, qualified: str) -> bool:
-        return self._caller is None or self._caller.may_call(kind, qualified)
-
     async def _visible(self, context: Context, kind: str, qualified: str) -> None:
-        if not self._may(kind, qualified):
+        caller = caller_of(context, self._plugins)
+        if caller is not None and not caller.may_call(kind, qualified):
             await PermissionDeniedError(
-                f"plugin {self._caller.name if self._caller else ''!r} may not call {kind} "
-                f"{qualified!r}, so it cannot look it up either",
+                f"plugin {caller.name!r} may not call {kind} {qualified!r}, so it cannot look "
+                "it up either",
                 reason="PERMISSION_DENIED",
             ).abort(context)
 
@@ -118,9 +128,10 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
     ) -> mesh_pb2.ListAgentsResponse:
         """Agents, filtered by plugin and capability."""
         agents = self._catalog.agents(request.plugin, request.capability)
-        return mesh_pb2.ListAgentsResponse(
-            agents=[a for a in agents if self._may("agent", a.qualified_name)]
-        )
+        caller = caller_of(context, self._plugins)
+        if caller is not None:
+            agents = [a for a in agents if caller.may_call("agent", a.qualified_name)]
+        return mesh_pb2.ListAgentsResponse(agents=agents)
 
     async def GetAgent(
         self, request: mesh_pb2.GetAgentRequest, context: Context
@@ -138,9 +149,10 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
     ) -> mesh_pb2.MeshServiceListToolsResponse:
         """Tools, filtered by plugin and a text query."""
         tools = self._catalog.tools(request.plugin, request.query)
-        return mesh_pb2.MeshServiceListToolsResponse(
-            tools=[t for t in tools if self._may("tool", t.qualified_name)]
-        )
+        caller = caller_of(context, self._plugins)
+        if caller is not None:
+            tools = [t for t in tools if caller.may_call("tool", t.qualified_name)]
+        return mesh_pb2.MeshServiceListToolsResponse(tools=tools)
 
     async def GetTool(
         self, request: mesh_pb2.GetToolRequest, context: Context
@@ -191,3 +203,24 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
             ).abort(context)
         assert self._traces is not None
         return self._traces
+
+
+def tool_listing(catalog: Catalog, plugins: Mapping[str, PluginRuntime]) -> grpc.GenericRpcHandler:
+    """``ToolService.ListTools`` (the data plane routes ``CallTool``): a plugin sees only
+    the tools it may call."""
+
+    async def list_tools(
+        request: tool_pb2.ListToolsRequest, context: Context
+    ) -> tool_pb2.ListToolsResponse:
+        tools = catalog.tools(plugin=request.plugin)
+        caller = caller_of(context, plugins)
+        if caller is not None:
+            tools = [t for t in tools if caller.may_call("tool", t.qualified_name)]
+        return tool_pb2.ListToolsResponse(tools=tools)
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        list_tools,
+        request_deserializer=tool_pb2.ListToolsRequest.FromString,
+        response_serializer=tool_pb2.ListToolsResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler("sidemesh.v1.ToolService", {"ListTools": handler})

@@ -1,4 +1,12 @@
-"""The orchestrator: discovers plugins, supervises their sidecars, serves and routes the mesh."""
+"""The orchestrator: discovers plugins, supervises their sidecars, serves and routes the mesh.
+
+The control plane is Python (discovery, supervision, the catalog, decisions,
+the mesh's own API); the data plane is native (``sidemesh_dataplane``): it owns
+every listener, forwards routed calls as bytes and asks :class:`Decider` where
+each goes. What the orchestrator answers itself (``MeshService``, health,
+reflection, ``ToolService.ListTools``, the sidecars' OTLP export) the data plane
+passes to a grpc.aio server on a private Unix socket.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +16,17 @@ import json
 import logging
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
 import grpc
+import sidemesh_dataplane as dp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import Observation
 
 from clients import AsyncMeshClient, SidemeshError, server_options
+from orchestrator._accounting import Accounting
 from orchestrator._catalog import Catalog
 from orchestrator._config import MeshConfig
 from orchestrator._discovery import DiscoveredPlugin, discover
@@ -30,12 +39,12 @@ from orchestrator._launch import (
     undeclared_env,
 )
 from orchestrator._manifest import MANIFEST_FILE, start_problem
-from orchestrator._mesh_service import MeshService
+from orchestrator._mesh_service import MeshService, tool_listing
 from orchestrator._output import OutputLimits
 from orchestrator._plugin import PluginPaths, PluginRuntime, duration, state_name
 from orchestrator._replica import Replica
-from orchestrator._router import Admission, Router
 from orchestrator._routes import AGENT_SERVICE, MCP_SERVICE, TOOL_SERVICE
+from orchestrator._routing import DATAPLANE_ROUTES, Decider, Upstreams, admission_refusal
 from orchestrator._supervisor import Supervisor
 from orchestrator._telemetry import Telemetry
 from orchestrator._yaml_models import ConfigError
@@ -48,6 +57,10 @@ from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 log = logging.getLogger("sidemesh.orchestrator")
 
 MESH_SERVICE = "sidemesh.v1.MeshService"
+OTLP_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+#: What a plugin's callback socket serves (the mesh API only as far as it is granted).
+CALLBACK_SERVICES = (AGENT_SERVICE, TOOL_SERVICE, MCP_SERVICE, MESH_SERVICE, OTLP_SERVICE,
+                     health.SERVICE_NAME)  # fmt: skip
 
 
 class Orchestrator:
@@ -85,9 +98,12 @@ class Orchestrator:
                 config.limits.plugin_log_line_bytes,
             ),
         )
-        self._admission = Admission(config.limits.max_concurrent_calls)
-        self._server: grpc.aio.Server | None = None
-        self._callback_servers: list[grpc.aio.Server] = []
+        self._decider = Decider(self.catalog, self.plugins, routed=self.telemetry.routed)
+        self._plane: dp.DataPlane | None = None
+        self._upstreams: Upstreams | None = None
+        self._accounting: Accounting | None = None
+        self._internal: grpc.aio.Server | None = None
+        self._client_listeners: list[str] = []
         self._health = health.aio.HealthServicer()
         self._run_dir: Path | None = None
         #: The addresses actually bound (TCP port 0 replaced by the real port).
@@ -104,6 +120,8 @@ class Orchestrator:
         config = self.config
         ensure_private_dir(config.state_dir)
         self._run_dir = _make_run_dir(config.runtime_dir)
+        plane = self._plane = await self._start_planes(self._run_dir)
+        self._upstreams = Upstreams(plane, self._decider)
         for found in discover(config):
             self._add_plugin(found)
         for name in sorted(set(config.plugins) - set(self.plugins)):
@@ -113,10 +131,9 @@ class Orchestrator:
                 name,
                 [str(d) for d in config.plugin_dirs],
             )
-        self._server = self._new_server(caller=None)
-        for address in config.listen_addresses():
-            self.addresses.append(_bind(self._server, address))
-        await self._server.start()
+        for i, address in enumerate(config.listen_addresses()):
+            self._client_listeners.append(f"client{i}")
+            self.addresses.append(_listen(plane, address, listener_id=f"client{i}"))
         if isinstance(self._launcher, SandboxLauncher):
             self._launcher.mesh_ports = tuple(
                 int(a.rpartition(":")[2]) for a in self.addresses if not a.startswith("unix:")
@@ -125,10 +142,17 @@ class Orchestrator:
             if plugin.manifest is not None and plugin.manifest.remote and plugin.replicas:
                 self.supervisor.start(plugin)
             elif plugin.paths is not None:
-                server = self._new_server(caller=plugin)
-                _bind(server, f"unix:{plugin.paths.mesh_socket}")
-                await server.start()
-                self._callback_servers.append(server)
+                if plugin.manifest is not None:  # its spans: stamped as its own, within its quota
+                    self.telemetry.add_plugin(
+                        plugin.name,
+                        quota_mb=plugin.override.sandbox.trace_quota_mb
+                        or plugin.manifest.sandbox.trace_quota_mb,
+                        replicas=len(plugin.replicas),
+                    )
+                _listen(
+                    plane, f"unix:{plugin.paths.mesh_socket}", listener_id=f"plugin:{plugin.name}",
+                    caller=plugin.name, services=CALLBACK_SERVICES,
+                )  # fmt: skip
                 self.supervisor.start(plugin)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         if config.mcp.http.enabled:
@@ -162,6 +186,8 @@ class Orchestrator:
         plugin = PluginRuntime(
             name, manifest, override, self.config, paths, str(found.directory), len(self.plugins)
         )
+        for replica in plugin.replicas:
+            replica.upstreams = self._upstreams
         if found.error is not None:
             plugin.error = str(found.error)
             log.error("plugin in %s cannot be loaded:\n%s", found.directory, found.error)
@@ -243,54 +269,58 @@ class Orchestrator:
         ]
         return ""
 
-    def _new_server(self, caller: PluginRuntime | None) -> grpc.aio.Server:
-        limit = self.config.limits.max_message_bytes
-        # so_reuseport 0: refuse a port another process holds, rather than silently share it.
-        server = grpc.aio.server(options=[*server_options(limit), ("grpc.so_reuseport", 0)])
-        Router(
-            self.catalog, self.plugins, self.events, self._admission, self.telemetry, caller=caller
-        ).register(server)
+    async def _start_planes(self, run_dir: Path) -> dp.DataPlane:
+        """The orchestrator's own services on a private socket, and the data plane before them."""
+        config, telemetry = self.config, self.telemetry
+        limit = config.limits.max_message_bytes
+        internal = grpc.aio.server(options=server_options(limit))
         mesh_pb2_grpc.add_MeshServiceServicer_to_server(
             MeshService(
                 self.catalog,
                 self.plugins,
                 self.events,
-                self.telemetry.store,
-                caller=caller,
-                trace_usage=self.telemetry.trace_usage,
+                telemetry.store,
+                trace_usage=telemetry.trace_usage,
             ),
-            server,
+            internal,
         )
-        if caller is None or caller.manifest is None:
-            receiver = self.telemetry.receiver()
-        else:  # the plugin's spans: stamped as its own, within its quota
-            quota = caller.override.sandbox.trace_quota_mb or caller.manifest.sandbox.trace_quota_mb
-            receiver = self.telemetry.receiver(
-                caller.name, quota_mb=quota, replicas=len(caller.replicas)
-            )
-        receiver.register(server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        if caller is None:
-            reflection.enable_server_reflection(
-                (
-                    AGENT_SERVICE,
-                    TOOL_SERVICE,
-                    MCP_SERVICE,
-                    MESH_SERVICE,
-                    "opentelemetry.proto.collector.trace.v1.TraceService",
-                    health.SERVICE_NAME,
-                    reflection.SERVICE_NAME,
-                ),
-                server,
-            )
-        return server
+        # Spans sent on a callback socket are the plugin's (``sidemesh-caller``), others clients'.
+        telemetry.receiver().register(internal)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, internal)
+        internal.add_generic_rpc_handlers((tool_listing(self.catalog, self.plugins),))
+        reflection.enable_server_reflection(
+            (AGENT_SERVICE, TOOL_SERVICE, MCP_SERVICE, MESH_SERVICE, OTLP_SERVICE,
+             health.SERVICE_NAME, reflection.SERVICE_NAME),
+            internal,
+        )  # fmt: skip
+        address = f"unix:{run_dir / 'internal.sock'}"  # run_dir is the orchestrator's alone
+        internal.add_insecure_port(address)
+        await internal.start()
+        self._internal = internal
+        decider = self._decider
+        plane = dp.DataPlane(
+            decider.decide,
+            upstream_failed=decider.upstream_failed,
+            retry_pick=decider.retry_pick,
+            verify_peer=decider.verify_peer,
+            routes=DATAPLANE_ROUTES,
+            max_message_bytes=limit,
+            max_concurrent_calls=config.limits.max_concurrent_calls,
+            internal_address=address,
+            admission_refusal=admission_refusal(config.limits.max_concurrent_calls),
+            tracing=telemetry.enabled,
+            service_name=telemetry.service,
+        )
+        self._accounting = Accounting(plane, decider, self.plugins, self.events, telemetry)
+        self._accounting.start()
+        return plane
 
     def _observe(self) -> None:
         """Metrics read from the orchestrator's state at each export (no hot-path cost)."""
         tel = self.telemetry
         tel.observe(
             "sidemesh.calls.in_flight", "Calls being routed", "{call}",
-            lambda: [Observation(self._admission.in_flight)],
+            lambda: [Observation(self._plane.in_flight() if self._plane else 0)],
         )  # fmt: skip
         tel.observe(
             "sidemesh.plugin.replicas.ready", "Ready replicas per plugin", "{replica}",
@@ -337,12 +367,16 @@ class Orchestrator:
         if self._mcp_client is not None:
             await self._mcp_client.close()
         self.events.close()  # event streams never end by themselves: end them now
-        if self._server is not None:
-            await self._drain(self._server, grace)
+        left = await self._drain(grace)
         # The callback sockets stay open while sidecars drain: calls still finishing
         # make callbacks, and sidecars send their last spans there as they exit.
-        await self.supervisor.stop(grace)
-        await asyncio.gather(*(s.stop(1.0) for s in self._callback_servers))
+        await self.supervisor.stop(left)
+        if self._plane is not None:
+            await asyncio.to_thread(self._plane.stop, 0.5)
+        if self._accounting is not None:
+            await self._accounting.stop()
+        if self._internal is not None:
+            await self._internal.stop(0.5)
         remove_mesh_cgroups()
         self._launcher.close()
         await asyncio.to_thread(self.telemetry.shutdown)
@@ -350,65 +384,45 @@ class Orchestrator:
             (self.config.state_dir / ENDPOINTS_FILE).unlink()
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
-        for address in self.addresses:
-            if address.startswith("unix:"):
-                _remove(Path(address[len("unix:") :]))
         log.info("stopped")
 
-    async def _drain(self, server: grpc.aio.Server, grace: float) -> None:
-        """Stops accepting calls; after ``grace`` seconds, ends the rest saying why.
+    async def _drain(self, grace: float) -> float:
+        """Stops taking client calls and waits up to ``grace`` for those in flight.
 
-        gRPC's own stop would cancel them as "Cancelling all calls"; instead
-        each call still running is told the mesh is shutting down (UNAVAILABLE).
+        Calls still running then end UNAVAILABLE, saying the mesh is shutting
+        down (not the stopping sidecar's "Cancelling all calls"). Returns the grace
+        left for the sidecars (at least half a second, for their last spans).
         """
-        stopped = asyncio.create_task(server.stop(grace + 2.0))
+        plane = self._plane
+        if plane is None:
+            return grace
+        for listener in self._client_listeners:
+            plane.close_listener(listener)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self._admission.in_flight and loop.time() < deadline and not stopped.done():
+        while plane.in_flight() and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        if self._admission.in_flight:
-            log.warning(
-                "ending %d calls still in flight after the grace period", self._admission.in_flight
-            )
-            self._admission.closing = True
+        self._decider.closing = True
+        if plane.in_flight():
+            log.warning("ending %d calls still in flight after the grace period",
+                        plane.in_flight())  # fmt: skip
             for plugin in self.plugins.values():
                 for replica in plugin.replicas:
-                    for call in list(replica.calls):
-                        call.cancel()
-        await stopped
+                    replica.withdraw()  # its calls end UNAVAILABLE: the mesh is shutting down
+        return max(0.5, deadline - loop.time())
 
 
-def _bind(server: grpc.aio.Server, address: str) -> str:
-    """Binds ``address``; returns it with the real port. Raises ``OSError`` with the fix."""
+def _listen(plane: dp.DataPlane, address: str, **options: Any) -> str:
+    """Binds ``address`` in the data plane; returns it with the real port.
+
+    Raises ``OSError`` with the fix (a Unix socket someone listens on, a port taken).
+    """
     if address.startswith("unix:"):
-        path = Path(address[len("unix:") :])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            if _someone_listens(path):
-                raise OSError(f"another process is already serving on {address}")
-            path.unlink()  # a stale socket from a mesh that died
+        Path(address[len("unix:") :]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
+        return plane.listen(address, **options)
+    except OSError as exc:
         raise OSError(f"cannot listen on {address}: {exc}; is another mesh running?") from None
-    if not address.startswith("unix:"):
-        host = address.rpartition(":")[0]
-        address = f"{host}:{port}"
-    return address
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-def _someone_listens(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
 
 
 def _make_run_dir(runtime_dir: Path) -> Path:

@@ -1,11 +1,12 @@
 """The OTLP ``TraceService`` the orchestrator serves: where sidecars and clients send spans.
 
-Each listener has its own receiver, bound to the source the orchestrator
-knows the listener stands for: a plugin's callback socket stands for that
-plugin, the mesh's own listeners for clients. Everything a sender sends is
-taken as hostile: the request is decoded here (not by gRPC), in a worker
-thread so that a large one never stalls the event loop; a sender has at most
-a few exports in flight; and the answer follows the OTLP specification:
+Every export is bound to the source the orchestrator knows it came from: a
+plugin's callback socket stands for that plugin (the data plane, which owns
+the listeners, says which with trusted metadata), the mesh's own listeners for
+clients. Everything a sender sends is taken as hostile: the request is decoded
+here (not by gRPC), in a worker thread so that a large one never stalls the
+event loop; a sender has at most a few exports in flight; and the answer
+follows the OTLP specification:
 
 - every span stored: an empty ``ExportTraceServiceResponse``;
 - some refused: ``partial_success`` with ``rejected_spans`` and why;
@@ -61,32 +62,35 @@ MAX_FORWARD_SPAN_BYTES = 16 * 1024
 _RETRY_DELAY = 0.5
 
 Context = grpc.aio.ServicerContext[Any, Any]
+#: Set by the data plane on what it passes on from a plugin's callback socket.
+CALLER_KEY = "sidemesh-caller"
 #: Reports refused spans: (source, replica, detail).
 Report = Callable[[TraceSource, int, str], None]
 
 
 class OtlpReceiver:
-    """``TraceService/Export`` for one listener, whose spans all belong to ``source``.
+    """``TraceService/Export`` of the orchestrator's own services, for every listener.
 
-    ``source`` None: tracing is off and spans are discarded. ``forward``
-    sends the stored spans on to the configured OTLP endpoint, if any.
+    The data plane passes each export on with trusted metadata: on plugin
+    NAME's callback socket ``sidemesh-caller: NAME`` (a client's own
+    ``sidemesh-*`` metadata is stripped), so the spans are that plugin's;
+    without it they are the clients'. ``sources`` None: tracing is off and
+    spans are discarded. ``forward`` sends the stored spans on to the
+    configured OTLP endpoint, if any.
     """
 
     def __init__(
         self,
-        source: TraceSource | None,
         sources: TraceSources | None,
         *,
         executor: concurrent.futures.Executor | None = None,
         forward: Callable[[ExportTraceServiceRequest], None] | None = None,
         report: Report | None = None,
     ) -> None:
-        self._source = source
         self._sources = sources
         self._executor = executor
         self._forward = forward
         self._report = report
-        self._flush_scheduled = False
 
     def register(self, server: grpc.aio.Server) -> None:
         """Serves ``TraceService/Export`` on ``server``; the request arrives as bytes."""
@@ -99,9 +103,18 @@ class OtlpReceiver:
 
     async def export(self, payload: bytes, context: Context) -> ExportTraceServiceResponse:
         """Accepts a batch of spans (the request's encoded bytes)."""
-        source = self._source
-        if source is None or self._sources is None:
+        sources = self._sources
+        if sources is None:
             return ExportTraceServiceResponse()
+        caller = _caller(context)
+        source = sources.client if caller is None else sources.plugins.get(caller)
+        if source is None:  # a callback socket of a plugin without a source: none may send
+            await _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"plugin {caller!r} may not send spans to this mesh",
+            )
+        assert source is not None
         if source.in_flight >= MAX_IN_FLIGHT:
             source.throttled += 1
             await _abort(
@@ -152,12 +165,12 @@ class OtlpReceiver:
     def _reporting(self, source: TraceSource, replica: int, scheduled: bool = False) -> None:
         """Reports the refusals that are due; comes back once for those held back."""
         if scheduled:
-            self._flush_scheduled = False
+            source.report_scheduled = False
         detail, later = source.report()
         if detail and self._report is not None:
             self._report(source, replica, detail)
-        if later is not None and not self._flush_scheduled:
-            self._flush_scheduled = True
+        if later is not None and not source.report_scheduled:
+            source.report_scheduled = True
             loop = asyncio.get_running_loop()
             loop.call_later(later + 0.01, self._reporting, source, replica, True)
 
@@ -217,6 +230,14 @@ def forwardable(
         for key, value in json.loads(row[10]).items():
             copy.attributes.append(_kv(key, value))
     return out
+
+
+def _caller(context: Context) -> str | None:
+    """The plugin whose callback socket the export came in on (the data plane says so)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CALLER_KEY:
+            return str(value)
+    return None
 
 
 def _kv(key: str, value: str) -> KeyValue:

@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import duration_pb2, json_format
@@ -52,8 +52,22 @@ class ReplicaStartError(Exception):
     """The replica did not become ready; the message says why, with its stderr tail."""
 
 
-class ReplicaGone(Exception):
-    """The replica was picked but has no connection any more (it is being torn down)."""
+class Upstreams(Protocol):
+    """Where a ready replica is announced for calls: the data plane's upstream pool."""
+
+    def publish(
+        self,
+        replica: Replica,
+        key: str,
+        address: str,
+        *,
+        verify: bool,
+        span_attributes: Mapping[str, str | int | float | bool],
+    ) -> None: ...
+
+    def withdraw(self, key: str) -> None: ...
+
+    def in_flight(self, key: str) -> int: ...
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -88,8 +102,11 @@ class Replica:
         self.process: SidecarProcess | None = None
         self.channel: grpc.aio.Channel | None = None
         self.describe: plugin_pb2.DescribeResponse | None = None
-        #: Calls the router has in flight on this replica's channel.
-        self.calls: set[Any] = set()
+        #: The data plane the replica is announced to when ready (set by the orchestrator).
+        self.upstreams: Upstreams | None = None
+        #: While it takes calls: its key in the data plane's upstream pool.
+        self.upstream_key = ""
+        self._dial = ""
         self.restarts = 0
         self.started_at = 0.0
         self.startup_duration = 0.0
@@ -104,14 +121,41 @@ class Replica:
         self.ejections = 0
         self.last_ejection_end = 0.0
         self._max_message_bytes = max_message_bytes
-        self._methods: dict[str, Any] = {}
         self._spec: LaunchSpec | None = None
         self._pinned: PinnedSocket | None = None
 
     @property
     def in_flight(self) -> int:
-        """Calls in flight on this replica."""
-        return len(self.calls)
+        """Attempts the data plane has in flight on this replica."""
+        if self.upstreams is None or not self.upstream_key:
+            return 0
+        return self.upstreams.in_flight(self.upstream_key)
+
+    def publish(self, plugin_version: str) -> None:
+        """Announces the ready replica to the data plane: from now on it takes calls."""
+        if self.upstreams is None:
+            return
+        self.upstream_key = f"{self.tag}#{self.generation}"
+        launched = self._spec is not None
+        self.upstreams.publish(
+            self,
+            self.upstream_key,
+            self._dial,
+            verify=launched,
+            span_attributes={
+                "server.address": self.address or self._dial,
+                "network.transport": "unix" if self._dial.startswith("unix:") else "tcp",
+                "sidemesh.plugin": self.plugin,
+                "sidemesh.replica": self.index,
+                "sidemesh.plugin.version": plugin_version,
+            },
+        )
+
+    def withdraw(self) -> None:
+        """Takes the replica out of the data plane: its calls in flight end UNAVAILABLE."""
+        key, self.upstream_key = self.upstream_key, ""
+        if key and self.upstreams is not None:
+            self.upstreams.withdraw(key)
 
     def ejected(self, now: float) -> bool:
         """True while the replica is out of rotation for failing too often."""
@@ -131,7 +175,6 @@ class Replica:
     def _fresh(self) -> None:
         """A new process or connection: its predecessor's failures are not its own."""
         self.generation += 1
-        self._methods = {}
         self.consecutive_failures = 0
         self.ejected_until = 0.0
         self.ejection_reason = ""
@@ -218,6 +261,7 @@ class Replica:
         self._fresh()
         self.started_at = time.time()
         t0 = time.monotonic()
+        self._dial = address
         self.channel = grpc.aio.insecure_channel(
             address, options=channel_options(self._max_message_bytes)
         )
@@ -246,8 +290,9 @@ class Replica:
             self._pinned = PinnedSocket(spec.socket_path, spec.socket_owner)
         except SocketRefused as refused:
             raise ReplicaStartError(str(refused)) from None
+        self._dial = self._pinned.address
         self.channel = grpc.aio.insecure_channel(
-            self._pinned.address, options=channel_options(self._max_message_bytes)
+            self._dial, options=channel_options(self._max_message_bytes)
         )
         describe = await self._describe_and_configure(config)
         assert self.process is not None
@@ -300,21 +345,6 @@ class Replica:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
-    def method(self, path: str, kind: str) -> Any:
-        """A cached raw-bytes multicallable for ``path`` on this replica's channel.
-
-        ``kind`` is ``unary_unary``, ``unary_stream`` or ``stream_stream``; no
-        serializers, so payloads pass through as the bytes they arrived as.
-        """
-        key = kind + path
-        callable_ = self._methods.get(key)
-        if callable_ is None:
-            if self.channel is None:
-                raise ReplicaGone(f"{self.tag} has no connection (it is being stopped)")
-            callable_ = getattr(self.channel, kind)(path)
-            self._methods[key] = callable_
-        return callable_
-
     # -- stop ----------------------------------------------------------------
 
     async def stop(self, grace: float) -> None:
@@ -339,12 +369,8 @@ class Replica:
         await self._release()
 
     async def _release(self) -> None:
+        self.withdraw()
         channel, self.channel = self.channel, None
-        self._methods = {}
-        # grpc.aio's close() only finds calls through the tasks' top frames, which a
-        # router call is not: cancel ours first, so each ends (as UNAVAILABLE) at once.
-        for call in list(self.calls):
-            call.cancel()
         if channel is not None:
             await channel.close()
         pinned, self._pinned = self._pinned, None

@@ -1,16 +1,17 @@
 """The routed RPCs: how each request names its target, and how it is rewritten for the sidecar.
 
-Resolving parses the request once (the only payload the orchestrator reads),
-finds the target in the catalog, checks the caller may call it and that tool
-arguments match the schema, and rewrites the target to the plugin-local name
-by appending one field to the raw bytes instead of re-encoding the message.
+Resolving parses the call's first request message once (the only payload the
+orchestrator reads), finds the target in the catalog, checks the caller may
+call it and that tool arguments match the schema, and rewrites the target to
+the plugin-local name by appending one field to the raw bytes instead of
+re-encoding the message. The data plane forwards every other message as it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from google.protobuf.message import DecodeError
 
@@ -24,14 +25,17 @@ MCP_SERVICE = "sidemesh.v1.McpService"
 
 
 class Resolving(Protocol):
-    """What resolving needs from the router: the catalog and the permission check."""
+    """What resolving needs: the catalog and the caller's permission check."""
 
     catalog: Catalog
 
     def authorize(self, kind: str, entry: Entry[Any], method: str) -> None: ...
 
 
-Resolver = Callable[[Resolving, Any], Awaitable[tuple[Entry[Any], Any]]]
+#: How a route's messages flow (the data plane's word for it).
+Kind = Literal["unary_unary", "unary_stream", "stream_stream"]
+#: (the decision's view of the call, the first message) -> (target, first message to send).
+Resolver = Callable[[Resolving, bytes], tuple[Entry[Any], bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +44,7 @@ class Route:
 
     service: str
     method: str
-    kind: str  # the sidecar multicallable: unary_unary, unary_stream or stream_stream
+    kind: Kind
     resolve: Resolver
     #: The first byte (field tag) of the response that ends the stream by contract (a
     #: ``result``), for streams that have one: once it was forwarded, the call is complete.
@@ -49,6 +53,10 @@ class Route:
     @property
     def path(self) -> str:
         return f"/{self.service}/{self.method}"
+
+
+#: Routes by their gRPC path (filled below).
+BY_PATH: dict[str, Route] = {}
 
 
 def _tag(number: int) -> int:
@@ -82,7 +90,7 @@ def _parse(cls: Any, raw: bytes) -> Any:
         ) from None
 
 
-async def _resolve_invoke(router: Resolving, raw: bytes) -> tuple[Entry[Any], Any]:
+def _resolve_invoke(router: Resolving, raw: bytes) -> tuple[Entry[Any], bytes]:
     request = _parse(agent_pb2.InvokeRequest, raw)
     entry = router.catalog.agent(request.agent, request.capability)
     router.authorize("agent", entry, "Invoke")
@@ -91,12 +99,7 @@ async def _resolve_invoke(router: Resolving, raw: bytes) -> tuple[Entry[Any], An
     return entry, raw
 
 
-async def _resolve_chat(
-    router: Resolving, requests: AsyncIterator[bytes]
-) -> tuple[Entry[Any], Any]:
-    first = await anext(aiter(requests), None)
-    if first is None:
-        raise InvalidArgumentError("the chat ended before its first message (ChatRequest.start)")
+def _resolve_chat(router: Resolving, first: bytes) -> tuple[Entry[Any], bytes]:
     start = _parse(agent_pb2.ChatRequest, first)
     if start.WhichOneof("message") != "start":
         raise InvalidArgumentError(
@@ -107,16 +110,10 @@ async def _resolve_chat(
     if start.start.agent != entry.name:
         # ChatRequest.start.agent := plugin-local name (repeated message fields merge).
         first += _bytes_field(1, _string_field(1, entry.name))
-
-    async def upstream() -> AsyncIterator[bytes]:
-        yield first
-        async for message in requests:
-            yield message
-
-    return entry, upstream()
+    return entry, first
 
 
-async def _resolve_call_tool(router: Resolving, raw: bytes) -> tuple[Entry[Any], Any]:
+def _resolve_call_tool(router: Resolving, raw: bytes) -> tuple[Entry[Any], bytes]:
     request = _parse(tool_pb2.CallToolRequest, raw)
     entry = router.catalog.tool(request.tool)
     router.authorize("tool", entry, "CallTool")
@@ -127,7 +124,7 @@ async def _resolve_call_tool(router: Resolving, raw: bytes) -> tuple[Entry[Any],
 
 
 def _mcp_resolver(request_cls: Any) -> Resolver:
-    async def resolve(router: Resolving, raw: bytes) -> tuple[Entry[Any], Any]:
+    def resolve(router: Resolving, raw: bytes) -> tuple[Entry[Any], bytes]:
         request = _parse(request_cls, raw)
         plugin = router.catalog.mcp_server(request.server)
         if isinstance(request, mcp_pb2.McpServiceCallToolRequest):
@@ -140,12 +137,7 @@ def _mcp_resolver(request_cls: Any) -> Resolver:
     return resolve
 
 
-async def _resolve_call_tool_interactive(
-    router: Resolving, requests: AsyncIterator[bytes]
-) -> tuple[Entry[Any], Any]:
-    first = await anext(aiter(requests), None)
-    if first is None:
-        raise InvalidArgumentError("the call ended before its first message (start)")
+def _resolve_call_tool_interactive(router: Resolving, first: bytes) -> tuple[Entry[Any], bytes]:
     request = _parse(mcp_pb2.CallToolInteractiveRequest, first)
     if request.WhichOneof("message") != "start":
         raise InvalidArgumentError(
@@ -157,14 +149,14 @@ async def _resolve_call_tool_interactive(
     tool = router.catalog.tool(f"{plugin}/{call.name}")
     router.authorize("tool", tool, "CallTool")
     tool.check_arguments(call.arguments)
+    return tool, first
 
-    async def upstream() -> AsyncIterator[bytes]:
-        yield first
-        async for message in requests:
-            yield message
 
-    return tool, upstream()
-
+#: What a call that ended before its first message is told, per streaming route.
+NO_FIRST_MESSAGE = {
+    "Chat": "the chat ended before its first message (ChatRequest.start)",
+    "CallToolInteractive": "the call ended before its first message (start)",
+}
 
 ROUTES = [
     Route(AGENT_SERVICE, "Invoke", "unary_stream", _resolve_invoke, _tag(7)),  # result = 7
@@ -193,3 +185,4 @@ ROUTES = [
     ),
     Route(MCP_SERVICE, "CallToolInteractive", "stream_stream", _resolve_call_tool_interactive),
 ]
+BY_PATH.update((route.path, route) for route in ROUTES)

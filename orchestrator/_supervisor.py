@@ -167,6 +167,7 @@ class Supervisor:
             describe.mcp_server if describe.HasField("mcp_server") else None,
         )
         plugin.error = ""
+        replica.publish(plugin.version)  # the data plane may send it calls from now on
         self._set_replica(plugin, replica, S.REPLICA_STATE_READY)
         log.info("%s: ready in %.2fs (pid %d)", replica.tag, replica.startup_duration, replica.pid)
         self._events.emit(

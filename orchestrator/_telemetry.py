@@ -1,9 +1,10 @@
-"""The orchestrator's OpenTelemetry: its tracer and meters, and where every span goes.
+"""The orchestrator's OpenTelemetry: its meters, and where every span goes.
 
-The orchestrator is the mesh's embedded collector. Its own spans go to the
-embedded trace store as rows (source ``orchestrator``); the spans sidecars
-send it over OTLP (on their callback sockets, since a sandboxed sidecar has no
-network) and clients send to its listeners go through an
+The orchestrator is the mesh's embedded collector. Its own spans (made by the
+data plane as trace store rows: a SERVER span per routed call, a CLIENT span
+per attempt) go to the embedded trace store as source ``orchestrator``; the
+spans sidecars send it over OTLP (on their callback sockets, since a sandboxed
+sidecar has no network) and clients send to its listeners go through the
 :class:`~orchestrator._otlp_receiver.OtlpReceiver`, which stamps them with
 their source and keeps them within their bounds. When an OTLP endpoint is
 configured, what is stored also goes there with the official OTLP exporter.
@@ -21,17 +22,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from opentelemetry import metrics, trace
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry import metrics
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import StatusCode
 
 from orchestrator._config import TelemetrySettings
 from orchestrator._otlp_receiver import INGEST_THREADS, OtlpReceiver
@@ -45,49 +43,25 @@ TRACES_FILE = "traces.db"
 _STOP = object()
 
 
-class _SinkExporter(SpanExporter):
-    """The orchestrator's own finished spans: rows for the store, OTLP for an endpoint.
-
-    Rows are made straight from the SDK's spans; encoding them to OTLP protobuf
-    (and the store decoding them again) would cost the router's thread its GIL.
-    """
-
-    def __init__(
-        self,
-        store: TraceStore | None,
-        forwarder: _Forwarder | None,
-        service: str,
-    ) -> None:
-        self._store = store
-        self._forwarder = forwarder
-        self._service = service
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if self._store is not None:
-            self._store.add_own([_row(span, self._service) for span in spans])
-        if self._forwarder is not None:
-            self._forwarder.submit(encode_spans(spans))
-        return SpanExportResult.SUCCESS
-
-
-def _row(span: ReadableSpan, service: str) -> OwnRow:
-    """A trace store row (see :data:`orchestrator._trace_store.OwnRow`) for one of its spans."""
-    context = span.context
-    assert context is not None
-    parent = f"{span.parent.span_id:016x}" if span.parent is not None else ""
-    attributes = {
-        key: value if isinstance(value, str) else json.dumps(
-            list(value) if isinstance(value, tuple) else value
-        )
-        for key, value in (span.attributes or {}).items()
-    }  # fmt: skip
-    error = span.status.status_code is StatusCode.ERROR
-    return (
-        f"{context.trace_id:032x}", f"{context.span_id:016x}", parent, span.name, service,
-        span.kind.value + 1,  # the API counts from INTERNAL = 0, OTLP from INTERNAL = 1
-        span.start_time or 0, span.end_time or 0, int(error), span.status.description or "",
-        json.dumps(attributes),
-    )  # fmt: skip
+def rows_to_otlp(rows: Sequence[tuple[Any, ...]], service: str) -> ExportTraceServiceRequest:
+    """The data plane's span rows (see ``span_rows``) as one OTLP export request."""
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.attributes.add(key="service.name").value.string_value = service
+    scope = resource_spans.scope_spans.add()
+    scope.scope.name = "sidemesh.orchestrator"
+    for trace_id, span_id, parent, name, _service, kind, start, end, error, message, attrs in rows:
+        span = scope.spans.add(
+            trace_id=bytes.fromhex(trace_id), span_id=bytes.fromhex(span_id),
+            parent_span_id=bytes.fromhex(parent) if parent else b"", name=name, kind=kind,
+            start_time_unix_nano=start, end_time_unix_nano=end,
+        )  # fmt: skip
+        if error:
+            span.status.code = Status.STATUS_CODE_ERROR
+            span.status.message = message
+        for key, value in json.loads(attrs).items():
+            span.attributes.add(key=key).value.string_value = str(value)
+    return request
 
 
 class _Forwarder(OTLPSpanExporter):
@@ -132,7 +106,7 @@ class _Forwarder(OTLPSpanExporter):
 
 
 class Telemetry:
-    """Tracer, meter, trace store and OTLP export of one orchestrator."""
+    """Meter, trace store, span receiver and OTLP export of one orchestrator."""
 
     def __init__(self, settings: TelemetrySettings, state_dir: Path) -> None:
         self.settings = settings
@@ -146,33 +120,23 @@ class Telemetry:
         self.on_violation: Callable[[str, int, str], None] | None = None
         self._forwarder: _Forwarder | None = None
         self._ingest: concurrent.futures.ThreadPoolExecutor | None = None
-        self._tracer_provider: TracerProvider | None = None
+        self._receiver: OtlpReceiver | None = None
         self._meter_provider: MeterProvider | None = None
-        service = os.environ.get("OTEL_SERVICE_NAME", "sidemesh-orchestrator")
-        self.service = service
-        resource = Resource.create({"service.name": service})
+        #: ``service.name`` of the orchestrator's own spans.
+        self.service = os.environ.get("OTEL_SERVICE_NAME", "sidemesh-orchestrator")
+        resource = Resource.create({"service.name": self.service})
         if self.enabled:
             self.store = TraceStore(
                 state_dir / TRACES_FILE, settings.max_traces, settings.max_store_mb << 20
             )
             self.sources = TraceSources(
-                self.store, settings.client_quota_mb << 20, orchestrator_service=service
+                self.store, settings.client_quota_mb << 20, orchestrator_service=self.service
             )
             self._ingest = concurrent.futures.ThreadPoolExecutor(
                 INGEST_THREADS, thread_name_prefix="otlp-ingest"
             )
             if self.endpoint:
                 self._forwarder = _Forwarder(self.endpoint)
-            self._tracer_provider = TracerProvider(resource=resource)
-            self._tracer_provider.add_span_processor(
-                BatchSpanProcessor(
-                    _SinkExporter(self.store, self._forwarder, service),
-                    schedule_delay_millis=settings.export_delay_ms,
-                )
-            )
-            self.tracer: trace.Tracer = self._tracer_provider.get_tracer("sidemesh.orchestrator")
-        else:
-            self.tracer = trace.NoOpTracer()
         if self.enabled and self.endpoint:
             reader = PeriodicExportingMetricReader(
                 OTLPMetricExporter(endpoint=self.endpoint),
@@ -188,33 +152,44 @@ class Telemetry:
         """Whether metrics go anywhere (an OTLP endpoint is configured)."""
         return self._meter_provider is not None
 
-    def receiver(self, plugin: str = "", *, quota_mb: int = 0, replicas: int = 1) -> OtlpReceiver:
-        """The OTLP receiver for a listener: plugin ``plugin``'s callback socket, or ("")
-        the mesh's own listeners (clients). A plugin's spans may take ``quota_mb`` MiB."""
-        sources = self.sources
-        source: TraceSource | None = None
-        if sources is not None:
-            source = (
-                sources.add_plugin(plugin, quota_mb << 20, replicas) if plugin else sources.client
+    def add_rows(self, rows: list[OwnRow]) -> None:
+        """The orchestrator's own spans (the data plane's rows): to the store and the endpoint."""
+        if self.store is not None:
+            self.store.add_own(rows)
+        if self._forwarder is not None:
+            self._forwarder.submit(rows_to_otlp(rows, self.service))
+
+    def add_plugin(self, plugin: str, *, quota_mb: int, replicas: int = 1) -> None:
+        """Registers a plugin with a callback socket: its spans may take ``quota_mb`` MiB."""
+        if self.sources is not None:
+            self.sources.add_plugin(plugin, quota_mb << 20, replicas)
+
+    def receiver(self) -> OtlpReceiver:
+        """The OTLP receiver of the orchestrator's own services (one, whatever the listener).
+
+        A call the data plane passes on from plugin NAME's callback socket
+        carries ``sidemesh-caller: NAME`` (a client cannot send it): its spans
+        are that plugin's; any other call's are clients'.
+        """
+        if self._receiver is None:
+            forwarder = self._forwarder
+            self._receiver = OtlpReceiver(
+                self.sources,
+                executor=self._ingest,
+                forward=forwarder.submit if forwarder is not None else None,
+                report=self._refused,
             )
-        forwarder = self._forwarder
-        return OtlpReceiver(
-            source,
-            sources,
-            executor=self._ingest,
-            forward=forwarder.submit if forwarder is not None else None,
-            report=self._refused,
-        )
+        return self._receiver
 
     def routed(self, plugin: str, trace_id: int, caller: str = "") -> None:
         """Notes a call of trace ``trace_id`` routed to ``plugin`` (from plugin ``caller``).
 
-        Any forwarding path calls it for every call it routes (the router, and
-        the data plane's ``decide`` with ``int(call.trace_id, 16)``), before the
-        call reaches the sidecar: it is how the trace store knows which traces
-        a plugin may add spans to. Thread-safe, under a microsecond.
+        Every forwarding path calls it for every call it routes (the data
+        plane's :meth:`Decider.decide <orchestrator._routing.Decider.decide>`),
+        before the call reaches the sidecar: it is how the trace store knows
+        which traces a plugin may add spans to. Thread-safe, about a microsecond.
         """
-        if self.sources is not None:
+        if self.sources is not None and trace_id:
             self.sources.routed(plugin, trace_id, caller)
 
     def trace_usage(self, plugin: str) -> mesh_pb2.TraceUsage | None:
@@ -252,8 +227,6 @@ class Telemetry:
 
     def shutdown(self) -> None:
         """Exports what is buffered and stops every exporter and the store."""
-        if self._tracer_provider is not None:
-            self._tracer_provider.shutdown()
         if self._meter_provider is not None:
             self._meter_provider.shutdown()
         if self._ingest is not None:

@@ -119,6 +119,8 @@ class TraceSource:
         #: receiver bounds both, on the event loop).
         self.in_flight = 0
         self.throttled = 0
+        #: A report of refusals held back is scheduled (on the event loop).
+        self.report_scheduled = False
         self._tokens = float(EXPORT_BURST)
         self._filled_at = time.monotonic()
         self._stats = threading.Lock()

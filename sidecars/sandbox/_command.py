@@ -138,9 +138,15 @@ def prepare(
     if policy.active("rlimits"):
         fsize = lim.max_file_size_mb << 20
         cpu = f"{lim.cpu_seconds}:{lim.cpu_seconds + 2}"  # SIGXCPU first, SIGKILL 2 s later
+        # RLIMIT_NPROC counts every task of the uid. As root each plugin has a uid of its
+        # own; otherwise the plugin shares the orchestrator's (with its threads and every
+        # other plugin's), so the limit is what runs now plus the plugin's share.
+        nproc = lim.max_processes
+        if policy.host_uid is None:
+            nproc += tasks_of_uid(os.getuid())
         argv += [
             "prlimit", f"--as={lim.address_space_bytes}", f"--cpu={cpu}",
-            f"--nproc={lim.max_processes}", f"--nofile={lim.max_open_files}",
+            f"--nproc={nproc}", f"--nofile={lim.max_open_files}",
             f"--fsize={fsize}", "--core=0", "--",
         ]  # fmt: skip
     bwrapped = policy.active("namespaces")
@@ -173,6 +179,20 @@ def prepare(
         listen=listen, mesh_address=mesh_address, policy=policy, cgroup=cgroup,
         bwrapped=bwrapped,
     )  # fmt: skip
+
+
+def tasks_of_uid(uid: int) -> int:
+    """Threads of every process of ``uid`` now (what RLIMIT_NPROC counts)."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid == uid:
+                total += len(os.listdir(f"/proc/{entry.name}/task"))
+        except OSError:
+            continue
+    return total
 
 
 def _bind_fd(fds: list[int], path: Path | str) -> str:

@@ -168,7 +168,9 @@ def policy(request: SandboxRequest, host: HostSupport, host_uid: int | None) -> 
         "network": net_detail,
         "rlimits": (
             f"address space {lim.address_space_bytes >> 20} MiB, CPU {lim.cpu_seconds} s, "
-            f"{lim.max_processes} processes, {lim.max_open_files} files, "
+            f"{lim.max_processes} processes"
+            + ("" if host_uid is not None else " more than its uid (the orchestrator's) runs")
+            + f", {lim.max_open_files} files, "
             f"file size {lim.max_file_size_mb} MiB"
         ),
         "cgroups": f"memory {lim.memory_mb} MiB, {lim.max_processes} processes",

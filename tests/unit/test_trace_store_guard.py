@@ -23,7 +23,6 @@ from google.rpc import error_details_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1 import trace_pb2
-from opentelemetry.trace import SpanKind
 
 from orchestrator._config import TelemetrySettings
 from orchestrator._otlp_receiver import forwardable
@@ -53,11 +52,15 @@ MIB = 1024 * 1024
 
 
 class Mesh:
-    """A Telemetry with receivers for two plugins and for clients, each on its own socket."""
+    """A Telemetry whose OTLP receiver is served on a socket, as on the orchestrator's own.
 
-    def __init__(self, telemetry: Telemetry, channels: dict[str, grpc.aio.Channel]) -> None:
+    An export from plugin NAME carries ``sidemesh-caller: NAME``, as the data
+    plane sends it for what arrives on NAME's callback socket; a client's none.
+    """
+
+    def __init__(self, telemetry: Telemetry, channel: grpc.aio.Channel) -> None:
         self.telemetry = telemetry
-        self.channels = channels
+        self.channel = channel
         self.violations: list[tuple[str, int, str]] = []
         telemetry.on_violation = lambda *v: self.violations.append(v)
 
@@ -66,35 +69,41 @@ class Mesh:
         assert self.telemetry.store is not None
         return self.telemetry.store
 
+    @staticmethod
+    def metadata(sender: str) -> tuple[tuple[str, str], ...]:
+        return () if sender == "client" else (("sidemesh-caller", sender),)
+
     async def export(
         self, sender: str, request: Request
     ) -> trace_service_pb2.ExportTraceServiceResponse:
-        stub = trace_service_pb2_grpc.TraceServiceStub(self.channels[sender])
-        return await stub.Export(request, timeout=10)
+        stub = trace_service_pb2_grpc.TraceServiceStub(self.channel)
+        return await stub.Export(request, timeout=10, metadata=self.metadata(sender))
 
     async def export_code(
         self, sender: str, request: Request | bytes
     ) -> tuple[grpc.StatusCode, Any]:
         """The status code and response (or details) of one export."""
-        call = self.channels[sender].unary_unary(EXPORT)
+        call = self.channel.unary_unary(EXPORT)
         payload = request if isinstance(request, bytes) else request.SerializeToString()
         try:
-            raw = await call(payload, timeout=10)
+            raw = await call(payload, timeout=10, metadata=self.metadata(sender))
         except grpc.aio.AioRpcError as err:
             return err.code(), err.details()
         return grpc.StatusCode.OK, trace_service_pb2.ExportTraceServiceResponse.FromString(raw)
 
     def orchestrator_span(self, name: str = "sidemesh.v1.ToolService/CallTool") -> tuple[int, int]:
-        """Makes one of the orchestrator's own spans; its (trace id, span id), once stored."""
-        span = self.telemetry.tracer.start_span(name, kind=SpanKind.CLIENT)
-        span.end()
+        """Stores one of the orchestrator's own spans (a data plane row); its trace and span id."""
+        trace_id, span_id = _new_trace(), int.from_bytes(os.urandom(8), "big") | 1
+        now = _now()
+        row = (
+            f"{trace_id:032x}", f"{span_id:016x}", "", name, self.telemetry.service, 3, now,
+            now + 1000, 0, "", '{"sidemesh.plugin": "forger"}',
+        )  # fmt: skip
+        self.telemetry.add_rows([row])
         self.flush()
-        context = span.get_span_context()
-        return context.trace_id, context.span_id
+        return trace_id, span_id
 
     def flush(self) -> None:
-        assert self.telemetry._tracer_provider is not None
-        self.telemetry._tracer_provider.force_flush()
         assert self.store.flush()
 
     async def trace(self, trace_id: int) -> list[mesh_pb2.TraceSpan]:
@@ -106,25 +115,17 @@ class Mesh:
 async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     settings = TelemetrySettings(export_delay_ms=1, max_store_mb=64, client_quota_mb=1)
     telemetry = Telemetry(settings, tmp_path / "state")
-    servers, channels = [], {}
-    receivers = {  # in the orchestrator's order: its own listeners first
-        "client": telemetry.receiver(),
-        "forger": telemetry.receiver("forger", quota_mb=1, replicas=2),
-        "tools-demo": telemetry.receiver("tools-demo", quota_mb=16),
-    }
-    for name, receiver in receivers.items():
-        server = grpc.aio.server()
-        receiver.register(server)
-        address = f"unix:{tmp_path}/{name}.sock"
-        server.add_insecure_port(address)
-        await server.start()
-        servers.append(server)
-        channels[name] = grpc.aio.insecure_channel(address)
-    yield Mesh(telemetry, channels)
-    for channel in channels.values():
-        await channel.close()
-    for server in servers:
-        await server.stop(None)
+    telemetry.add_plugin("forger", quota_mb=1, replicas=2)
+    telemetry.add_plugin("tools-demo", quota_mb=16)
+    server = grpc.aio.server()
+    telemetry.receiver().register(server)
+    address = f"unix:{tmp_path}/internal.sock"
+    server.add_insecure_port(address)
+    await server.start()
+    channel = grpc.aio.insecure_channel(address)
+    yield Mesh(telemetry, channel)
+    await channel.close()
+    await server.stop(None)
     telemetry.shutdown()
 
 
@@ -242,6 +243,13 @@ async def test_a_client_cannot_pass_its_spans_off_as_the_orchestrators_or_a_plug
         ("client", "sidemesh-orchestrator (client)"),
         ("client", "tools-demo (client)"),
     ]
+
+
+async def test_spans_from_the_callback_socket_of_an_unknown_plugin_are_refused(
+    mesh: Mesh,
+) -> None:
+    code, details = await mesh.export_code("stranger", _request(_span(_new_trace())))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "'stranger'" in details
 
 
 # -- which traces a plugin may add spans to -----------------------------------------------
@@ -609,9 +617,10 @@ async def test_a_plugin_sending_too_fast_is_told_to_retry_later_unread(mesh: Mes
     assert source.throttle(EXPORT_BURST + 5 * EXPORT_BYTES_PER_SECOND) == 0
     trace_id = _new_trace()
     mesh.telemetry.routed("forger", trace_id)
-    call = mesh.channels["forger"].unary_unary(EXPORT)
+    call = mesh.channel.unary_unary(EXPORT)
+    payload = _request(_span(trace_id)).SerializeToString()
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await call(_request(_span(trace_id)).SerializeToString(), timeout=10)
+        await call(payload, timeout=10, metadata=mesh.metadata("forger"))
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     trailers = dict(refused.value.trailing_metadata() or ())
     retry = error_details_pb2.RetryInfo.FromString(trailers["google.rpc.retryinfo-bin"])

@@ -1,0 +1,308 @@
+"""Python decides, Rust forwards: the decision for each routed call, and the rare callbacks.
+
+The native data plane (``sidemesh_dataplane``, ``orchestrator/dataplane``) owns
+the listeners and forwards calls as bytes. For each routed call, once its first
+request message is in, it calls :meth:`Decider.decide` on one of its own
+threads (holding the GIL only for the call): resolve the target in the catalog,
+check the caller may call it and the tool arguments, pick the replica, rewrite
+the target to the plugin-local name. Only when an attempt fails does it call
+:meth:`Decider.retry_pick` (budget, another replica) or
+:meth:`Decider.upstream_failed` (the error the caller sees).
+
+These run beside the event loop, not on it: they only read the catalog and the
+plugins (which the loop replaces rather than edits in place) and append to
+thread-safe deques that :mod:`orchestrator._accounting` empties on the loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import sidemesh_dataplane as dp
+
+from clients import (
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    SidemeshError,
+    UnavailableError,
+)
+from orchestrator._catalog import Catalog, Entry
+from orchestrator._plugin import PluginRuntime
+from orchestrator._process import process_tree
+from orchestrator._replica import Replica
+from orchestrator._routes import BY_PATH, MCP_SERVICE, NO_FIRST_MESSAGE, ROUTES, Route
+from sidemesh.v1 import tool_pb2
+
+log = logging.getLogger("sidemesh.router")
+
+#: The routed methods, for the data plane: every other path is the orchestrator's own.
+DATAPLANE_ROUTES = [(route.path, route.kind) for route in ROUTES]
+
+
+class CallContext:
+    """What the mesh remembers of one forwarded call (handed back in its record)."""
+
+    __slots__ = ("caller", "entry", "plugin", "replica", "route", "tried")
+
+    def __init__(
+        self, route: Route, entry: Entry[Any], plugin: PluginRuntime, replica: Replica, caller: str
+    ) -> None:
+        self.route = route
+        self.entry = entry
+        self.plugin = plugin
+        self.replica = replica
+        self.caller = caller
+        #: Replicas an attempt of this call failed on.
+        self.tried: list[Replica] = [replica]
+
+
+class _Caller:
+    """Resolving for one listener's callers: the catalog and the caller's permissions."""
+
+    __slots__ = ("_denied", "catalog", "plugin")
+
+    def __init__(
+        self, catalog: Catalog, plugin: PluginRuntime | None, denied: collections.deque[Any]
+    ) -> None:
+        self.catalog = catalog
+        self.plugin = plugin
+        self._denied = denied
+
+    def authorize(self, kind: str, entry: Entry[Any], method: str) -> None:
+        """Raises ``PERMISSION_DENIED`` (and reports it) when the caller may not call ``entry``."""
+        caller = self.plugin
+        if caller is None or caller.may_call(kind, entry.qualified):
+            return
+        field = "tools" if kind == "tool" else "agents"
+        if any(fnmatch.fnmatchcase(entry.qualified, p) for p in caller.asked(kind)):
+            where = f"plugins.{caller.name}.permissions.{field} in the Sidemesh config"
+        else:
+            where = f"permissions.{field} in {caller.name}'s plugin.yaml"
+        reason = (
+            f"plugin {caller.name!r} may not call {kind} {entry.qualified!r}: add it "
+            f"(or a pattern such as '{entry.plugin}/*') to {where}"
+        )
+        self._denied.append((caller.name, entry.plugin, entry.qualified, method, reason))
+        raise PermissionDeniedError(
+            reason, reason="PERMISSION_DENIED", metadata={"caller": caller.name}
+        )
+
+
+class Decider:
+    """The data plane's callbacks (see the module docstring); one per orchestrator."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        plugins: Mapping[str, PluginRuntime],
+        *,
+        routed: Callable[[str, int, str], None] | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self._plugins = plugins
+        #: Told (plugin, trace id, calling plugin) of every routed call, before it is
+        #: forwarded: the traces a plugin may add spans to (``Telemetry.routed``).
+        self._routed = routed
+        #: Calls routed (plugin, call id, path, target, caller, replica, trace id): the
+        #: ``call_started`` events, emitted on the loop.
+        self.started: collections.deque[tuple[str, str, str, str, str, int, str]] = (
+            collections.deque()
+        )
+        #: Refused callbacks (caller, target plugin, target, method, reason).
+        self.denied: collections.deque[tuple[str, str, str, str, str]] = collections.deque()
+        #: Replica by upstream key (kept by the replicas as they come and go).
+        self.replicas: dict[str, Replica] = {}
+        #: Set when the mesh shuts down: calls cut off then say so.
+        self.closing = False
+        self._callers: dict[str, _Caller] = {"": _Caller(catalog, None, self.denied)}
+        self._policies: dict[tuple[str, bool, str], dp.RetryPolicy] = {}
+        self._attributes: dict[tuple[str, str], dp.SpanAttributes] = {}
+
+    # -- the decision ----------------------------------------------------------
+
+    def decide(self, call: dp.Call) -> dp.Decision | dp.Refusal:
+        """Where the call goes, with its first message rewritten; or why it may not."""
+        route = BY_PATH[call.path]
+        message = call.message
+        if message is None:
+            text = NO_FIRST_MESSAGE.get(route.method, "the call ended before its request")
+            return _refusal(InvalidArgumentError(text))
+        caller = self._callers.get(call.caller) or self._caller(call.caller)
+        try:
+            entry, payload = route.resolve(caller, message)
+            plugin = self._plugins[entry.plugin]
+            replica = plugin.pick()
+        except SidemeshError as err:
+            return _refusal(err)
+        key = replica.upstream_key
+        if not key:  # picked while being torn down
+            return _refusal(plugin.unavailable())
+        self.started.append(
+            (entry.plugin, call.call_id, call.path, entry.qualified, call.caller,
+             replica.index, call.trace_id)
+        )  # fmt: skip
+        if self._routed is not None and call.trace_id:
+            self._routed(entry.plugin, int(call.trace_id, 16), call.caller)
+        return dp.Decision(
+            key,
+            message=payload if payload is not message else None,
+            context=CallContext(route, entry, plugin, replica, call.caller),
+            retry=self._policy(route, entry, plugin),
+            span_attributes=self._span_attributes(entry.qualified, call.caller),
+        )
+
+    def _caller(self, name: str) -> _Caller:
+        caller = _Caller(self.catalog, self._plugins.get(name), self.denied)
+        self._callers[name] = caller
+        return caller
+
+    def _policy(self, route: Route, entry: Entry[Any], plugin: PluginRuntime) -> dp.RetryPolicy:
+        idempotent = route.kind != "stream_stream" and _idempotent(route, entry)
+        key = (plugin.name, idempotent, route.kind)
+        policy = self._policies.get(key)
+        if policy is None:
+            settings = plugin.resilience.retries
+            policy = dp.RetryPolicy(
+                settings.max_attempts,
+                idempotent=idempotent,
+                per_try_timeout=settings.per_try_timeout if route.kind != "stream_stream" else None,
+                backoff_base=settings.backoff_initial,
+                backoff_max=settings.backoff_max,
+            )
+            self._policies[key] = policy
+        return policy
+
+    def _span_attributes(self, target: str, caller: str) -> dp.SpanAttributes:
+        attributes = self._attributes.get((target, caller))
+        if attributes is None:
+            attributes = dp.SpanAttributes({"sidemesh.target": target})
+            self._attributes[(target, caller)] = attributes
+        return attributes
+
+    # -- when an attempt failed -------------------------------------------------
+
+    def retry_pick(self, context: CallContext, failed: str, reason: str) -> str | None:
+        """Another replica for a retry the data plane found safe; None: give up.
+
+        The retry budget is spent here, so retries cannot multiply an outage.
+        """
+        if self.closing:
+            return None
+        plugin = context.plugin
+        other = plugin.pick_other(context.tried)
+        if other is None or not other.upstream_key:
+            return None
+        if not plugin.resilience.budget.try_spend():
+            log.info("%s: retry budget spent; call not retried (%s)", plugin.name, reason)
+            return None
+        context.tried.append(other)
+        return other.upstream_key
+
+    def upstream_failed(
+        self, context: CallContext, key: str, detail: str
+    ) -> tuple[int, str, bytes | None]:
+        """The status a caller gets when the transport to its replica failed."""
+        if self.closing:
+            err: SidemeshError = UnavailableError(
+                "the mesh is shutting down and its grace period for calls in flight is over; "
+                "the call did not complete: retry against the mesh once it is back",
+                reason="MESH_SHUTTING_DOWN",
+                retry_delay=1.0,
+            )
+        else:
+            replica = self.replicas.get(key, context.replica)
+            err = sidecar_gone(context.plugin, replica, detail)
+        return err.code.value[0], err.message, _details(err)
+
+    def verify_peer(self, key: str, pid: int, uid: int) -> bool:
+        """Whether a new connection to a replica's socket reached a process of the replica."""
+        replica = self.replicas.get(key)
+        if replica is None or replica.process is None:
+            return False
+        if pid in process_tree(replica.process.pid):
+            return True
+        log.error(
+            "%s: refused a connection to its socket: it is served by pid %d (uid %d), "
+            "not by a process of the replica",
+            replica.tag, pid, uid,
+        )  # fmt: skip
+        return False
+
+
+class Upstreams:
+    """The data plane's upstream pool, and the decider's map from its keys to replicas."""
+
+    def __init__(self, plane: dp.DataPlane, decider: Decider) -> None:
+        self._plane = plane
+        self._decider = decider
+
+    def publish(
+        self,
+        replica: Replica,
+        key: str,
+        address: str,
+        *,
+        verify: bool,
+        span_attributes: Mapping[str, str | int | float | bool],
+    ) -> None:
+        """The replica at ``address`` takes calls as ``key`` (checked on each connection)."""
+        self._decider.replicas[key] = replica
+        self._plane.set_upstream(key, address, verify=verify, span_attributes=span_attributes)
+
+    def withdraw(self, key: str) -> None:
+        """The replica takes no more calls; those in flight end UNAVAILABLE."""
+        self._plane.remove_upstream(key)
+        self._decider.replicas.pop(key, None)
+
+    def in_flight(self, key: str) -> int:
+        """Attempts in flight on the replica."""
+        return self._plane.in_flight(key)
+
+
+def admission_refusal(limit: int) -> tuple[str, bytes | None]:
+    """The RESOURCE_EXHAUSTED a call over ``limits.max_concurrent_calls`` gets."""
+    err = ResourceExhaustedError(
+        f"the mesh is at its limit of {limit} concurrent calls; retry shortly "
+        "(operators: raise limits.max_concurrent_calls)",
+        reason="CONCURRENCY_LIMIT",
+        retry_delay=0.1,
+    )
+    return err.message, _details(err)
+
+
+def sidecar_gone(plugin: PluginRuntime, replica: Replica, how: str) -> UnavailableError:
+    """The error for a call whose sidecar died or went away while it ran."""
+    died = replica.process is None or replica.process.returncode is not None
+    what = "exited" if died else "became unreachable"
+    return UnavailableError(
+        f"plugin {plugin.name!r} replica {replica.index} {what} during the call ({how}); "
+        "the call did not complete. The replica is being restarted: retry",
+        reason="SIDECAR_UNAVAILABLE",
+        metadata={"plugin": plugin.name, "replica": str(replica.index)},
+        retry_delay=1.0,
+    )
+
+
+def _idempotent(route: Route, entry: Entry[Any]) -> bool:
+    """Whether calling ``entry`` twice is safe: a read-only or idempotent tool, an MCP read."""
+    if route.service == MCP_SERVICE and route.kind == "unary_unary":
+        return True
+    descriptor = entry.descriptor
+    if not isinstance(descriptor, tool_pb2.ToolDescriptor):
+        return False
+    hints = descriptor.annotations
+    return hints.read_only or hints.idempotent
+
+
+def _details(err: SidemeshError) -> bytes | None:
+    status = err.to_status_proto()
+    return status.SerializeToString() if status.details else None
+
+
+def _refusal(err: SidemeshError) -> dp.Refusal:
+    return dp.Refusal(err.code.value[0], err.message, _details(err))
