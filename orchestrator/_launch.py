@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -148,6 +150,7 @@ class ProcessLauncher:
         plugin.sandbox_layers = [
             _layer(n, False, "off: sandbox.mode is off") for n in sandbox.LAYERS
         ]
+        _warn_unmounted_image(plugin, "sandbox.mode is off")
         return ""
 
     def launch_spec(
@@ -184,6 +187,7 @@ class SandboxLauncher:
         self._uids = sandbox.UidAllocator(settings.uid_base)
         #: The mesh's TCP listener ports (set once bound): kept from plugins with network.
         self.mesh_ports: tuple[int, ...] = ()
+        self._quotas: list[sandbox.DataQuota] = []
 
     def prepare(self, plugin: PluginRuntime) -> str:
         """Computes the plugin's sandbox policy; in strict mode, why it may not start."""
@@ -200,6 +204,7 @@ class SandboxLauncher:
                 max_processes=grant.max_processes or needs.max_processes,
                 max_open_files=grant.max_open_files or needs.max_open_files,
                 max_file_size_mb=grant.max_file_size_mb or needs.max_file_size_mb,
+                data_quota_mb=grant.data_quota_mb or needs.data_quota_mb,
             ),
             wants_network=needs.network,
             network_granted=grant.allow_network,
@@ -210,9 +215,14 @@ class SandboxLauncher:
             env_provided=len(set(needs.env) & set(plugin.override.env)),
             relaxed=not grant.enabled,
             mesh_listeners_granted=grant.allow_mesh_listeners,
+            data_image=plugin.paths.data_image,
         )
         uid = self._uids.uid_for(plugin.name) if self._host.root and grant.enabled else None
         policy = sandbox.policy(request, self._host, uid)
+        if request.relaxed:
+            _warn_unmounted_image(plugin, f"plugins.{plugin.name}.sandbox.enabled is false")
+        else:
+            policy = self._hold_data_dir(plugin, policy)
         self._policies[plugin.name] = policy
         plugin.sandbox_layers = [_layer(x.name, x.active, x.detail) for x in policy.layers]
         for layer in policy.layers:
@@ -220,9 +230,61 @@ class SandboxLauncher:
                 log.warning(
                     "plugin %s: sandbox layer %s is %s", plugin.name, layer.name, layer.detail
                 )
-        if policy.host_uid is not None:
-            _own_tree(plugin.paths.data_dir, policy.host_uid)
         return policy.refusal() if self._settings.mode == "strict" else ""
+
+    def _hold_data_dir(self, plugin: PluginRuntime, policy: sandbox.Policy) -> sandbox.Policy:
+        """Puts the plugin's data dir under its quota; returns the policy that results.
+
+        As root, the data dir becomes its ext4 image, mounted; where that cannot
+        be (and the plugin has no image yet), its quota is accounted instead.
+        Raises ``ValueError`` when the plugin must not start (its data does not
+        fit its quota, another mesh holds it).
+        """
+        assert plugin.paths is not None and plugin.paths.data_image is not None
+        paths, image_path = plugin.paths, plugin.paths.data_image
+        quota_bytes = policy.request.limits.data_quota_bytes
+        quota: sandbox.DataQuota
+        try:
+            if policy.data_quota == sandbox.IMAGE:
+                try:
+                    owner = os.getuid() if policy.host_uid is None else policy.host_uid
+                    image = sandbox.DataImage.open(image_path, paths.data_dir, quota_bytes, owner)
+                except sandbox.ImageUnavailable as exc:
+                    log.warning(
+                        "plugin %s: its data dir cannot be an ext4 image (%s): its quota is "
+                        "accounted instead", plugin.name, exc,
+                    )  # fmt: skip
+                    host = dataclasses.replace(self._host, data_image_why=f"{exc}")
+                    policy = sandbox.policy(policy.request, host, policy.host_uid)
+                else:
+                    self._quotas.append(image)
+                    for note in image.notes:
+                        log.warning("plugin %s: %s", plugin.name, note)
+                    log.info(
+                        "plugin %s: data dir %s is its ext4 image %s (%d MiB), ready in %.0f ms",
+                        plugin.name, paths.data_dir, image_path, quota_bytes >> 20,
+                        image.setup_seconds * 1000,
+                    )  # fmt: skip
+                    quota = image
+            if policy.data_quota == sandbox.ACCOUNTED:
+                if image_path.exists():
+                    raise sandbox.QuotaError(
+                        f"its data is in the ext4 image {image_path}, which cannot be "
+                        f"mounted here ({self._host.data_image_why or 'see above'}): run the "
+                        "mesh as root, or move the image's files to the data dir and remove it"
+                    )
+                quota = sandbox.DataAccount(paths.data_dir, quota_bytes)
+                self._quotas.append(quota)
+            if policy.host_uid is not None:
+                _own_tree(paths.data_dir, policy.host_uid)
+            usage = quota.measure()
+        except (sandbox.QuotaError, OSError) as exc:
+            raise ValueError(f"its data dir quota cannot be put in force: {exc}") from None
+        plugin.data_quota, plugin.data_usage = quota, usage
+        if quota.mechanism == sandbox.ACCOUNTED and usage.problem:
+            quota.read_only = True
+            log.warning("plugin %s: %s: its data dir is read-only", plugin.name, usage.problem)
+        return policy
 
     def launch_spec(
         self, plugin: PluginRuntime, replica: int, log_level: str, telemetry_env: Mapping[str, str]
@@ -239,6 +301,7 @@ class SandboxLauncher:
             policy, self._host, plugin_command(plugin.manifest), replica=replica,
             replica_dir=replica_dir, mesh_socket=paths.mesh_socket,
             runtime_paths=self._runtime_paths, mesh_ports=self.mesh_ports,
+            data_read_only=plugin.data_quota is not None and plugin.data_quota.read_only,
         )  # fmt: skip
         env = sidecar_environment(
             plugin.manifest, plugin.override, listen=prepared.listen,
@@ -255,17 +318,41 @@ class SandboxLauncher:
         )  # fmt: skip
 
     def close(self) -> None:
-        """Frees the uids the mesh's plugins held."""
+        """Unmounts the plugins' data images, frees the uids the mesh's plugins held."""
+        quotas, self._quotas = self._quotas, []
+        for quota in quotas:
+            quota.close()
         self._uids.release()
 
 
+def _warn_unmounted_image(plugin: PluginRuntime, why: str) -> None:
+    image = plugin.paths.data_image if plugin.paths is not None else None
+    if image is not None and image.exists():
+        log.warning(
+            "plugin %s: its data is in the ext4 image %s, which is not mounted (%s): it sees "
+            "its data dir without it", plugin.name, image, why,
+        )  # fmt: skip
+
+
 def _own_tree(path: Path, uid: int) -> None:
-    """Makes ``path`` and everything in it the plugin's (its uid may differ from last run)."""
+    """Makes ``path`` and everything in it the plugin's (its uid may differ from last run).
+
+    The tree is the plugin's, hostile: never follows a symlink, takes no
+    recursion however deep it is, and skips what it cannot reach.
+    """
+    if os.lstat(path).st_uid == uid:
+        ensure_private_dir(path, uid)
+        return  # already the plugin's: a plugin cannot give a file away to another uid
     ensure_private_dir(path, uid)
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            with contextlib.suppress(OSError):
-                os.lchown(os.path.join(root, name), uid, uid)
+    todo = [str(path)]
+    while todo:
+        directory = todo.pop()
+        with contextlib.suppress(OSError), os.scandir(directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    os.lchown(entry.path, uid, uid)
+                    if stat.S_ISDIR(entry.stat(follow_symlinks=False).st_mode):
+                        todo.append(entry.path)
 
 
 def _runtime_paths() -> list[Path]:

@@ -182,6 +182,7 @@ class Orchestrator:
             paths = PluginPaths(
                 ensure_private_dir(self._run_dir / f"p{index}"),
                 ensure_private_dir(self.config.state_dir / "data" / name),
+                self.config.state_dir / "images" / f"{name}.ext4",
             )
         plugin = PluginRuntime(
             name, manifest, override, self.config, paths, str(found.directory), len(self.plugins)

@@ -18,6 +18,7 @@ from orchestrator._manifest import PluginManifest
 from orchestrator._process import tree_rss_bytes
 from orchestrator._replica import Replica
 from orchestrator._resilience import Resilience
+from sidecars import sandbox
 from sidemesh.core import MESH_SOCKET
 from sidemesh.v1 import mesh_pb2
 
@@ -27,13 +28,15 @@ S = mesh_pb2
 class PluginPaths:
     """Where one plugin's sockets and data live."""
 
-    def __init__(self, run_dir: Path, data_dir: Path) -> None:
+    def __init__(self, run_dir: Path, data_dir: Path, data_image: Path | None = None) -> None:
         #: Short-pathed directory for the plugin's sockets.
         self.run_dir = run_dir
         #: The orchestrator's callback socket for this plugin.
         self.mesh_socket = run_dir / MESH_SOCKET
         #: The plugin's own writable directory (kept across restarts).
         self.data_dir = data_dir
+        #: The ext4 image mounted at the data dir, where the host allows one (as root).
+        self.data_image = data_image
 
     def replica_dir(self, index: int) -> Path:
         """The directory replica ``index`` makes its socket in."""
@@ -82,6 +85,9 @@ class PluginRuntime:
         self._rr = itertools.count()
         self.config: dict[str, Any] = {}
         self.sandbox_layers: list[mesh_pb2.SandboxLayer] = []
+        #: Its data dir quota in force (set by the launcher), and its last measurement.
+        self.data_quota: sandbox.DataQuota | None = None
+        self.data_usage: sandbox.DataUsage | None = None
         #: Retry budget and outlier ejection, from the plugin's settings or the mesh's.
         self.resilience = Resilience(
             name,
@@ -228,6 +234,8 @@ class PluginRuntime:
             sandbox=self.sandbox_layers,
             routing=self.routing,
         )
+        if self.data_quota is not None:
+            status.data_dir.CopyFrom(self._data_dir_status(self.data_quota))
         for r in self.replicas:
             replica = status.replicas.add(
                 index=r.index,
@@ -250,6 +258,23 @@ class PluginRuntime:
             if r.state == S.REPLICA_STATE_READY:
                 replica.startup_duration.CopyFrom(duration(r.startup_duration))
         return status
+
+    def _data_dir_status(self, quota: sandbox.DataQuota) -> mesh_pb2.DataDirStatus:
+        usage = self.data_usage or sandbox.DataUsage(0, 0)
+        mechanism = (
+            S.DATA_QUOTA_MECHANISM_IMAGE
+            if quota.mechanism == sandbox.IMAGE
+            else S.DATA_QUOTA_MECHANISM_ACCOUNTED
+        )
+        return mesh_pb2.DataDirStatus(
+            mechanism=mechanism,
+            quota_bytes=quota.quota_bytes,
+            used_bytes=usage.used_bytes,
+            max_files=quota.max_files,
+            files=usage.files,
+            problem=usage.problem,
+            read_only=quota.read_only,
+        )
 
 
 def _matches(patterns: list[str], name: str) -> bool:

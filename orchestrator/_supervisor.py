@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -18,10 +19,14 @@ from orchestrator._launch import Launcher
 from orchestrator._output import OutputLimits
 from orchestrator._plugin import PluginRuntime, duration, state_name
 from orchestrator._replica import Replica, ReplicaStartError
+from sidecars import sandbox
 from sidemesh.v1 import mcp_pb2, mcp_pb2_grpc, mesh_pb2, plugin_pb2, plugin_pb2_grpc
 
 S = mesh_pb2
 log = logging.getLogger("sidemesh.supervisor")
+
+#: Why a replica is restarted once its accounted data dir is back under its quota.
+_WRITABLE_AGAIN = "restarted: its data dir is back under its quota (writable again)"
 
 
 class Supervisor:
@@ -47,6 +52,14 @@ class Supervisor:
         self.plugins: dict[str, PluginRuntime] = {}
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._stopping = False
+        # Data dir quotas: a watcher per plugin; whether each replica got its data dir
+        # read-only; an event set (and replaced) whenever a plugin's data dir changes mode.
+        self._data_watchers: dict[str, asyncio.Task[None]] = {}
+        self._launched_read_only: dict[tuple[str, int], bool] = {}
+        self._data_flips: dict[str, asyncio.Event] = {}
+        # One thread measures every data dir: as an unprivileged user, the orchestrator's
+        # threads count toward the sidecars' process limit (RLIMIT_NPROC is per user).
+        self._measurer: ThreadPoolExecutor | None = None
 
     def add(self, plugin: PluginRuntime) -> None:
         """Registers ``plugin``; :meth:`start` runs it."""
@@ -54,11 +67,15 @@ class Supervisor:
         plugin.state = plugin.compute_state()
 
     def start(self, plugin: PluginRuntime) -> None:
-        """Starts a task per replica of ``plugin``."""
+        """Starts a task per replica of ``plugin``, and one to watch its data dir quota."""
         for replica in plugin.replicas:
             key = (plugin.name, replica.index)
             self._tasks[key] = asyncio.create_task(
                 self._run_replica(plugin, replica), name=f"replica {replica.tag}"
+            )
+        if plugin.data_quota is not None and plugin.replicas:
+            self._data_watchers[plugin.name] = asyncio.create_task(
+                self._watch_data(plugin), name=f"data dir of {plugin.name}"
             )
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -88,6 +105,12 @@ class Supervisor:
                         reason = await self._watch(plugin, replica)
                         if self._stopping:
                             return
+                        if reason == _WRITABLE_AGAIN:  # planned: no failure, no delay
+                            self._events.emit(
+                                plugin.name, "replica_exited", _exited(replica, reason, True, 0.0)
+                            )
+                            replica.restarts += 1
+                            continue
                         plugin.error = f"replica {replica.index} {reason}" + _tail(replica)
                     else:
                         reason = failure
@@ -150,6 +173,9 @@ class Supervisor:
                     ),
                     output=self._output,
                 )
+                self._launched_read_only[(plugin.name, replica.index)] = bool(
+                    spec.sandbox and spec.sandbox.data_read_only
+                )
                 describe = await replica.start(
                     spec, plugin.config, plugin.startup_timeout, on_spawn=spawned
                 )
@@ -188,11 +214,21 @@ class Supervisor:
         catalog_watch = None
         if replica.describe is not None and replica.describe.HasField("mcp_server"):
             catalog_watch = asyncio.create_task(self._follow_catalog(plugin, replica))
+        data_flip = asyncio.create_task(self._data_flip(plugin).wait())
         failures = 0
         try:
             while True:
-                done, _ = await asyncio.wait({exited}, timeout=settings.health_interval)
-                if done:
+                if not exited.done() and self._data_mode_changed(plugin, replica):
+                    return await self._restart_for_data(plugin, replica)
+                done, _ = await asyncio.wait(
+                    {exited, data_flip},
+                    timeout=settings.health_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if data_flip in done and exited not in done:
+                    data_flip = asyncio.create_task(self._data_flip(plugin).wait())
+                    continue  # the loop's first check restarts the replica
+                if exited in done:
                     if self._stopping:
                         return "stopped"
                     replica.last_exit = replica.exit_reason()  # before the sandbox is released
@@ -231,8 +267,86 @@ class Supervisor:
                     return f"was {replica.last_exit}"
         finally:
             exited.cancel()
+            data_flip.cancel()
             if catalog_watch is not None:
                 catalog_watch.cancel()
+
+    # -- the data dir quota ----------------------------------------------------
+
+    async def _watch_data(self, plugin: PluginRuntime) -> None:
+        """Measures the plugin's data dir; reports going over its quota once per episode.
+
+        An accounted quota's sidecars are restarted with the data dir read-only
+        when it goes over, and writable again once it is back under.
+        """
+        quota = plugin.data_quota
+        assert quota is not None
+        over = False
+        if plugin.data_usage is not None and plugin.data_usage.problem:  # over at start
+            over = True
+            self._report_data(plugin, plugin.data_usage)
+        while not self._stopping:
+            await asyncio.sleep(quota.tick)
+            if not quota.due((r.pid for r in plugin.replicas if r.pid), time.monotonic()):
+                continue
+            if self._measurer is None:
+                self._measurer = ThreadPoolExecutor(1, thread_name_prefix="sidemesh data dirs")
+            try:
+                usage = await asyncio.get_running_loop().run_in_executor(
+                    self._measurer, quota.measure
+                )
+            except Exception:  # a bug of ours: keep watching, slowly
+                log.exception("plugin %s: measuring its data dir failed", plugin.name)
+                await asyncio.sleep(5.0)
+                continue
+            plugin.data_usage = usage
+            if bool(usage.problem) != over:
+                over = bool(usage.problem)
+                if over:
+                    self._report_data(plugin, usage)
+                else:
+                    log.info(
+                        "plugin %s: its data dir is back under its quota (%d bytes, %d files)",
+                        plugin.name, usage.used_bytes, usage.files,
+                    )  # fmt: skip
+            if quota.mechanism == sandbox.ACCOUNTED and quota.read_only != over:
+                quota.read_only = over
+                flip = self._data_flips.pop(plugin.name, None)
+                if flip is not None:
+                    flip.set()
+
+    def _report_data(self, plugin: PluginRuntime, usage: sandbox.DataUsage) -> None:
+        assert plugin.data_quota is not None
+        detail = usage.problem
+        if plugin.data_quota.mechanism == sandbox.ACCOUNTED:
+            detail += "; its sidecars restart with the data dir read-only"
+        log.warning("plugin %s: sandbox: %s", plugin.name, detail)
+        # The quota is the plugin's, shared by its replicas: reported as replica 0's.
+        self._events.emit(
+            plugin.name, "sandbox_violation", S.SandboxViolation(replica=0, detail=detail)
+        )
+
+    def _data_flip(self, plugin: PluginRuntime) -> asyncio.Event:
+        """Set when the plugin's data dir next turns read-only or writable."""
+        return self._data_flips.setdefault(plugin.name, asyncio.Event())
+
+    def _data_mode_changed(self, plugin: PluginRuntime, replica: Replica) -> bool:
+        quota = plugin.data_quota
+        launched = self._launched_read_only.get((plugin.name, replica.index), False)
+        return quota is not None and launched != quota.read_only
+
+    async def _restart_for_data(self, plugin: PluginRuntime, replica: Replica) -> str:
+        """Stops a replica whose data dir must change mode; returns why, for its restart."""
+        quota = plugin.data_quota
+        assert quota is not None
+        self._set_replica(plugin, replica, S.REPLICA_STATE_BACKOFF)
+        await replica.kill()
+        if not quota.read_only:
+            replica.last_exit = _WRITABLE_AGAIN
+            return _WRITABLE_AGAIN
+        replica.last_exit = f"killed: data dir quota ({quota.quota_bytes >> 20} MiB) exceeded"
+        log.error("%s: %s", replica.tag, replica.last_exit)
+        return f"{replica.last_exit}; restarting it with its data dir read-only"
 
     async def _follow_catalog(self, plugin: PluginRuntime, replica: Replica) -> None:
         """Re-reads an MCP plugin's catalog whenever its server's tool list changes."""
@@ -285,6 +399,10 @@ class Supervisor:
     async def stop(self, grace: float) -> None:
         """Drains and stops every replica: ``Shutdown``, then SIGTERM/SIGKILL."""
         self._stopping = True
+        for watcher in self._data_watchers.values():
+            watcher.cancel()
+        if self._measurer is not None:
+            self._measurer.shutdown(wait=False, cancel_futures=True)
         for plugin in self.plugins.values():
             plugin.stopping = True
             self.update_state(plugin)

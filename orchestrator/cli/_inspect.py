@@ -95,6 +95,8 @@ async def _plugins(client: AsyncMeshClient, args: argparse.Namespace) -> int:
                       + (f", last exit: {r.last_exit}" if r.last_exit else ""))  # fmt: skip
             for layer in p.sandbox:
                 print(f"  sandbox {layer.name}: {'on' if layer.active else 'OFF'} {layer.detail}")
+            if p.HasField("data_dir"):
+                print(f"  {data_dir_summary(p.data_dir)}")
             if p.HasField("trace_usage"):
                 print("  " + trace_usage(p.trace_usage))
             if p.error:
@@ -120,6 +122,23 @@ def trace_usage(usage: mesh_pb2.TraceUsage) -> str:
         line += f", {usage.exports_throttled} exports throttled"
     if usage.last_refusal:
         line += f"\n    last refusal: {usage.last_refusal}"
+    return line
+
+
+def data_dir_summary(data: mesh_pb2.DataDirStatus) -> str:
+    """``data dir: 3.2 of 16 MiB, 5 of 2048 files (ext4 image)``, and what is wrong."""
+    how = {
+        mesh_pb2.DATA_QUOTA_MECHANISM_IMAGE: "ext4 image",
+        mesh_pb2.DATA_QUOTA_MECHANISM_ACCOUNTED: "accounted",
+    }.get(data.mechanism, "?")
+    line = (
+        f"data dir: {data.used_bytes / (1 << 20):.1f} of {data.quota_bytes >> 20} MiB, "
+        f"{data.files} of {data.max_files} files ({how})"
+    )
+    if data.read_only:
+        line += ", READ-ONLY"
+    if data.problem:
+        line += f": {data.problem}"
     return line
 
 

@@ -6,7 +6,9 @@ Layers, each reported per plugin (``sidemesh plugins -v``):
   capabilities dropped, ``--die-with-parent``, ``--new-session``; uid 65534
   inside, and its own unprivileged host uid when the orchestrator is root;
 - ``filesystem``: read-only binds of only the interpreter, its packages and
-  the plugin's directory; a private ``/tmp`` and the plugin's data directory;
+  the plugin's directory; a private ``/tmp`` and the plugin's data directory,
+  held to its quota (an ext4 image of that size as root, else accounted: read-only
+  while over);
 - ``network``: none (its own loopback) unless the manifest asks and the
   operator grants;
 - ``rlimits``: address space, CPU time, processes, open files, file size;
@@ -16,21 +18,32 @@ Layers, each reported per plugin (``sidemesh plugins -v``):
 - ``environment``: scrubbed (only what the manifest declares and the operator gives).
 """
 
+from sidecars.sandbox._accounting import DataAccount
 from sidecars.sandbox._cgroups import remove_mesh_cgroups
 from sidecars.sandbox._command import INSIDE_LISTEN, INSIDE_MESH, PreparedSidecar, prepare
 from sidecars.sandbox._host import HostSupport, probe
+from sidecars.sandbox._image import DataImage, ImageUnavailable
 from sidecars.sandbox._policy import LAYERS, Layer, Limits, Policy, SandboxRequest, policy
+from sidecars.sandbox._quota import ACCOUNTED, IMAGE, DataQuota, DataUsage, QuotaError
 from sidecars.sandbox._uids import UidAllocator
 
 __all__ = [
+    "ACCOUNTED",
+    "IMAGE",
     "INSIDE_LISTEN",
     "INSIDE_MESH",
     "LAYERS",
+    "DataAccount",
+    "DataImage",
+    "DataQuota",
+    "DataUsage",
     "HostSupport",
+    "ImageUnavailable",
     "Layer",
     "Limits",
     "Policy",
     "PreparedSidecar",
+    "QuotaError",
     "SandboxRequest",
     "UidAllocator",
     "policy",

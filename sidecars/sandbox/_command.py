@@ -30,6 +30,7 @@ from pathlib import Path
 from sidecars.sandbox._cgroups import ReplicaCgroup
 from sidecars.sandbox._host import HostSupport
 from sidecars.sandbox._policy import SANDBOX_UID, Policy
+from sidecars.sandbox._quota import ACCOUNTED
 from sidecars.sandbox._seccomp import filter_fd
 from sidemesh.core import (
     MESH_SOCKET,
@@ -69,6 +70,8 @@ class PreparedSidecar:
     policy: Policy
     cgroup: ReplicaCgroup | None = None
     bwrapped: bool = False
+    #: The sidecar got its data dir read-only (its quota is accounted and was exceeded).
+    data_read_only: bool = False
     _closed: bool = field(default=False, repr=False)
 
     def close_fds(self) -> None:
@@ -123,10 +126,12 @@ def prepare(
     mesh_socket: Path,
     runtime_paths: list[Path],
     mesh_ports: tuple[int, ...] = (),
+    data_read_only: bool = False,
 ) -> PreparedSidecar:
     """The command line and descriptors that start ``command`` under ``policy``.
 
-    ``mesh_ports``: the mesh's TCP listener ports, refused to a plugin with network.
+    ``mesh_ports``: the mesh's TCP listener ports, refused to a plugin with network;
+    ``data_read_only``: the data dir is bound (and allowed by Landlock) read-only.
     """
     req, lim = policy.request, policy.request.limits
     fds: list[int] = []
@@ -152,9 +157,11 @@ def prepare(
     bwrapped = policy.active("namespaces")
     if bwrapped:
         assert host.bwrap is not None
-        argv += [host.bwrap, *_bwrap_options(policy, fds, replica_dir, mesh_socket, runtime_paths)]
+        argv += [host.bwrap, *_bwrap_options(policy, fds, replica_dir, mesh_socket, runtime_paths,
+                                             data_read_only)]  # fmt: skip
         if policy.active("seccomp"):
-            fd = filter_fd()
+            # An accounted quota counts written bytes: fallocate, which writes none, is refused.
+            fd = filter_fd(no_fallocate=policy.data_quota == ACCOUNTED)
             fds.append(fd)
             argv += ["--seccomp", str(fd)]
         argv += ["--chdir", str(req.plugin_dir), "--"]
@@ -169,7 +176,9 @@ def prepare(
         ]  # fmt: skip
     argv += [sys.executable, "-I", "-S", str(_LANDLOCK_EXEC), "--pdeathsig"]
     if policy.active("landlock"):
-        argv += _landlock_options(policy, host, replica_dir, runtime_paths, bwrapped)
+        argv += _landlock_options(
+            policy, host, replica_dir, runtime_paths, bwrapped, data_read_only
+        )
         if policy.network and not req.mesh_listeners_granted:
             for port in mesh_ports:
                 argv += ["--deny-connect", str(port)]
@@ -177,7 +186,7 @@ def prepare(
     return PreparedSidecar(
         argv=argv, pass_fds=tuple(fds), socket_path=replica_dir / REPLICA_SOCKET,
         listen=listen, mesh_address=mesh_address, policy=policy, cgroup=cgroup,
-        bwrapped=bwrapped,
+        bwrapped=bwrapped, data_read_only=data_read_only,
     )  # fmt: skip
 
 
@@ -209,6 +218,7 @@ def _bwrap_options(
     replica_dir: Path,
     mesh_socket: Path,
     runtime_paths: list[Path],
+    data_read_only: bool,
 ) -> list[str]:
     req = policy.request
     opts = [
@@ -247,20 +257,27 @@ def _bwrap_options(
         for extra in req.write_paths:
             if os.path.exists(extra):
                 opts += ["--bind-fd", _bind_fd(fds, extra), extra]
-    opts += ["--bind-fd", _bind_fd(fds, req.data_dir), str(req.data_dir)]
+    bind = "--ro-bind-fd" if data_read_only else "--bind-fd"
+    opts += [bind, _bind_fd(fds, req.data_dir), str(req.data_dir)]
     opts += ["--bind-fd", _bind_fd(fds, replica_dir), INSIDE_RUN_DIR]
     opts += ["--bind-fd", _bind_fd(fds, mesh_socket), f"{INSIDE_RUN_DIR}/{MESH_SOCKET}"]
     return opts
 
 
 def _landlock_options(
-    policy: Policy, host: HostSupport, replica_dir: Path, runtime_paths: list[Path], bwrapped: bool
+    policy: Policy,
+    host: HostSupport,
+    replica_dir: Path,
+    runtime_paths: list[Path],
+    bwrapped: bool,
+    data_read_only: bool,
 ) -> list[str]:
     req = policy.request
     run_dir = INSIDE_RUN_DIR if bwrapped else str(replica_dir)
     read_only = ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/proc", str(req.plugin_dir)]
     read_only += [str(p) for p in runtime_paths]
-    read_write = ["/tmp", str(req.data_dir), run_dir]
+    read_write = ["/tmp", run_dir]
+    (read_only if data_read_only else read_write).append(str(req.data_dir))
     if not bwrapped:
         read_only.append(str(replica_dir.parent))  # the mesh socket lives there
     if req.paths_granted:

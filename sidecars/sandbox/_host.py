@@ -9,6 +9,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from sidecars.sandbox._image import image_support
+
 _SYS_LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture
 _LANDLOCK_CREATE_RULESET_VERSION = 1
 
@@ -24,6 +26,8 @@ class HostSupport:
     landlock_abi: int
     landlock_why: str
     cgroup_why: str
+    #: Why data dirs cannot be ext4 images of their quota here (then they are accounted).
+    data_image_why: str = "not probed"
 
     @property
     def seccomp(self) -> bool:
@@ -47,6 +51,7 @@ def probe(bwrap: str = "bwrap") -> HostSupport:
         landlock_abi=_landlock_abi(),
         landlock_why="" if _landlock_abi() > 0 else "the kernel does not provide Landlock",
         cgroup_why=_cgroup_why(),
+        data_image_why=image_support(),
     )
 
 

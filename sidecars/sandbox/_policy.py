@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidecars.sandbox._host import HostSupport
+from sidecars.sandbox._quota import ACCOUNTED, IMAGE, max_files
 
 LAYERS = (
     "namespaces", "filesystem", "network", "rlimits", "cgroups", "seccomp", "landlock",
@@ -30,6 +31,14 @@ class Limits:
     max_processes: int
     max_open_files: int
     max_file_size_mb: int
+    #: Most the plugin's data dir may hold (all its replicas together); the
+    #: launcher passes the manifest's ``sandbox.data_quota_mb`` or the operator's.
+    data_quota_mb: int = 256
+
+    @property
+    def data_quota_bytes(self) -> int:
+        """The data dir quota in bytes."""
+        return self.data_quota_mb << 20
 
     @property
     def address_space_bytes(self) -> int:
@@ -63,6 +72,8 @@ class SandboxRequest:
     relaxed: bool = False
     #: With network: the operator lets it connect to the mesh's own TCP listeners too.
     mesh_listeners_granted: bool = False
+    #: Where the plugin's data image lives, when the host can mount one (see ``_image``).
+    data_image: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,8 @@ class Policy:
     host_uid: int | None
     #: Layers this host cannot provide, with the reason (for strict mode).
     unavailable: dict[str, str] = field(default_factory=dict)
+    #: How the data dir quota is enforced: ``ext4 image``, ``accounted``, or "" (no sandbox).
+    data_quota: str = ""
 
     def active(self, name: str) -> bool:
         """Whether layer ``name`` is applied."""
@@ -157,6 +170,13 @@ def policy(request: SandboxRequest, host: HostSupport, host_uid: int | None) -> 
     fs_detail = f"read-only runtime and plugin dir; writable: {', '.join(writable)}"
     if (request.read_paths or request.write_paths) and not request.paths_granted:
         fs_detail += "; extra paths requested but not granted (plugins.<name>.sandbox.allow_paths)"
+    image = request.data_image is not None and not host.data_image_why
+    quota = f"data dir quota {lim.data_quota_mb} MiB, {max_files(lim.data_quota_bytes)} files"
+    if image:
+        fs_detail += f"; {quota} ({IMAGE}: writes past it fail with ENOSPC)"
+    else:
+        why = host.data_image_why if request.data_image is not None else "no image path"
+        fs_detail += f"; {quota} ({ACCOUNTED}, read-only while over; no {IMAGE}: {why})"
     candidates = {
         "namespaces": (
             f"mount, pid, ipc, uts, net, cgroup; runs as {uid}, no capabilities"
@@ -198,4 +218,4 @@ def policy(request: SandboxRequest, host: HostSupport, host_uid: int | None) -> 
         else Layer(name, not (name == "network" and net), candidates[name])
         for name in LAYERS
     )
-    return Policy(request, layers, host_uid, unavailable)
+    return Policy(request, layers, host_uid, unavailable, IMAGE if image else ACCOUNTED)

@@ -37,8 +37,13 @@ _CLONE_NEWUSER = 0x10000000
 
 
 @functools.cache
-def compiled_filter() -> bytes:
-    """The BPF program of the deny-list, for this machine's architecture."""
+def compiled_filter(no_fallocate: bool = False) -> bytes:
+    """The BPF program of the deny-list, for this machine's architecture.
+
+    ``no_fallocate``: ``fallocate`` fails with EOPNOTSUPP (as on a filesystem
+    without it; glibc's ``posix_fallocate`` then writes zeros instead), for a
+    data dir whose quota is accounted by the bytes written.
+    """
     import pyseccomp as seccomp
 
     rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
@@ -50,6 +55,8 @@ def compiled_filter() -> bytes:
     # clone3 takes its flags in a struct seccomp cannot read: make callers fall back to
     # clone, whose flags it can check, and refuse new user namespaces there.
     rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    if no_fallocate:
+        rules.add_rule(seccomp.ERRNO(errno.EOPNOTSUPP), "fallocate")
     rules.add_rule(
         seccomp.ERRNO(errno.EPERM), "clone",
         seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_NEWUSER, _CLONE_NEWUSER),
@@ -64,9 +71,9 @@ def compiled_filter() -> bytes:
         os.close(fd)
 
 
-def filter_fd() -> int:
+def filter_fd(no_fallocate: bool = False) -> int:
     """A fresh readable file descriptor holding the compiled filter (for ``bwrap --seccomp``)."""
     fd = os.memfd_create("sidemesh-seccomp")
-    os.write(fd, compiled_filter())
+    os.write(fd, compiled_filter(no_fallocate))
     os.lseek(fd, 0, os.SEEK_SET)
     return fd

@@ -96,14 +96,22 @@ class Mesh:
         env: dict[str, str] | None = None,
         *,
         user: int | None = None,
+        python: str | None = None,
         **config: Any,
     ) -> None:
         """``config`` becomes top-level keys of its sidemesh.yaml; ``env`` is added to the
-        orchestrator process's environment. With ``user`` (a uid) the orchestrator runs as
-        that unprivileged user, its state in a directory of its own."""
+        orchestrator process's environment. With ``user`` (a uid, when the tests run as
+        root) the orchestrator runs as that unprivileged user, with ``python`` (default:
+        :func:`unprivileged_python`); a workdir the user cannot enter is replaced by a
+        directory of its own."""
         self.user = user
-        if user is not None:  # tmp_path is root's alone: the mesh's files live elsewhere
+        self.python = python or (sys.executable if user is None else str(unprivileged_python()))
+        self._own_workdir = False
+        if user is not None and not _enterable(workdir):
             workdir = Path(tempfile.mkdtemp(prefix="smu", dir="/tmp"))
+            self._own_workdir = True
+        if user is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
             os.chown(workdir, user, user)
         self.workdir = workdir
         self.env = dict(env or {})
@@ -124,6 +132,7 @@ class Mesh:
             "supervisor": dict(FAST_SUPERVISOR),
         }
         self.config.update(config)
+        self.state_dir = Path(self.config["state_dir"])  # another mesh's, to restart it
         self.config_path = workdir / "sidemesh.yaml"
         self.proc: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
@@ -137,13 +146,11 @@ class Mesh:
         log = self.log_path.open("wb")
         setpriv = [shutil.which("setpriv") or "setpriv", "--pdeathsig", "KILL"]
         env = {**os.environ, **self.env}
-        python = sys.executable
         if self.user is not None:
             setpriv += [f"--reuid={self.user}", f"--regid={self.user}", "--clear-groups"]
             env.update(HOME=str(self.workdir), XDG_STATE_HOME=str(self.workdir))
-            python = str(unprivileged_python())
         self.proc = subprocess.Popen(
-            [*setpriv, "--", python, "-m", "orchestrator.cli", "serve", "-c",
+            [*setpriv, "--", self.python, "-m", "orchestrator.cli", "serve", "-c",
              str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=ROOT,
@@ -162,9 +169,10 @@ class Mesh:
             )
         try:
             data: dict[str, Any] = json.loads((self.state_dir / "endpoints.json").read_text())
-            return data
         except (OSError, ValueError):
             return None
+        # Not those of an earlier mesh on the same state dir that was killed.
+        return data if data.get("pid") == self.proc.pid else None
 
     @property
     def tcp_address(self) -> str:
@@ -198,7 +206,7 @@ class Mesh:
         for pid in processes_with(str(self.runtime_dir)):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
-        if self.user is not None:
+        if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def sidecars(self) -> list[int]:
@@ -242,6 +250,17 @@ class Mesh:
                 f"plugin {name} to be {'/'.join(states)} (it is {self.state(name)})\n" + self.log()
             ),
         )
+
+
+def _enterable(path: Path) -> bool:
+    """Whether any user may pass through every directory above ``path``."""
+    for parent in path.resolve().parents:
+        try:
+            if not parent.stat().st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def unprivileged_python() -> Path:

@@ -135,6 +135,42 @@ refused (for example, its sandbox could not be set up in strict mode).
 """
 Global___ReplicaState: _TypeAlias = ReplicaState  # noqa: Y015
 
+class _DataQuotaMechanism:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DataQuotaMechanismEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataQuotaMechanism.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATA_QUOTA_MECHANISM_UNSPECIFIED: _DataQuotaMechanism.ValueType  # 0
+    """Not set."""
+    DATA_QUOTA_MECHANISM_IMAGE: _DataQuotaMechanism.ValueType  # 1
+    """The data dir is an ext4 filesystem of the quota's size (a loop-mounted
+    image; the orchestrator runs as root): writes past the quota fail with
+    ENOSPC inside the plugin.
+    """
+    DATA_QUOTA_MECHANISM_ACCOUNTED: _DataQuotaMechanism.ValueType  # 2
+    """The orchestrator measures the data dir; when it goes over its quota the
+    plugin's sidecars are restarted with the data dir read-only, until it is
+    back under.
+    """
+
+class DataQuotaMechanism(_DataQuotaMechanism, metaclass=_DataQuotaMechanismEnumTypeWrapper):
+    """How a plugin's data dir quota is enforced."""
+
+DATA_QUOTA_MECHANISM_UNSPECIFIED: DataQuotaMechanism.ValueType  # 0
+"""Not set."""
+DATA_QUOTA_MECHANISM_IMAGE: DataQuotaMechanism.ValueType  # 1
+"""The data dir is an ext4 filesystem of the quota's size (a loop-mounted
+image; the orchestrator runs as root): writes past the quota fail with
+ENOSPC inside the plugin.
+"""
+DATA_QUOTA_MECHANISM_ACCOUNTED: DataQuotaMechanism.ValueType  # 2
+"""The orchestrator measures the data dir; when it goes over its quota the
+plugin's sidecars are restarted with the data dir read-only, until it is
+back under.
+"""
+Global___DataQuotaMechanism: _TypeAlias = DataQuotaMechanism  # noqa: Y015
+
 class _SpanKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -308,6 +344,7 @@ class PluginStatus(_message.Message):
     DIRECTORY_FIELD_NUMBER: _builtins.int
     SANDBOX_FIELD_NUMBER: _builtins.int
     ROUTING_FIELD_NUMBER: _builtins.int
+    DATA_DIR_FIELD_NUMBER: _builtins.int
     TRACE_USAGE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The plugin's name."""
@@ -346,6 +383,12 @@ class PluginStatus(_message.Message):
         """The effective sandbox, layer by layer."""
 
     @_builtins.property
+    def data_dir(self) -> Global___DataDirStatus:
+        """Its data dir's quota and what the data dir holds; absent when the plugin
+        has no quota (its sandbox is off, or it is remote).
+        """
+
+    @_builtins.property
     def trace_usage(self) -> Global___TraceUsage:
         """What the plugin's spans take in the mesh's trace store, and what was
         refused; unset for a plugin without a callback socket (a remote one).
@@ -367,15 +410,70 @@ class PluginStatus(_message.Message):
         directory: _builtins.str = ...,
         sandbox: _abc.Iterable[Global___SandboxLayer] | None = ...,
         routing: _builtins.str = ...,
+        data_dir: Global___DataDirStatus | None = ...,
         trace_usage: Global___TraceUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["trace_usage", b"trace_usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_dir", b"data_dir", "trace_usage", b"trace_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "description", b"description", "directory", b"directory", "error", b"error", "mcp", b"mcp", "name", b"name", "replicas", b"replicas", "restarts", b"restarts", "routing", b"routing", "sandbox", b"sandbox", "state", b"state", "tools", b"tools", "trace_usage", b"trace_usage", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "data_dir", b"data_dir", "description", b"description", "directory", b"directory", "error", b"error", "mcp", b"mcp", "name", b"name", "replicas", b"replicas", "restarts", b"restarts", "routing", b"routing", "sandbox", b"sandbox", "state", b"state", "tools", b"tools", "trace_usage", b"trace_usage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PluginStatus: _TypeAlias = PluginStatus  # noqa: Y015
+
+@_typing.final
+class DataDirStatus(_message.Message):
+    """A plugin's data dir (`SIDEMESH_DATA_DIR`): its quota and what it holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MECHANISM_FIELD_NUMBER: _builtins.int
+    QUOTA_BYTES_FIELD_NUMBER: _builtins.int
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_FILES_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    mechanism: Global___DataQuotaMechanism.ValueType
+    """How the quota is enforced."""
+    quota_bytes: _builtins.int
+    """The quota in bytes (the manifest's `sandbox.data_quota_mb`, or the
+    operator's `plugins.<name>.sandbox.data_quota_mb`).
+    """
+    used_bytes: _builtins.int
+    """Bytes the data dir holds (blocks it takes, each hard-linked file once), as
+    last measured.
+    """
+    max_files: _builtins.int
+    """The most files and directories it may hold."""
+    files: _builtins.int
+    """Files and directories it holds, as last measured."""
+    problem: _builtins.str
+    """Why it is at or over its quota, for example `data dir quota (16 MiB)
+    full: ...`; empty when it is not.
+    """
+    read_only: _builtins.bool
+    """The sidecars get the data dir read-only: an accounted quota that was
+    exceeded.
+    """
+    def __init__(
+        self,
+        *,
+        mechanism: Global___DataQuotaMechanism.ValueType = ...,
+        quota_bytes: _builtins.int = ...,
+        used_bytes: _builtins.int = ...,
+        max_files: _builtins.int = ...,
+        files: _builtins.int = ...,
+        problem: _builtins.str = ...,
+        read_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "max_files", b"max_files", "mechanism", b"mechanism", "problem", b"problem", "quota_bytes", b"quota_bytes", "read_only", b"read_only", "used_bytes", b"used_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataDirStatus: _TypeAlias = DataDirStatus  # noqa: Y015
 
 @_typing.final
 class TraceUsage(_message.Message):
@@ -1182,9 +1280,13 @@ class SandboxViolation(_message.Message):
     REPLICA_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     replica: _builtins.int
-    """Replica index."""
+    """Replica index; 0 for a limit all the plugin's replicas share (its data
+    dir quota).
+    """
     detail: _builtins.str
-    """What happened, for example `process limit (64) reached: 3 fork(s) refused`."""
+    """What happened, for example `process limit (64) reached: 3 fork(s)
+    refused` or `data dir quota (16 MiB) full: ...`.
+    """
     def __init__(
         self,
         *,
