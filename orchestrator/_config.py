@@ -244,6 +244,20 @@ class TelemetrySettings(_Strict):
         "(default: $OTEL_EXPORTER_OTLP_ENDPOINT; none: traces stay in the embedded store)",
     )
     max_traces: int = Field(1000, ge=1, description="traces the embedded store keeps, e.g. 1000")
+    max_store_mb: int = Field(
+        256,
+        ge=1,
+        le=1 << 20,
+        description="most the embedded trace store may hold, in MiB; the oldest traces are "
+        "evicted beyond it, e.g. 256",
+    )
+    client_quota_mb: int = Field(
+        16,
+        ge=1,
+        le=1 << 16,
+        description="most the spans clients send to the mesh's listeners may take in the "
+        "trace store, in MiB (a plugin's quota is its sandbox.trace_quota_mb)",
+    )
     metrics_interval: float = Field(10.0, gt=0, description="seconds between metric exports")
     export_delay_ms: int = Field(
         200, ge=1, description="how long finished spans wait to be batched, in milliseconds"

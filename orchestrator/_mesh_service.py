@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -45,11 +45,14 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
         plugins: Mapping[str, PluginRuntime],
         events: EventBus,
         traces: TraceStore | None,
+        *,
+        trace_usage: Callable[[str], mesh_pb2.TraceUsage | None] | None = None,
     ) -> None:
         self._catalog = catalog
         self._plugins = plugins
         self._events = events
         self._traces = traces
+        self._trace_usage = trace_usage
 
     async def _require_read(self, context: Context, method: str) -> None:
         """PERMISSION_DENIED (and an event) for a plugin the operator granted no mesh reads."""
@@ -86,9 +89,13 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
             ).abort(context)
 
     def plugin_status(self, plugin: PluginRuntime) -> mesh_pb2.PluginStatus:
-        """The status of one plugin."""
+        """The status of one plugin, with what its spans take in the trace store."""
         agents, tools = self._catalog.names_of(plugin.name)
-        return plugin.status(agents, tools)
+        status = plugin.status(agents, tools)
+        usage = self._trace_usage(plugin.name) if self._trace_usage is not None else None
+        if usage is not None:
+            status.trace_usage.CopyFrom(usage)
+        return status
 
     async def ListPlugins(
         self, request: mesh_pb2.ListPluginsRequest, context: Context
@@ -183,10 +190,10 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
         await self._require_read(context, "GetTrace")
         store = await self._store(context)
         try:
-            spans = await store.spans(request.trace_id)
+            spans, omitted = await store.spans(request.trace_id)
         except SidemeshError as err:
             await err.abort(context)
-        return mesh_pb2.GetTraceResponse(spans=spans)
+        return mesh_pb2.GetTraceResponse(spans=spans, spans_omitted=omitted)
 
     async def _store(self, context: Context) -> TraceStore:
         if self._traces is None:

@@ -24,7 +24,6 @@ import sidemesh_dataplane as dp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import Observation
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from clients import AsyncMeshClient, SidemeshError, server_options
 from orchestrator._accounting import Accounting
@@ -85,6 +84,7 @@ class Orchestrator:
             launcher = ProcessLauncher() if off else SandboxLauncher(config.sandbox)
         self._launcher = launcher
         self.telemetry = Telemetry(config.telemetry, config.state_dir)
+        self.telemetry.on_violation = self._trace_violation
         self.supervisor = Supervisor(
             config.supervisor,
             self.catalog,
@@ -98,7 +98,7 @@ class Orchestrator:
                 config.limits.plugin_log_line_bytes,
             ),
         )
-        self._decider = Decider(self.catalog, self.plugins)
+        self._decider = Decider(self.catalog, self.plugins, routed=self.telemetry.routed)
         self._plane: dp.DataPlane | None = None
         self._upstreams: Upstreams | None = None
         self._accounting: Accounting | None = None
@@ -142,6 +142,13 @@ class Orchestrator:
             if plugin.manifest is not None and plugin.manifest.remote and plugin.replicas:
                 self.supervisor.start(plugin)
             elif plugin.paths is not None:
+                if plugin.manifest is not None:  # its spans: stamped as its own, within its quota
+                    self.telemetry.add_plugin(
+                        plugin.name,
+                        quota_mb=plugin.override.sandbox.trace_quota_mb
+                        or plugin.manifest.sandbox.trace_quota_mb,
+                        replicas=len(plugin.replicas),
+                    )
                 _listen(
                     plane, f"unix:{plugin.paths.mesh_socket}", listener_id=f"plugin:{plugin.name}",
                     caller=plugin.name, services=CALLBACK_SERVICES,
@@ -249,6 +256,12 @@ class Orchestrator:
         plugin.resilience.on_ejected = ejected
         plugin.resilience.on_restored = restored
 
+    def _trace_violation(self, plugin: str, replica: int, detail: str) -> None:
+        """A plugin's spans were refused (reported at a bounded rate): an event."""
+        self.events.emit(
+            plugin, "sandbox_violation", mesh_pb2.SandboxViolation(replica=replica, detail=detail)
+        )
+
     @staticmethod
     def _remote_layers(plugin: PluginRuntime) -> str:
         off = "off: a remote plugin runs outside this mesh's sandbox"
@@ -263,11 +276,17 @@ class Orchestrator:
         limit = config.limits.max_message_bytes
         internal = grpc.aio.server(options=server_options(limit))
         mesh_pb2_grpc.add_MeshServiceServicer_to_server(
-            MeshService(self.catalog, self.plugins, self.events, telemetry.store), internal
+            MeshService(
+                self.catalog,
+                self.plugins,
+                self.events,
+                telemetry.store,
+                trace_usage=telemetry.trace_usage,
+            ),
+            internal,
         )
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            telemetry.receiver(), internal
-        )
+        # Spans sent on a callback socket are the plugin's (``sidemesh-caller``), others clients'.
+        telemetry.receiver().register(internal)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, internal)
         internal.add_generic_rpc_handlers((tool_listing(self.catalog, self.plugins),))
         reflection.enable_server_reflection(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import fnmatch
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import sidemesh_dataplane as dp
@@ -96,9 +96,18 @@ class _Caller:
 class Decider:
     """The data plane's callbacks (see the module docstring); one per orchestrator."""
 
-    def __init__(self, catalog: Catalog, plugins: Mapping[str, PluginRuntime]) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        plugins: Mapping[str, PluginRuntime],
+        *,
+        routed: Callable[[str, int, str], None] | None = None,
+    ) -> None:
         self.catalog = catalog
         self._plugins = plugins
+        #: Told (plugin, trace id, calling plugin) of every routed call, before it is
+        #: forwarded: the traces a plugin may add spans to (``Telemetry.routed``).
+        self._routed = routed
         #: Calls routed (plugin, call id, path, target, caller, replica, trace id): the
         #: ``call_started`` events, emitted on the loop.
         self.started: collections.deque[tuple[str, str, str, str, str, int, str]] = (
@@ -137,6 +146,8 @@ class Decider:
             (entry.plugin, call.call_id, call.path, entry.qualified, call.caller,
              replica.index, call.trace_id)
         )  # fmt: skip
+        if self._routed is not None and call.trace_id:
+            self._routed(entry.plugin, int(call.trace_id, 16), call.caller)
         return dp.Decision(
             key,
             message=payload if payload is not message else None,

@@ -2,14 +2,17 @@
 
 The orchestrator is the mesh's embedded collector. Its own spans (made by the
 data plane as trace store rows: a SERVER span per routed call, a CLIENT span
-per attempt) and the spans sidecars send it over OTLP (on their callback
-sockets, since a sandboxed sidecar has no network) flow through one sink: the
-embedded trace store, and, when an OTLP endpoint is configured, the official
-OTLP exporter.
+per attempt) go to the embedded trace store as source ``orchestrator``; the
+spans sidecars send it over OTLP (on their callback sockets, since a sandboxed
+sidecar has no network) and clients send to its listeners go through the
+:class:`~orchestrator._otlp_receiver.OtlpReceiver`, which stamps them with
+their source and keeps them within their bounds. When an OTLP endpoint is
+configured, what is stored also goes there with the official OTLP exporter.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -19,11 +22,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 from opentelemetry import metrics
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from opentelemetry.sdk.metrics import MeterProvider
@@ -31,7 +32,10 @@ from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
 from orchestrator._config import TelemetrySettings
-from orchestrator._trace_store import TraceStore, stamp_resource
+from orchestrator._otlp_receiver import INGEST_THREADS, OtlpReceiver
+from orchestrator._trace_sources import TraceSource, TraceSources
+from orchestrator._trace_store import OwnRow, TraceStore
+from sidemesh.v1 import mesh_pb2
 
 log = logging.getLogger("sidemesh.telemetry")
 
@@ -101,43 +105,36 @@ class _Forwarder(OTLPSpanExporter):
         self.shutdown()
 
 
-class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """The OTLP ``TraceService`` the orchestrator serves: where sidecars send their spans.
-
-    A batch that came in on a plugin's callback socket is stamped with the
-    plugin's name (``sidemesh.plugin``), from the data plane's trusted
-    ``sidemesh-caller`` metadata, never from anything the plugin sent.
-    """
-
-    def __init__(self, sink: Callable[[ExportTraceServiceRequest], None]) -> None:
-        self._sink = sink
-
-    async def Export(
-        self, request: ExportTraceServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        """Accepts a batch of spans."""
-        for key, value in context.invocation_metadata() or ():
-            if key == "sidemesh-caller":
-                stamp_resource(request, "sidemesh.plugin", str(value))
-        self._sink(request)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
 class Telemetry:
-    """Tracer, meter, trace store and OTLP export of one orchestrator."""
+    """Meter, trace store, span receiver and OTLP export of one orchestrator."""
 
     def __init__(self, settings: TelemetrySettings, state_dir: Path) -> None:
         self.settings = settings
         self.enabled = settings.enabled
         self.endpoint = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         self.store: TraceStore | None = None
+        #: Who sends spans, and what each may store; None when tracing is off.
+        self.sources: TraceSources | None = None
+        #: Called with (plugin, replica, detail) when a plugin's spans are refused (at a
+        #: bounded rate): the orchestrator makes it a ``sandbox_violation`` event.
+        self.on_violation: Callable[[str, int, str], None] | None = None
         self._forwarder: _Forwarder | None = None
+        self._ingest: concurrent.futures.ThreadPoolExecutor | None = None
+        self._receiver: OtlpReceiver | None = None
         self._meter_provider: MeterProvider | None = None
         #: ``service.name`` of the orchestrator's own spans.
         self.service = os.environ.get("OTEL_SERVICE_NAME", "sidemesh-orchestrator")
         resource = Resource.create({"service.name": self.service})
         if self.enabled:
-            self.store = TraceStore(state_dir / TRACES_FILE, settings.max_traces)
+            self.store = TraceStore(
+                state_dir / TRACES_FILE, settings.max_traces, settings.max_store_mb << 20
+            )
+            self.sources = TraceSources(
+                self.store, settings.client_quota_mb << 20, orchestrator_service=self.service
+            )
+            self._ingest = concurrent.futures.ThreadPoolExecutor(
+                INGEST_THREADS, thread_name_prefix="otlp-ingest"
+            )
             if self.endpoint:
                 self._forwarder = _Forwarder(self.endpoint)
         if self.enabled and self.endpoint:
@@ -155,23 +152,55 @@ class Telemetry:
         """Whether metrics go anywhere (an OTLP endpoint is configured)."""
         return self._meter_provider is not None
 
-    def add_rows(self, rows: list[tuple[Any, ...]]) -> None:
+    def add_rows(self, rows: list[OwnRow]) -> None:
         """The orchestrator's own spans (the data plane's rows): to the store and the endpoint."""
         if self.store is not None:
-            self.store.add(rows)
+            self.store.add_own(rows)
         if self._forwarder is not None:
             self._forwarder.submit(rows_to_otlp(rows, self.service))
 
-    def accept(self, request: ExportTraceServiceRequest) -> None:
-        """The sink: stores a batch of spans and forwards it to the endpoint, if any."""
-        if self.store is not None:
-            self.store.add(request)
-        if self._forwarder is not None:
-            self._forwarder.submit(request)
+    def add_plugin(self, plugin: str, *, quota_mb: int, replicas: int = 1) -> None:
+        """Registers a plugin with a callback socket: its spans may take ``quota_mb`` MiB."""
+        if self.sources is not None:
+            self.sources.add_plugin(plugin, quota_mb << 20, replicas)
 
     def receiver(self) -> OtlpReceiver:
-        """The OTLP receiver of the orchestrator's own services."""
-        return OtlpReceiver(self.accept)
+        """The OTLP receiver of the orchestrator's own services (one, whatever the listener).
+
+        A call the data plane passes on from plugin NAME's callback socket
+        carries ``sidemesh-caller: NAME`` (a client cannot send it): its spans
+        are that plugin's; any other call's are clients'.
+        """
+        if self._receiver is None:
+            forwarder = self._forwarder
+            self._receiver = OtlpReceiver(
+                self.sources,
+                executor=self._ingest,
+                forward=forwarder.submit if forwarder is not None else None,
+                report=self._refused,
+            )
+        return self._receiver
+
+    def routed(self, plugin: str, trace_id: int, caller: str = "") -> None:
+        """Notes a call of trace ``trace_id`` routed to ``plugin`` (from plugin ``caller``).
+
+        Every forwarding path calls it for every call it routes (the data
+        plane's :meth:`Decider.decide <orchestrator._routing.Decider.decide>`),
+        before the call reaches the sidecar: it is how the trace store knows
+        which traces a plugin may add spans to. Thread-safe, about a microsecond.
+        """
+        if self.sources is not None and trace_id:
+            self.sources.routed(plugin, trace_id, caller)
+
+    def trace_usage(self, plugin: str) -> mesh_pb2.TraceUsage | None:
+        """What ``plugin``'s spans take in the store and what was refused; None if unknown."""
+        source = self.sources.plugins.get(plugin) if self.sources is not None else None
+        return source.usage() if source is not None else None
+
+    def _refused(self, source: TraceSource, replica: int, detail: str) -> None:
+        log.warning("%s", detail)
+        if source.plugin and self.on_violation is not None:
+            self.on_violation(source.plugin, replica, detail)
 
     def sidecar_environment(self) -> dict[str, str]:
         """``OTEL_*`` settings every sidecar gets (its endpoint is its callback socket)."""
@@ -200,6 +229,8 @@ class Telemetry:
         """Exports what is buffered and stops every exporter and the store."""
         if self._meter_provider is not None:
             self._meter_provider.shutdown()
+        if self._ingest is not None:
+            self._ingest.shutdown(wait=True, cancel_futures=True)
         if self._forwarder is not None:
             self._forwarder.close()
         if self.store is not None:

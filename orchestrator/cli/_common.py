@@ -168,6 +168,17 @@ def print_json(value: Any, *, line: bool = False) -> None:
     print(json.dumps(value, indent=None if line else 2, ensure_ascii=False), flush=line)
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: control, format and separator characters
+    (escape sequences, newlines, bidi overrides) shown as ``\\x1b``-style escapes."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+        for c in text
+    )
+
+
 def usage_error(message: str) -> int:
     """Prints ``message`` as a usage error; returns the exit code for it."""
     print(f"sidemesh: {message}", file=sys.stderr)

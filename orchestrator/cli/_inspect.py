@@ -97,9 +97,32 @@ async def _plugins(client: AsyncMeshClient, args: argparse.Namespace) -> int:
                 print(f"  sandbox {layer.name}: {'on' if layer.active else 'OFF'} {layer.detail}")
             if p.HasField("data_dir"):
                 print(f"  {data_dir_summary(p.data_dir)}")
+            if p.HasField("trace_usage"):
+                print("  " + trace_usage(p.trace_usage))
             if p.error:
                 print("  error:\n    " + p.error.replace("\n", "\n    "))
     return EXIT_OK
+
+
+def trace_usage(usage: mesh_pb2.TraceUsage) -> str:
+    """``traces: 1.2 of 16 MiB quota, 340 spans stored, 12 refused (...)``."""
+    mib = 1024 * 1024
+    line = (
+        f"traces: {usage.bytes_used / mib:.1f} of {usage.bytes_quota / mib:g} MiB quota, "
+        f"{usage.spans_accepted} spans stored, {usage.spans_refused} refused"
+    )
+    if usage.spans_refused:
+        line += (
+            f" ({usage.refused_over_quota} over quota, {usage.refused_unknown_trace} for "
+            f"traces not its own, {usage.refused_malformed} malformed)"
+        )
+    if usage.spans_truncated:
+        line += f", {usage.spans_truncated} truncated"
+    if usage.exports_throttled:
+        line += f", {usage.exports_throttled} exports throttled"
+    if usage.last_refusal:
+        line += f"\n    last refusal: {usage.last_refusal}"
+    return line
 
 
 def data_dir_summary(data: mesh_pb2.DataDirStatus) -> str:

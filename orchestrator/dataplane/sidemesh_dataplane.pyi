@@ -341,7 +341,7 @@ class DataPlane:
         a CLIENT span per attempt that opened a stream (the same ``rpc.*``, the
         upstream's ``span_attributes``, its status, ``sidemesh.attempt.outcome``).
         Errors have status message ``"<CODE_NAME>: <message>"``. Pass them to
-        ``TraceStore.add`` as they are."""
+        ``TraceStore.add_own`` as they are."""
     def stats(self) -> dict[str, int]:
         """``in_flight``, ``streams``, ``calls``, ``refused``, ``retries``,
         ``internal_calls``, ``records_waiting``, ``records_dropped``, ``span_rows_dropped``,

@@ -345,6 +345,7 @@ class PluginStatus(_message.Message):
     SANDBOX_FIELD_NUMBER: _builtins.int
     ROUTING_FIELD_NUMBER: _builtins.int
     DATA_DIR_FIELD_NUMBER: _builtins.int
+    TRACE_USAGE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The plugin's name."""
     version: _builtins.str
@@ -387,6 +388,12 @@ class PluginStatus(_message.Message):
         has no quota (its sandbox is off, or it is remote).
         """
 
+    @_builtins.property
+    def trace_usage(self) -> Global___TraceUsage:
+        """What the plugin's spans take in the mesh's trace store, and what was
+        refused; unset for a plugin without a callback socket (a remote one).
+        """
+
     def __init__(
         self,
         *,
@@ -404,10 +411,11 @@ class PluginStatus(_message.Message):
         sandbox: _abc.Iterable[Global___SandboxLayer] | None = ...,
         routing: _builtins.str = ...,
         data_dir: Global___DataDirStatus | None = ...,
+        trace_usage: Global___TraceUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data_dir", b"data_dir"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_dir", b"data_dir", "trace_usage", b"trace_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "data_dir", b"data_dir", "description", b"description", "directory", b"directory", "error", b"error", "mcp", b"mcp", "name", b"name", "replicas", b"replicas", "restarts", b"restarts", "routing", b"routing", "sandbox", b"sandbox", "state", b"state", "tools", b"tools", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "data_dir", b"data_dir", "description", b"description", "directory", b"directory", "error", b"error", "mcp", b"mcp", "name", b"name", "replicas", b"replicas", "restarts", b"restarts", "routing", b"routing", "sandbox", b"sandbox", "state", b"state", "tools", b"tools", "trace_usage", b"trace_usage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -466,6 +474,84 @@ class DataDirStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DataDirStatus: _TypeAlias = DataDirStatus  # noqa: Y015
+
+@_typing.final
+class TraceUsage(_message.Message):
+    """A plugin's spans in the orchestrator's trace store. A plugin sends them on
+    its callback socket; they are stored as its own (source `plugin:NAME`),
+    within its byte quota (`sandbox.trace_quota_mb`), and only for traces it
+    took part in.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BYTES_USED_FIELD_NUMBER: _builtins.int
+    BYTES_QUOTA_FIELD_NUMBER: _builtins.int
+    SPANS_ACCEPTED_FIELD_NUMBER: _builtins.int
+    SPANS_REFUSED_FIELD_NUMBER: _builtins.int
+    REFUSED_OVER_QUOTA_FIELD_NUMBER: _builtins.int
+    REFUSED_UNKNOWN_TRACE_FIELD_NUMBER: _builtins.int
+    REFUSED_MALFORMED_FIELD_NUMBER: _builtins.int
+    SPANS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    LAST_REFUSAL_FIELD_NUMBER: _builtins.int
+    EXPORTS_THROTTLED_FIELD_NUMBER: _builtins.int
+    bytes_used: _builtins.int
+    """Bytes its stored spans take, as the store counts them: about what they
+    take in its database file (their text, a sixth more, and 384 bytes a
+    span).
+    """
+    bytes_quota: _builtins.int
+    """Its quota in bytes: the manifest's `sandbox.trace_quota_mb`, or the
+    operator's `plugins.<name>.sandbox.trace_quota_mb`.
+    """
+    spans_accepted: _builtins.int
+    """Spans stored since the orchestrator started."""
+    spans_refused: _builtins.int
+    """Spans refused since the orchestrator started, for every reason (the sum
+    of the three below).
+    """
+    refused_over_quota: _builtins.int
+    """Refused because its spans already took its quota."""
+    refused_unknown_trace: _builtins.int
+    """Refused because their trace was never routed to the plugin nor started
+    by it (one of its callbacks).
+    """
+    refused_malformed: _builtins.int
+    """Refused as malformed (a trace or span id of the wrong length, or zero),
+    or beyond the most spans one export request may carry.
+    """
+    spans_truncated: _builtins.int
+    """Spans stored with something cut to the store's bounds (a long name or
+    value, too many attributes, a time far from now); such a span has the
+    attribute `sidemesh.truncated` saying what.
+    """
+    last_refusal: _builtins.str
+    """The last refusal, in a sentence; empty if none."""
+    exports_throttled: _builtins.int
+    """Export requests refused unread, to be retried (`RESOURCE_EXHAUSTED` with
+    `RetryInfo`): more than 2 at once, or more than 8 MiB a second.
+    """
+    def __init__(
+        self,
+        *,
+        bytes_used: _builtins.int = ...,
+        bytes_quota: _builtins.int = ...,
+        spans_accepted: _builtins.int = ...,
+        spans_refused: _builtins.int = ...,
+        refused_over_quota: _builtins.int = ...,
+        refused_unknown_trace: _builtins.int = ...,
+        refused_malformed: _builtins.int = ...,
+        spans_truncated: _builtins.int = ...,
+        last_refusal: _builtins.str = ...,
+        exports_throttled: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_quota", b"bytes_quota", "bytes_used", b"bytes_used", "exports_throttled", b"exports_throttled", "last_refusal", b"last_refusal", "refused_malformed", b"refused_malformed", "refused_over_quota", b"refused_over_quota", "refused_unknown_trace", b"refused_unknown_trace", "spans_accepted", b"spans_accepted", "spans_refused", b"spans_refused", "spans_truncated", b"spans_truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TraceUsage: _TypeAlias = TraceUsage  # noqa: Y015
 
 @_typing.final
 class ListPluginsRequest(_message.Message):
@@ -1313,6 +1399,7 @@ class TraceSummary(_message.Message):
     SPAN_COUNT_FIELD_NUMBER: _builtins.int
     SERVICES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ROOT_SOURCE_FIELD_NUMBER: _builtins.int
     trace_id: _builtins.str
     """The trace id: 32 lowercase hex digits."""
     root_name: _builtins.str
@@ -1323,6 +1410,11 @@ class TraceSummary(_message.Message):
     """Number of spans stored for the trace."""
     error: _builtins.bool
     """True when any span ended with an error status."""
+    root_source: _builtins.str
+    """The root span's `source` (see `TraceSpan.source`). The root, start time
+    and duration are taken from the orchestrator's and clients' spans when
+    the trace has any, never from a plugin's.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the earliest span started."""
@@ -1346,10 +1438,11 @@ class TraceSummary(_message.Message):
         span_count: _builtins.int = ...,
         services: _abc.Iterable[_builtins.str] | None = ...,
         error: _builtins.bool = ...,
+        root_source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "root_name", b"root_name", "root_service", b"root_service", "services", b"services", "span_count", b"span_count", "start_time", b"start_time", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "root_name", b"root_name", "root_service", b"root_service", "root_source", b"root_source", "services", b"services", "span_count", b"span_count", "start_time", b"start_time", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1384,6 +1477,11 @@ class GetTraceResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPANS_FIELD_NUMBER: _builtins.int
+    SPANS_OMITTED_FIELD_NUMBER: _builtins.int
+    spans_omitted: _builtins.int
+    """Spans left out because the trace is larger than one answer may be (8
+    MiB); plugins' spans are left out first, the orchestrator's never.
+    """
     @_builtins.property
     def spans(self) -> _containers.RepeatedCompositeFieldContainer[Global___TraceSpan]:
         """The trace's spans, ordered by start time."""
@@ -1392,10 +1490,11 @@ class GetTraceResponse(_message.Message):
         self,
         *,
         spans: _abc.Iterable[Global___TraceSpan] | None = ...,
+        spans_omitted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spans", b"spans"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["spans", b"spans", "spans_omitted", b"spans_omitted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1438,6 +1537,7 @@ class TraceSpan(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     trace_id: _builtins.str
     """The trace id (32 hex digits)."""
     span_id: _builtins.str
@@ -1447,8 +1547,9 @@ class TraceSpan(_message.Message):
     name: _builtins.str
     """The span's name, for example `sidemesh.v1.ToolService/CallTool`."""
     service: _builtins.str
-    """`service.name` of the process that made the span (the plugin's name for
-    a sidecar).
+    """`service.name` of the process that made the span. For a plugin's span
+    it is always the plugin's name, whatever the plugin claimed (the claim is
+    kept in the attribute `sidemesh.claimed_service`).
     """
     kind: Global___SpanKind.ValueType
     """The span's role."""
@@ -1456,6 +1557,13 @@ class TraceSpan(_message.Message):
     """True when the span ended with an error status."""
     status_message: _builtins.str
     """The error status's description."""
+    source: _builtins.str
+    """Who sent the span, as the orchestrator knows it (never as the span
+    claims): `orchestrator` for its own spans, `plugin:NAME` for a span
+    plugin NAME sent on its callback socket, `client` for a span sent to the
+    mesh's listeners. Spans from different sources never replace each
+    other, even with the same ids.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the span started."""
@@ -1466,7 +1574,11 @@ class TraceSpan(_message.Message):
 
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """The span's attributes, values rendered as text (arrays as JSON)."""
+        """The span's attributes, values rendered as text (arrays as JSON). Spans
+        from plugins and clients are bounded: names, keys and values are cut
+        (ending in `…`), attributes beyond 64 dropped, and the attribute
+        `sidemesh.truncated` says what was cut.
+        """
 
     def __init__(
         self,
@@ -1482,10 +1594,11 @@ class TraceSpan(_message.Message):
         error: _builtins.bool = ...,
         status_message: _builtins.str = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "duration", b"duration", "error", b"error", "kind", b"kind", "name", b"name", "parent_span_id", b"parent_span_id", "service", b"service", "span_id", b"span_id", "start_time", b"start_time", "status_message", b"status_message", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "duration", b"duration", "error", b"error", "kind", b"kind", "name", b"name", "parent_span_id", b"parent_span_id", "service", b"service", "source", b"source", "span_id", b"span_id", "start_time", b"start_time", "status_message", b"status_message", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

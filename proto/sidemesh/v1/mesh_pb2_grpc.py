@@ -163,8 +163,10 @@ class MeshServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTrace(self, request, context):
-        """One trace's spans, from every process it crossed. `NOT_FOUND` when the
-        store does not hold it; `INVALID_ARGUMENT` for a malformed or ambiguous id.
+        """One trace's spans, from every process it crossed, each with the source
+        the orchestrator knows it came from (`TraceSpan.source`). `NOT_FOUND`
+        when the store does not hold it; `INVALID_ARGUMENT` for a malformed or
+        ambiguous id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,8 +70,10 @@ class MeshServiceStub:
     is the whole call. The store is bounded; old traces are dropped.
     """
     GetTrace: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.GetTraceRequest, _mesh_pb2.GetTraceResponse]
-    """One trace's spans, from every process it crossed. `NOT_FOUND` when the
-    store does not hold it; `INVALID_ARGUMENT` for a malformed or ambiguous id.
+    """One trace's spans, from every process it crossed, each with the source
+    the orchestrator knows it came from (`TraceSpan.source`). `NOT_FOUND`
+    when the store does not hold it; `INVALID_ARGUMENT` for a malformed or
+    ambiguous id.
     """
 
 @_typing.type_check_only
@@ -116,8 +118,10 @@ class MeshServiceAsyncStub(MeshServiceStub):
     is the whole call. The store is bounded; old traces are dropped.
     """
     GetTrace: _aio.UnaryUnaryMultiCallable[_mesh_pb2.GetTraceRequest, _mesh_pb2.GetTraceResponse]  # type: ignore[assignment]
-    """One trace's spans, from every process it crossed. `NOT_FOUND` when the
-    store does not hold it; `INVALID_ARGUMENT` for a malformed or ambiguous id.
+    """One trace's spans, from every process it crossed, each with the source
+    the orchestrator knows it came from (`TraceSpan.source`). `NOT_FOUND`
+    when the store does not hold it; `INVALID_ARGUMENT` for a malformed or
+    ambiguous id.
     """
 
 class MeshServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -213,8 +217,10 @@ class MeshServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _mesh_pb2.GetTraceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mesh_pb2.GetTraceResponse, _abc.Awaitable[_mesh_pb2.GetTraceResponse]]:
-        """One trace's spans, from every process it crossed. `NOT_FOUND` when the
-        store does not hold it; `INVALID_ARGUMENT` for a malformed or ambiguous id.
+        """One trace's spans, from every process it crossed, each with the source
+        the orchestrator knows it came from (`TraceSpan.source`). `NOT_FOUND`
+        when the store does not hold it; `INVALID_ARGUMENT` for a malformed or
+        ambiguous id.
         """
 
 def add_MeshServiceServicer_to_server(servicer: MeshServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
