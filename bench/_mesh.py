@@ -55,6 +55,9 @@ class Orchestrator(Process):
             "runtime_dir": str(self.runtime_dir),
             "telemetry": {"enabled": tracing},
             "sandbox": {"mode": "enforce" if sandbox else "off"},
+            # Like the nginx and direct topologies, no client auth (its cost is measured on
+            # its own, by topologies that set it).
+            "auth": {"mode": "off"},
         }
         if remote:
             config["remote_plugins"] = {PLUGIN: {"address": remote}}

@@ -114,6 +114,10 @@ class Accounting:
                 resilience.succeeded(replica)
         code = record.code
         caller = context.caller
+        principal = context.principal
+        if principal is not None and self._decider.access is not None:
+            self._decider.access.release(principal)
+        who = principal.name if principal is not None else ""
         target, path, call_id = context.entry.qualified, record.path, record.call_id
         attempts, responses, message = len(record.attempts), record.responses, record.message
         nanos = record.end_ns - record.start_ns
@@ -123,6 +127,7 @@ class Accounting:
             ended = mesh_pb2.CallEnded(
                 call_id=call_id, method=path, target=target, caller=caller, code=code,
                 message=message, responses=responses, attempts=attempts, trace_id=trace_id,
+                principal=who,
             )  # fmt: skip
             ended.duration.FromNanoseconds(nanos)
             return ended
@@ -148,20 +153,25 @@ class Accounting:
         caller: str,
         replica: int,
         trace_id: str,
+        principal: str,
     ) -> None:
         def build() -> mesh_pb2.CallStarted:
             return mesh_pb2.CallStarted(
                 call_id=call_id, method=method, target=target, caller=caller, replica=replica,
-                trace_id=trace_id,
+                trace_id=trace_id, principal=principal,
             )  # fmt: skip
 
         self._events.emit(plugin, "call_started", build, also=(caller,) if caller else ())
 
-    def _denied(self, caller: str, plugin: str, target: str, method: str, reason: str) -> None:
+    def _denied(
+        self, caller: str, plugin: str, target: str, method: str, reason: str, principal: str
+    ) -> None:
         log.warning("permission denied: %s", reason)
         self._events.emit(
-            caller,
+            caller or plugin,
             "permission_denied",
-            mesh_pb2.PermissionDenied(caller=caller, target=target, method=method, reason=reason),
-            also=(plugin,),
+            mesh_pb2.PermissionDenied(
+                caller=caller, target=target, method=method, reason=reason, principal=principal
+            ),
+            also=(plugin,) if caller else (),
         )

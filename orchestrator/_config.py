@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from clients import DEFAULT_TCP_ADDRESS, normalize_address
-from orchestrator._auth_config import PluginGrant
+from orchestrator._auth_config import AuthConfig, PluginGrant, PolicyConfig
 from orchestrator._mcp_config import McpGatewaySettings
 from orchestrator._yaml_models import load_yaml_model, validate_model
 from sidemesh.core import default_state_dir
@@ -307,6 +307,15 @@ class MeshConfig(_Strict):
     mcp: McpGatewaySettings = Field(
         default_factory=McpGatewaySettings,
         description="the mesh as an MCP gateway: HTTP endpoint, authorization, virtual servers",
+    )
+    auth: AuthConfig = Field(
+        default_factory=AuthConfig,
+        description="how callers prove who they are: Unix peer credentials, TLS and mTLS, "
+        "bearer tokens and JWTs (docs/auth.md)",
+    )
+    policy: PolicyConfig = Field(
+        default_factory=PolicyConfig,
+        description="who may call what, and how fast: rules, groups, limits (docs/auth.md)",
     )
     state_dir: Path = Field(
         default_factory=default_state_dir,

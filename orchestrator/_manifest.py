@@ -103,6 +103,11 @@ class Permissions(_Strict):
     agents: list[str] = Field(
         default_factory=list, description="agent patterns, e.g. ['*/summarizer']"
     )
+    mcp: list[str] = Field(
+        default_factory=list,
+        description="MCP servers (plugin names) whose resources and prompts it may use, "
+        "e.g. ['mcp-time']",
+    )
 
 
 class McpServerSpec(_Strict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -14,6 +14,11 @@ from orchestrator._events import EventBus
 from orchestrator._plugin import PluginRuntime
 from orchestrator._trace_store import TraceStore
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc, tool_pb2
+
+if TYPE_CHECKING:
+    from orchestrator._own_access import OwnAccess
+
+T = TypeVar("T")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -47,7 +52,9 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
         traces: TraceStore | None,
         *,
         trace_usage: Callable[[str], mesh_pb2.TraceUsage | None] | None = None,
+        own: OwnAccess | None = None,
     ) -> None:
+        self._own = own
         self._catalog = catalog
         self._plugins = plugins
         self._events = events
@@ -79,7 +86,17 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
             reason, reason="MESH_API_NOT_GRANTED", metadata={"caller": plugin}
         ).abort(context)
 
+    def _listed(self, context: Context, kind: str, items: list[T]) -> list[T]:
+        """The descriptors the caller may call."""
+        return visible_to(context, kind, items, self._own, self._plugins)
+
     async def _visible(self, context: Context, kind: str, qualified: str) -> None:
+        if self._own is not None:
+            try:
+                self._own.may(context, kind, qualified)
+            except SidemeshError as err:
+                await err.abort(context)
+            return
         caller = caller_of(context, self._plugins)
         if caller is not None and not caller.may_call(kind, qualified):
             await PermissionDeniedError(
@@ -128,10 +145,7 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
     ) -> mesh_pb2.ListAgentsResponse:
         """Agents, filtered by plugin and capability."""
         agents = self._catalog.agents(request.plugin, request.capability)
-        caller = caller_of(context, self._plugins)
-        if caller is not None:
-            agents = [a for a in agents if caller.may_call("agent", a.qualified_name)]
-        return mesh_pb2.ListAgentsResponse(agents=agents)
+        return mesh_pb2.ListAgentsResponse(agents=self._listed(context, "agent", agents))
 
     async def GetAgent(
         self, request: mesh_pb2.GetAgentRequest, context: Context
@@ -149,10 +163,7 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
     ) -> mesh_pb2.MeshServiceListToolsResponse:
         """Tools, filtered by plugin and a text query."""
         tools = self._catalog.tools(request.plugin, request.query)
-        caller = caller_of(context, self._plugins)
-        if caller is not None:
-            tools = [t for t in tools if caller.may_call("tool", t.qualified_name)]
-        return mesh_pb2.MeshServiceListToolsResponse(tools=tools)
+        return mesh_pb2.MeshServiceListToolsResponse(tools=self._listed(context, "tool", tools))
 
     async def GetTool(
         self, request: mesh_pb2.GetToolRequest, context: Context
@@ -205,7 +216,25 @@ class MeshService(mesh_pb2_grpc.MeshServiceServicer):
         return self._traces
 
 
-def tool_listing(catalog: Catalog, plugins: Mapping[str, PluginRuntime]) -> grpc.GenericRpcHandler:
+def visible_to(
+    context: Context,
+    kind: str,
+    items: list[T],
+    own: OwnAccess | None,
+    plugins: Mapping[str, PluginRuntime],
+) -> list[T]:
+    """The agent or tool descriptors the caller of ``context`` may call."""
+    if own is not None:
+        return own.visible(context, kind, items, key=lambda d: d.qualified_name)  # type: ignore[attr-defined]
+    caller = caller_of(context, plugins)
+    if caller is None:
+        return items
+    return [d for d in items if caller.may_call(kind, d.qualified_name)]  # type: ignore[attr-defined]
+
+
+def tool_listing(
+    catalog: Catalog, plugins: Mapping[str, PluginRuntime], own: OwnAccess | None = None
+) -> grpc.GenericRpcHandler:
     """``ToolService.ListTools`` (the data plane routes ``CallTool``): a plugin sees only
     the tools it may call."""
 
@@ -213,10 +242,7 @@ def tool_listing(catalog: Catalog, plugins: Mapping[str, PluginRuntime]) -> grpc
         request: tool_pb2.ListToolsRequest, context: Context
     ) -> tool_pb2.ListToolsResponse:
         tools = catalog.tools(plugin=request.plugin)
-        caller = caller_of(context, plugins)
-        if caller is not None:
-            tools = [t for t in tools if caller.may_call("tool", t.qualified_name)]
-        return tool_pb2.ListToolsResponse(tools=tools)
+        return tool_pb2.ListToolsResponse(tools=visible_to(context, "tool", tools, own, plugins))
 
     handler = grpc.unary_unary_rpc_method_handler(
         list_tools,

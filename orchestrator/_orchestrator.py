@@ -26,7 +26,10 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import Observation
 
 from clients import AsyncMeshClient, SidemeshError, server_options
+from orchestrator._access import Access
 from orchestrator._accounting import Accounting
+from orchestrator._auth_config import listener_problems
+from orchestrator._authz import PluginAccess
 from orchestrator._catalog import Catalog
 from orchestrator._config import MeshConfig
 from orchestrator._discovery import DiscoveredPlugin, discover
@@ -41,6 +44,7 @@ from orchestrator._launch import (
 from orchestrator._manifest import MANIFEST_FILE, start_problem
 from orchestrator._mesh_service import MeshService, tool_listing
 from orchestrator._output import OutputLimits
+from orchestrator._own_access import OwnAccess
 from orchestrator._plugin import PluginPaths, PluginRuntime, duration, state_name
 from orchestrator._replica import Replica
 from orchestrator._routes import AGENT_SERVICE, MCP_SERVICE, TOOL_SERVICE
@@ -73,8 +77,13 @@ class Orchestrator:
         launcher: Launcher | None = None,
         mcp_authenticator: Authenticator | None = None,
         mcp_authorizer: Authorizer | None = None,
+        source: str = "sidemesh.yaml",
     ) -> None:
+        """``source``: the config file, named in refusals that say which rule to add."""
         self.config = config
+        self._source = source
+        #: Who may call what (made at start: it writes the owner's token to the state dir).
+        self.access: Access | None = None
         self.catalog = Catalog()
         self.catalog.not_serving = self._not_serving
         self.events = EventBus()
@@ -120,6 +129,10 @@ class Orchestrator:
         config = self.config
         ensure_private_dir(config.state_dir)
         self._run_dir = _make_run_dir(config.runtime_dir)
+        self.access = Access(config.auth, config.policy, {}, config.state_dir, source=self._source)
+        self._decider.access = self.access
+        for problem in listener_problems(config.auth, config.listen_addresses()):
+            log.warning("auth: %s", problem)
         plane = self._plane = await self._start_planes(self._run_dir)
         self._upstreams = Upstreams(plane, self._decider)
         for found in discover(config):
@@ -133,7 +146,7 @@ class Orchestrator:
             )
         for i, address in enumerate(config.listen_addresses()):
             self._client_listeners.append(f"client{i}")
-            self.addresses.append(_listen(plane, address, listener_id=f"client{i}"))
+            self.addresses.append(self._listen_client(plane, address, f"client{i}"))
         if isinstance(self._launcher, SandboxLauncher):
             self._launcher.mesh_ports = tuple(
                 int(a.rpartition(":")[2]) for a in self.addresses if not a.startswith("unix:")
@@ -227,6 +240,10 @@ class Orchestrator:
         if manifest is not None:
             self.catalog.declare(name, manifest.provides.agents, manifest.provides.tools)
         self._watch_outliers(plugin)
+        if manifest is not None and self.access is not None:
+            self.access.policy.set_plugin(
+                name, PluginAccess(manifest.permissions, override.permissions)
+            )
         self.plugins[name] = plugin
         self.supervisor.add(plugin)
 
@@ -270,11 +287,31 @@ class Orchestrator:
         ]
         return ""
 
+    def _listen_client(self, plane: dp.DataPlane, address: str, listener_id: str) -> str:
+        """A client listener: the Unix socket owner-only (or as ``auth.unix`` admits), TCP
+        with TLS when ``auth.tls`` is set; how its peers are identified goes to the decider."""
+        auth = self.config.auth
+        if address.startswith("unix:"):
+            self._decider.listeners[listener_id] = "unix"
+            return _listen(
+                plane, address, listener_id=listener_id, unix_mode=auth.unix.socket_mode()
+            )
+        tls = None
+        if auth.tls is not None:
+            tls = dp.TlsConfig(
+                str(auth.tls.cert), str(auth.tls.key),
+                client_ca=str(auth.tls.client_ca) if auth.tls.client_ca else None,
+                require_client_cert=auth.tls.require_client_cert,
+            )  # fmt: skip
+        self._decider.listeners[listener_id] = "tls" if tls is not None else "tcp"
+        return _listen(plane, address, listener_id=listener_id, tls=tls)
+
     async def _start_planes(self, run_dir: Path) -> dp.DataPlane:
         """The orchestrator's own services on a private socket, and the data plane before them."""
         config, telemetry = self.config, self.telemetry
         limit = config.limits.max_message_bytes
-        internal = grpc.aio.server(options=server_options(limit))
+        own = OwnAccess(self.access, self._decider.listeners)
+        internal = grpc.aio.server(options=server_options(limit), interceptors=[own])
         mesh_pb2_grpc.add_MeshServiceServicer_to_server(
             MeshService(
                 self.catalog,
@@ -282,13 +319,14 @@ class Orchestrator:
                 self.events,
                 telemetry.store,
                 trace_usage=telemetry.trace_usage,
+                own=own,
             ),
             internal,
         )
         # Spans sent on a callback socket are the plugin's (``sidemesh-caller``), others clients'.
         telemetry.receiver().register(internal)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, internal)
-        internal.add_generic_rpc_handlers((tool_listing(self.catalog, self.plugins),))
+        internal.add_generic_rpc_handlers((tool_listing(self.catalog, self.plugins, own),))
         reflection.enable_server_reflection(
             (AGENT_SERVICE, TOOL_SERVICE, MCP_SERVICE, MESH_SERVICE, OTLP_SERVICE,
              health.SERVICE_NAME, reflection.SERVICE_NAME),

@@ -132,7 +132,9 @@ def _mcp_resolver(request_cls: Any) -> Resolver:
             router.authorize("tool", tool, "CallTool")
             tool.check_arguments(request.arguments)
             return tool, raw
-        return Entry(plugin, "", plugin, None), raw
+        entry: Entry[Any] = Entry(plugin, "", plugin, None)
+        router.authorize("mcp", entry, request_cls.DESCRIPTOR.name.removesuffix("Request"))
+        return entry, raw
 
     return resolve
 

@@ -17,28 +17,28 @@ thread-safe deques that :mod:`orchestrator._accounting` empties on the loop.
 from __future__ import annotations
 
 import collections
-import fnmatch
+import ipaddress
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import sidemesh_dataplane as dp
 
-from clients import (
-    InvalidArgumentError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
-    SidemeshError,
-    UnavailableError,
-)
+from clients import InvalidArgumentError, ResourceExhaustedError, SidemeshError, UnavailableError
+from orchestrator._access import Access
+from orchestrator._authz import AccessDenied
 from orchestrator._catalog import Catalog, Entry
 from orchestrator._plugin import PluginRuntime
+from orchestrator._principals import ANONYMOUS, Principal, TransportIdentity
 from orchestrator._process import process_tree
 from orchestrator._replica import Replica
 from orchestrator._routes import BY_PATH, MCP_SERVICE, NO_FIRST_MESSAGE, ROUTES, Route
 from sidemesh.v1 import tool_pb2
 
 log = logging.getLogger("sidemesh.router")
+
+#: Span attribute sets kept (one per target and principal) before the cache starts over.
+_MAX_ATTRIBUTE_SETS = 4096
 
 #: The routed methods, for the data plane: every other path is the orchestrator's own.
 DATAPLANE_ROUTES = [(route.path, route.kind) for route in ROUTES]
@@ -47,50 +47,58 @@ DATAPLANE_ROUTES = [(route.path, route.kind) for route in ROUTES]
 class CallContext:
     """What the mesh remembers of one forwarded call (handed back in its record)."""
 
-    __slots__ = ("caller", "entry", "plugin", "replica", "route", "tried")
+    __slots__ = ("caller", "entry", "plugin", "principal", "replica", "route", "tried")
 
     def __init__(
-        self, route: Route, entry: Entry[Any], plugin: PluginRuntime, replica: Replica, caller: str
+        self,
+        route: Route,
+        entry: Entry[Any],
+        plugin: PluginRuntime,
+        replica: Replica,
+        caller: str,
+        principal: Principal | None,
     ) -> None:
         self.route = route
         self.entry = entry
         self.plugin = plugin
         self.replica = replica
         self.caller = caller
+        #: Who made it; its slot of the caller's limits is given back when it ends.
+        self.principal = principal
         #: Replicas an attempt of this call failed on.
         self.tried: list[Replica] = [replica]
 
 
-class _Caller:
-    """Resolving for one listener's callers: the catalog and the caller's permissions."""
+class _Resolving:
+    """What resolving one call needs: the catalog, and one policy check of its caller."""
 
-    __slots__ = ("_denied", "catalog", "plugin")
+    __slots__ = ("_call", "_decider", "catalog", "identity", "principal")
 
-    def __init__(
-        self, catalog: Catalog, plugin: PluginRuntime | None, denied: collections.deque[Any]
-    ) -> None:
-        self.catalog = catalog
-        self.plugin = plugin
-        self._denied = denied
+    def __init__(self, decider: Decider, call: dp.Call, identity: TransportIdentity) -> None:
+        self.catalog = decider.catalog
+        self._decider = decider
+        self._call = call
+        self.identity = identity
+        self.principal: Principal | None = None
 
     def authorize(self, kind: str, entry: Entry[Any], method: str) -> None:
-        """Raises ``PERMISSION_DENIED`` (and reports it) when the caller may not call ``entry``."""
-        caller = self.plugin
-        if caller is None or caller.may_call(kind, entry.qualified):
+        """Authenticates the caller, checks it may call ``entry`` and takes a slot of its
+        limits; raises UNAUTHENTICATED / PERMISSION_DENIED (reported) / RESOURCE_EXHAUSTED."""
+        access = self._decider.access
+        if access is None:
             return
-        field = "tools" if kind == "tool" else "agents"
-        if any(fnmatch.fnmatchcase(entry.qualified, p) for p in caller.asked(kind)):
-            where = f"plugins.{caller.name}.permissions.{field} in the Sidemesh config"
-        else:
-            where = f"permissions.{field} in {caller.name}'s plugin.yaml"
-        reason = (
-            f"plugin {caller.name!r} may not call {kind} {entry.qualified!r}: add it "
-            f"(or a pattern such as '{entry.plugin}/*') to {where}"
-        )
-        self._denied.append((caller.name, entry.plugin, entry.qualified, method, reason))
-        raise PermissionDeniedError(
-            reason, reason="PERMISSION_DENIED", metadata={"caller": caller.name}
-        )
+        try:
+            self.principal = access.admit(
+                self.identity, _text(self._call.header("authorization")), kind,
+                entry.qualified, method,
+            )  # fmt: skip
+        except AccessDenied as denied:
+            caller = self._call.caller
+            self._decider.denied.append(
+                (caller, entry.plugin, entry.qualified, method, denied.message,
+                 denied.principal.name)
+            )  # fmt: skip
+            raise
 
 
 class Decider:
@@ -108,18 +116,21 @@ class Decider:
         #: Told (plugin, trace id, calling plugin) of every routed call, before it is
         #: forwarded: the traces a plugin may add spans to (``Telemetry.routed``).
         self._routed = routed
-        #: Calls routed (plugin, call id, path, target, caller, replica, trace id): the
-        #: ``call_started`` events, emitted on the loop.
-        self.started: collections.deque[tuple[str, str, str, str, str, int, str]] = (
+        #: Who may call what (set when the mesh starts; None: anyone, for tests).
+        self.access: Access | None = None
+        #: Listener id -> ``unix``, ``tls`` or ``tcp``: how its peers are identified.
+        self.listeners: dict[str, str] = {}
+        #: Calls routed (plugin, call id, path, target, caller, replica, trace id,
+        #: principal): the ``call_started`` events, emitted on the loop.
+        self.started: collections.deque[tuple[str, str, str, str, str, int, str, str]] = (
             collections.deque()
         )
-        #: Refused callbacks (caller, target plugin, target, method, reason).
-        self.denied: collections.deque[tuple[str, str, str, str, str]] = collections.deque()
+        #: Refused calls (caller plugin, target plugin, target, method, reason, principal).
+        self.denied: collections.deque[tuple[str, str, str, str, str, str]] = collections.deque()
         #: Replica by upstream key (kept by the replicas as they come and go).
         self.replicas: dict[str, Replica] = {}
         #: Set when the mesh shuts down: calls cut off then say so.
         self.closing = False
-        self._callers: dict[str, _Caller] = {"": _Caller(catalog, None, self.denied)}
         self._policies: dict[tuple[str, bool, str], dp.RetryPolicy] = {}
         self._attributes: dict[tuple[str, str], dp.SpanAttributes] = {}
 
@@ -132,34 +143,48 @@ class Decider:
         if message is None:
             text = NO_FIRST_MESSAGE.get(route.method, "the call ended before its request")
             return _refusal(InvalidArgumentError(text))
-        caller = self._callers.get(call.caller) or self._caller(call.caller)
+        resolving = _Resolving(self, call, self.identity(call))
         try:
-            entry, payload = route.resolve(caller, message)
+            entry, payload = route.resolve(resolving, message)
             plugin = self._plugins[entry.plugin]
             replica = plugin.pick()
+            key = replica.upstream_key
+            if not key:  # picked while being torn down
+                raise plugin.unavailable()
         except SidemeshError as err:
+            if resolving.principal is not None and self.access is not None:
+                self.access.release(resolving.principal)
             return _refusal(err)
-        key = replica.upstream_key
-        if not key:  # picked while being torn down
-            return _refusal(plugin.unavailable())
+        principal = resolving.principal
+        name = principal.name if principal is not None else ""
         self.started.append(
             (entry.plugin, call.call_id, call.path, entry.qualified, call.caller,
-             replica.index, call.trace_id)
+             replica.index, call.trace_id, name)
         )  # fmt: skip
         if self._routed is not None and call.trace_id:
             self._routed(entry.plugin, int(call.trace_id, 16), call.caller)
         return dp.Decision(
             key,
             message=payload if payload is not message else None,
-            context=CallContext(route, entry, plugin, replica, call.caller),
+            context=CallContext(route, entry, plugin, replica, call.caller, principal),
             retry=self._policy(route, entry, plugin),
-            span_attributes=self._span_attributes(entry.qualified, call.caller),
+            span_attributes=self._span_attributes(entry.qualified, name),
         )
 
-    def _caller(self, name: str) -> _Caller:
-        caller = _Caller(self.catalog, self._plugins.get(name), self.denied)
-        self._callers[name] = caller
-        return caller
+    def identity(self, call: dp.Call) -> TransportIdentity:
+        """What the listener proved about the call's peer."""
+        if call.caller:
+            return TransportIdentity.plugin(call.caller)
+        kind = self.listeners.get(call.listener, "tcp")
+        if kind == "unix":
+            return TransportIdentity.unix(
+                _or(call.peer_uid, -1), _or(call.peer_gid, -1), _or(call.peer_pid, 0)
+            )
+        loopback = is_loopback_peer(call.peer)
+        if kind == "tls":
+            certificate = "" if call.principal == ANONYMOUS else call.principal
+            return TransportIdentity.tls(certificate, loopback=loopback)
+        return TransportIdentity.tcp(loopback=loopback)
 
     def _policy(self, route: Route, entry: Entry[Any], plugin: PluginRuntime) -> dp.RetryPolicy:
         idempotent = route.kind != "stream_stream" and _idempotent(route, entry)
@@ -177,11 +202,16 @@ class Decider:
             self._policies[key] = policy
         return policy
 
-    def _span_attributes(self, target: str, caller: str) -> dp.SpanAttributes:
-        attributes = self._attributes.get((target, caller))
+    def _span_attributes(self, target: str, principal: str) -> dp.SpanAttributes:
+        attributes = self._attributes.get((target, principal))
         if attributes is None:
-            attributes = dp.SpanAttributes({"sidemesh.target": target})
-            self._attributes[(target, caller)] = attributes
+            values = {"sidemesh.target": target}
+            if principal:
+                values["sidemesh.principal"] = principal
+            attributes = dp.SpanAttributes(values)
+            if len(self._attributes) >= _MAX_ATTRIBUTE_SETS:
+                self._attributes.clear()
+            self._attributes[(target, principal)] = attributes
         return attributes
 
     # -- when an attempt failed -------------------------------------------------
@@ -262,6 +292,23 @@ class Upstreams:
     def in_flight(self, key: str) -> int:
         """Attempts in flight on the replica."""
         return self._plane.in_flight(key)
+
+
+def is_loopback_peer(peer: str) -> bool:
+    """Whether a TCP peer (``127.0.0.1:5555``, ``[::1]:5555``) is on this machine."""
+    host = peer.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _text(value: str | bytes | None) -> str | None:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def admission_refusal(limit: int) -> tuple[str, bytes | None]:

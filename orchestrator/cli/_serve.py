@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(config.log_level)
     try:
-        return run_loop(_serve(Orchestrator(config)))
+        source = str(args.config.resolve()) if args.config else "the Sidemesh config"
+        return run_loop(_serve(Orchestrator(config, source=source)))
     except OSError as exc:
         log.error("%s", exc)
         return 1

@@ -167,7 +167,8 @@ async def test_agents_route_by_capability(mesh: Mesh) -> None:
 
 
 async def test_the_same_call_works_over_tcp(mesh: Mesh) -> None:
-    async with AsyncMeshClient(mesh.tcp_address) as mesh_client:
+    # The owner's token, found in the state dir of the mesh that serves the address.
+    async with AsyncMeshClient(mesh.tcp_address, state_dir=mesh.state_dir) as mesh_client:
         result = await mesh_client.call_tool("tools-demo/add", a=1, b=1)
     assert result.structured == {"result": 2}
 

@@ -159,8 +159,10 @@ def test_writes_past_the_quota_freeze_the_plugin_until_a_walk_decides(tmp_path: 
         (tmp_path / "go").touch()
         # Done writing, or already stopped by the tripwire before it could say so.
         _until(
-            lambda: (tmp_path / "done").exists()
-            or any(_state(c) == "T" for c in _children(sidecar.pid)),
+            lambda: (
+                (tmp_path / "done").exists()
+                or any(_state(c) == "T" for c in _children(sidecar.pid))
+            ),
             "the write",
         )
         writer = _children(sidecar.pid)[0]

@@ -1121,6 +1121,7 @@ class CallStarted(_message.Message):
     CALLER_FIELD_NUMBER: _builtins.int
     REPLICA_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The call's id (also sent to the sidecar as `sidemesh-call-id`)."""
     method: _builtins.str
@@ -1133,6 +1134,10 @@ class CallStarted(_message.Message):
     """Replica the call was routed to."""
     trace_id: _builtins.str
     """Trace id of the call (32 hex digits), when traced."""
+    principal: _builtins.str
+    """Who made the call, as the mesh authenticated it: `unix:uid:1000`,
+    `token:ci`, `jwt:alice`, `spiffe://…`, `plugin:NAME` (see docs/auth.md).
+    """
     def __init__(
         self,
         *,
@@ -1142,10 +1147,11 @@ class CallStarted(_message.Message):
         caller: _builtins.str = ...,
         replica: _builtins.int = ...,
         trace_id: _builtins.str = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "caller", b"caller", "method", b"method", "replica", b"replica", "target", b"target", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "caller", b"caller", "method", b"method", "principal", b"principal", "replica", b"replica", "target", b"target", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1167,6 +1173,7 @@ class CallEnded(_message.Message):
     RESPONSES_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The call's id."""
     method: _builtins.str
@@ -1187,6 +1194,8 @@ class CallEnded(_message.Message):
     """Attempts the mesh made: 1, or more when it retried the call on another
     replica.
     """
+    principal: _builtins.str
+    """Who made the call (see `CallStarted.principal`)."""
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """How long the call took."""
@@ -1204,10 +1213,11 @@ class CallEnded(_message.Message):
         responses: _builtins.int = ...,
         trace_id: _builtins.str = ...,
         attempts: _builtins.int = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "call_id", b"call_id", "caller", b"caller", "code", b"code", "duration", b"duration", "message", b"message", "method", b"method", "responses", b"responses", "target", b"target", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "call_id", b"call_id", "caller", b"caller", "code", b"code", "duration", b"duration", "message", b"message", "method", b"method", "principal", b"principal", "responses", b"responses", "target", b"target", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1311,14 +1321,17 @@ class PermissionDenied(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     caller: _builtins.str
-    """The calling plugin."""
+    """The calling plugin; empty when a client was refused."""
     target: _builtins.str
     """What it tried to call, as named in the request."""
     method: _builtins.str
     """Full gRPC method."""
     reason: _builtins.str
     """Why: which permission was missing, and where to grant it."""
+    principal: _builtins.str
+    """Who was refused (a client's principal, or `plugin:NAME`)."""
     def __init__(
         self,
         *,
@@ -1326,10 +1339,11 @@ class PermissionDenied(_message.Message):
         target: _builtins.str = ...,
         method: _builtins.str = ...,
         reason: _builtins.str = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "method", b"method", "reason", b"reason", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "method", b"method", "principal", b"principal", "reason", b"reason", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
