@@ -61,6 +61,7 @@ class Notifications:
         self._link = link
         self._watchers = watchers
         self._modern = False
+        self._unreadable = 0  # lines of its stdout that were not JSON-RPC
         self._refresh: asyncio.Task[None] | None = None
         self._refresh_wanted = False
         self._filter_changed = asyncio.Event()
@@ -95,7 +96,13 @@ class Notifications:
     async def on_message(self, message: IncomingMessage) -> None:
         """The SDK's message handler: notifications of a 2025-era session."""
         if isinstance(message, Exception):
-            log.warning("the MCP server sent something unreadable: %s", message)
+            self._unreadable += 1
+            if self._unreadable in (1, 10, 100) or self._unreadable % 1000 == 0:
+                log.warning(
+                    "the MCP server wrote a line on its stdout that is not a JSON-RPC message "
+                    "(%d so far; MCP servers must log to stderr): %s",
+                    self._unreadable, unreadable(message),
+                )  # fmt: skip
             return
         if self._modern:
             return  # a 2026 session's notifications come from its listen stream
@@ -238,3 +245,16 @@ class Notifications:
                 self._publish(list_changed("prompts_list_changed"))
             elif isinstance(event, ResourceUpdated):
                 self._publish(resource_updated(event.uri))
+
+
+def unreadable(error: Exception) -> str:
+    """What was wrong with a line the server wrote, in one line (not a pydantic traceback)."""
+    errors = getattr(error, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            return f"{str(first.get('input'))[:200]!r}"
+        except (IndexError, TypeError, AttributeError):
+            pass
+    text = str(error).splitlines()
+    return text[0][:200] if text else type(error).__name__
