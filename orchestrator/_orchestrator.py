@@ -48,7 +48,13 @@ from orchestrator._own_access import OwnAccess
 from orchestrator._plugin import PluginPaths, PluginRuntime, duration, state_name
 from orchestrator._replica import Replica
 from orchestrator._routes import AGENT_SERVICE, MCP_SERVICE, TOOL_SERVICE
-from orchestrator._routing import DATAPLANE_ROUTES, Decider, Upstreams, admission_refusal
+from orchestrator._routing import (
+    COMPLETE_AFTER,
+    DATAPLANE_ROUTES,
+    Decider,
+    Upstreams,
+    admission_refusal,
+)
 from orchestrator._supervisor import Supervisor
 from orchestrator._telemetry import Telemetry
 from orchestrator._yaml_models import ConfigError
@@ -343,6 +349,7 @@ class Orchestrator:
             retry_pick=decider.retry_pick,
             verify_peer=decider.verify_peer,
             routes=DATAPLANE_ROUTES,
+            complete_after=COMPLETE_AFTER,
             max_message_bytes=limit,
             max_concurrent_calls=config.limits.max_concurrent_calls,
             internal_address=address,

@@ -42,6 +42,9 @@ _MAX_ATTRIBUTE_SETS = 4096
 
 #: The routed methods, for the data plane: every other path is the orchestrator's own.
 DATAPLANE_ROUTES = [(route.path, route.kind) for route in ROUTES]
+#: Routed streams that end with one ``result`` message: once it is forwarded, the call is
+#: complete even if the sidecar goes away before its trailers.
+COMPLETE_AFTER = {route.path: route.final_tag for route in ROUTES if route.final_tag is not None}
 
 
 class CallContext:

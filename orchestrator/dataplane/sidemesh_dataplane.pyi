@@ -268,6 +268,7 @@ class DataPlane:
         service_name: str = "sidemesh-orchestrator",
         max_span_rows: int = 262_144,
         upstream_connections: int = 1,
+        complete_after: Mapping[str, int] = ...,
     ) -> Self:
         """Starts the runtime (``worker_threads`` threads named ``sidemesh-dataplane``).
 
@@ -288,6 +289,10 @@ class DataPlane:
           ``traceparent`` naming the CLIENT span; off: pass the caller's trace headers on.
         - ``stream_window``/``connection_window``: HTTP/2 receive windows on both
           sides; a stream buffers at most one ``stream_window`` per direction.
+        - ``complete_after``: routed paths whose response stream ends, by contract, with
+          one message (a ``result``) -> that message's first byte (its field's tag). Once
+          it was forwarded whole, a transport failure before the trailers ends the call
+          ``OK`` (the caller has it all); the attempt still counts as the replica's failure.
         - ``service_name``: ``service.name`` of the data plane's span rows.
         - ``upstream_connections``: HTTP/2 connections to each replica, streams spread
           over them round robin (1 measured as good as 4 against a Python sidecar).

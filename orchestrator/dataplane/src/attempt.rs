@@ -218,6 +218,20 @@ impl<D: Decider> Call<D> {
             attempt.tx.send_reset(Reason::CANCEL);
             attempt.upstream.outliers.failure();
         }
+        if self.result_forwarded() {
+            // The sidecar went away after the stream's last message by contract: the
+            // caller has all of it. The attempt still counts as the replica's failure.
+            self.end_attempt(outcome, code::OK, detail);
+            self.held = None;
+            let status = Status::new(code::OK, "");
+            self.send_status(&status);
+            self.client = ClientTx::Done;
+            self.outcome = Some(Outcome {
+                code: status.code,
+                message: status.message,
+            });
+            return;
+        }
         let failure = if self.held.is_some() || self.committed {
             Failure::Transport
         } else {
@@ -231,6 +245,18 @@ impl<D: Decider> Call<D> {
         self.end_attempt(outcome, code::UNAVAILABLE, detail.clone());
         self.held = None;
         self.failed(failure, &key, detail, None);
+    }
+
+    /// Whether the response message that ends this route's stream was forwarded whole.
+    fn result_forwarded(&self) -> bool {
+        let Some(tag) = self.dp.config.complete_after.get(self.path.path()) else {
+            return false;
+        };
+        self.to_client.is_none()
+            && self.scan_up.messages > 0
+            && self.scan_up.at_boundary()
+            && self.scan_up.last_first_byte == Some(*tag)
+            && matches!(self.client, ClientTx::Streaming(_))
     }
 
     /// An attempt failed: retry it elsewhere if that is safe, else end the call.

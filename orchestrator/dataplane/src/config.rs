@@ -111,6 +111,10 @@ impl Default for H2Settings {
 pub struct Config {
     /// Routed paths (`/sidemesh.v1.ToolService/CallTool`) and their kinds.
     pub routes: HashMap<String, Kind>,
+    /// Routed streams whose response contract ends with one message (a `result`): path ->
+    /// the first byte of that message. Once it was forwarded, a transport failure before
+    /// the trailers leaves the call complete (OK), not failed.
+    pub complete_after: HashMap<String, u8>,
     pub max_message_bytes: usize,
     pub max_concurrent_calls: usize,
     /// Where unrouted calls go (the orchestrator's own grpc.aio server).
@@ -139,6 +143,7 @@ impl Default for Config {
         let limit = 1024;
         Config {
             routes: HashMap::new(),
+            complete_after: HashMap::new(),
             max_message_bytes: 4 * 1024 * 1024,
             max_concurrent_calls: limit,
             internal_address: None,

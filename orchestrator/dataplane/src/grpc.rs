@@ -234,6 +234,9 @@ pub struct FrameScanner {
     body_left: usize,
     /// Messages whose prefix has been seen.
     pub messages: u64,
+    /// The first byte of the latest message's body (its first field's tag), if it had one.
+    pub last_first_byte: Option<u8>,
+    want_first: bool,
 }
 
 impl FrameScanner {
@@ -244,6 +247,8 @@ impl FrameScanner {
             header_len: 0,
             body_left: 0,
             messages: 0,
+            last_first_byte: None,
+            want_first: false,
         }
     }
 
@@ -251,6 +256,10 @@ impl FrameScanner {
     pub fn feed(&mut self, mut chunk: &[u8]) -> Result<(), FrameError> {
         while !chunk.is_empty() {
             if self.body_left > 0 {
+                if self.want_first {
+                    self.last_first_byte = Some(chunk[0]);
+                    self.want_first = false;
+                }
                 let n = self.body_left.min(chunk.len());
                 self.body_left -= n;
                 chunk = &chunk[n..];
@@ -273,6 +282,8 @@ impl FrameScanner {
                 }
                 self.messages += 1;
                 self.body_left = len;
+                self.last_first_byte = None;
+                self.want_first = len > 0;
             }
         }
         Ok(())
@@ -461,6 +472,24 @@ mod tests {
             one_by_one.feed(std::slice::from_ref(b)).unwrap();
         }
         assert_eq!(one_by_one.messages, 3);
+    }
+
+    #[test]
+    fn scanner_remembers_the_first_byte_of_the_latest_message() {
+        let mut stream = Vec::new();
+        for body in [&b"\x0aprogress"[..], b"\x1aresult"] {
+            stream.extend_from_slice(&frame(body));
+        }
+        for split in 0..stream.len() {
+            let mut scanner = FrameScanner::new(100);
+            scanner.feed(&stream[..split]).unwrap();
+            scanner.feed(&stream[split..]).unwrap();
+            assert_eq!(scanner.last_first_byte, Some(0x1a));
+        }
+        let mut empty = FrameScanner::new(100);
+        empty.feed(&frame(b"\x1ax")).unwrap();
+        empty.feed(&frame(b"")).unwrap();
+        assert_eq!(empty.last_first_byte, None); // an empty message has no first field
     }
 
     #[test]

@@ -210,7 +210,7 @@ impl DataPlane {
         admission_refusal=None, tracing=true, worker_threads=1, max_records=65_536,
         stream_window=65_536, connection_window=2 * 1024 * 1024, max_concurrent_streams=20_000,
         service_name=String::from("sidemesh-orchestrator"), max_span_rows=262_144,
-        upstream_connections=1,
+        upstream_connections=1, complete_after=HashMap::new(),
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -232,6 +232,7 @@ impl DataPlane {
         service_name: String,
         max_span_rows: usize,
         upstream_connections: usize,
+        complete_after: HashMap<String, u8>,
     ) -> PyResult<Self> {
         let mut table = HashMap::new();
         for (path, kind) in routes {
@@ -255,6 +256,7 @@ impl DataPlane {
         };
         let config = Config {
             routes: table,
+            complete_after,
             max_message_bytes,
             max_concurrent_calls,
             internal_address: internal.clone(),
