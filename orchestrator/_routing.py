@@ -158,6 +158,7 @@ class Decider:
             if resolving.principal is not None and self.access is not None:
                 self.access.release(resolving.principal)
             return _refusal(err)
+        plugin.resilience.budget.deposit()  # each call earns its plugin a share of a retry
         principal = resolving.principal
         name = principal.name if principal is not None else ""
         self.started.append(
@@ -229,6 +230,8 @@ class Decider:
         plugin = context.plugin
         other = plugin.pick_other(context.tried)
         if other is None or not other.upstream_key:
+            log.info("%s: call not retried (%s): no other replica takes calls", plugin.name,
+                     reason)  # fmt: skip
             return None
         if not plugin.resilience.budget.try_spend():
             log.info("%s: retry budget spent; call not retried (%s)", plugin.name, reason)

@@ -22,7 +22,13 @@ import sidemesh_dataplane as dp
 from clients import AsyncMeshClient, UnavailableError
 from orchestrator._accounting import Accounting
 from orchestrator._catalog import Catalog
-from orchestrator._config import MeshConfig, OutlierDetection, PluginOverride, TelemetrySettings
+from orchestrator._config import (
+    MeshConfig,
+    OutlierDetection,
+    PluginOverride,
+    RetryPolicy,
+    TelemetrySettings,
+)
 from orchestrator._events import EventBus
 from orchestrator._manifest import PluginManifest
 from orchestrator._plugin import PluginRuntime
@@ -71,6 +77,8 @@ async def mesh(tmp_path: Path) -> AsyncIterator[tuple[AsyncMeshClient, PluginRun
     config = MeshConfig(
         state_dir=tmp_path, runtime_dir=run,
         outlier_detection=OutlierDetection(consecutive_failures=2, base_ejection=30),
+        # No floor: every retry is paid for by the calls before it (the budget's deposits).
+        retries=RetryPolicy(budget_min_per_second=0, budget_percent=100),
     )  # fmt: skip
     plugin = PluginRuntime("p", manifest, PluginOverride(replicas=2), config, None, str(tmp_path))
     catalog = Catalog()
