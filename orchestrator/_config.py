@@ -264,6 +264,27 @@ class TelemetrySettings(_Strict):
     )
 
 
+class InterceptorSpec(_Strict):
+    """One entry of ``interceptors:``: an operator's hook on every routed call."""
+
+    use: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="the Interceptor class (or factory) as module:attribute, e.g. audit:Audit",
+    )
+    path: Path | None = Field(
+        None, description="a directory to import the module from (relative to the config file)"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments the class is called with"
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _relative_to_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        base = (info.context or {}).get("base_dir")
+        return value if value is None or base is None else Path(base, value).resolve()
+
+
 class MeshConfig(_Strict):
     """``sidemesh.yaml``. Relative paths are relative to the file's directory."""
 
@@ -316,6 +337,10 @@ class MeshConfig(_Strict):
     policy: PolicyConfig = Field(
         default_factory=PolicyConfig,
         description="who may call what, and how fast: rules, groups, limits (docs/auth.md)",
+    )
+    interceptors: list[InterceptorSpec] = Field(
+        default_factory=list,
+        description="hooks on every routed call, outermost first (docs/architecture.md)",
     )
     state_dir: Path = Field(
         default_factory=default_state_dir,

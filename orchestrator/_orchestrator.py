@@ -34,6 +34,7 @@ from orchestrator._catalog import Catalog
 from orchestrator._config import MeshConfig
 from orchestrator._discovery import DiscoveredPlugin, discover
 from orchestrator._events import EventBus
+from orchestrator._interceptors import load_interceptors
 from orchestrator._launch import (
     Launcher,
     ProcessLauncher,
@@ -114,6 +115,7 @@ class Orchestrator:
             ),
         )
         self._decider = Decider(self.catalog, self.plugins, routed=self.telemetry.routed)
+        self._decider.interceptors = load_interceptors(config.interceptors, source)
         self._plane: dp.DataPlane | None = None
         self._upstreams: Upstreams | None = None
         self._accounting: Accounting | None = None

@@ -46,9 +46,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"sidemesh: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
+    source = str(args.config.resolve()) if args.config else "the Sidemesh config"
     try:
-        source = str(args.config.resolve()) if args.config else "the Sidemesh config"
-        return run_loop(_serve(Orchestrator(config, source=source)))
+        orchestrator = Orchestrator(config, source=source)
+    except ConfigError as exc:  # what only making it finds out: interceptors that do not load
+        print(f"sidemesh: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run_loop(_serve(orchestrator))
     except OSError as exc:
         log.error("%s", exc)
         return 1

@@ -6,7 +6,11 @@ import sidecars.python
 
 def test_orchestrator_public_names() -> None:
     assert orchestrator.__all__ == [
+        "CallInput",
+        "CallInterceptor",
+        "CallOutcome",
         "ConfigError",
+        "Interceptor",
         "MeshConfig",
         "Orchestrator",
         "PluginManifest",
