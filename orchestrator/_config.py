@@ -163,7 +163,7 @@ class PluginOverride(_Strict):
     startup_timeout: float | None = Field(
         None, gt=0, le=600, description="seconds a replica has to become ready"
     )
-    env: dict[str, str] = Field(
+    env: dict[str, _variables.Expandable] = Field(
         default_factory=dict,
         description="values for environment variables the manifest declares in sandbox.env "
         "(${SIDEMESH_DATA_DIR}, ${SIDEMESH_PLUGIN_DIR}, ${SIDEMESH_PLUGIN} and ${mount:NAME} "
@@ -185,13 +185,6 @@ class PluginOverride(_Strict):
         None,
         description="this plugin's outlier ejection (default: the mesh's 'outlier_detection')",
     )
-
-    @field_validator("env")
-    @classmethod
-    def _env_variables(cls, env: dict[str, str]) -> dict[str, str]:
-        for value in env.values():
-            _variables.check(value)
-        return env
 
     @model_validator(mode="after")
     def _env_mounts(self) -> PluginOverride:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from clients import normalize_address
 from orchestrator import _variables
 from orchestrator._names import ItemName, PluginName
+from orchestrator._variables import Expandable
 from orchestrator._yaml_models import Problem, load_yaml_model
 
 MANIFEST_FILE = "plugin.yaml"
@@ -118,16 +119,16 @@ class Permissions(_Strict):
 class McpServerSpec(_Strict):
     """An existing MCP server, run inside the plugin's sandbox and bridged into the mesh."""
 
-    command: str = Field(
+    command: Expandable = Field(
         min_length=1,
         description="the MCP server's command, e.g. mcp-server-time or node",
     )
-    args: list[str] = Field(
+    args: list[Expandable] = Field(
         default_factory=list,
         description="its arguments; ${SIDEMESH_DATA_DIR}, ${SIDEMESH_PLUGIN_DIR}, "
         "${SIDEMESH_PLUGIN} and ${mount:NAME} are expanded",
     )
-    env: dict[str, str] = Field(
+    env: dict[str, Expandable] = Field(
         default_factory=dict,
         description="environment variables for the MCP server (values expand the variables "
         "that args do)",
@@ -142,25 +143,12 @@ class McpServerSpec(_Strict):
         30.0, gt=0, description="seconds an MCP request may take when the caller sets no deadline"
     )
 
-    @field_validator("command")
-    @classmethod
-    def _command_variables(cls, command: str) -> str:
-        return _variables.check(command)
-
-    @field_validator("args")
-    @classmethod
-    def _args_variables(cls, args: list[str]) -> list[str]:
-        for arg in args:
-            _variables.check(arg)
-        return args
-
     @field_validator("env")
     @classmethod
-    def _env_variables(cls, env: dict[str, str]) -> dict[str, str]:
-        for name, value in env.items():
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
             if not re.match(_ENV_NAME, name):
                 raise ValueError(f"{name!r} is not an environment variable name")
-            _variables.check(value)
         return env
 
     @model_validator(mode="after")
@@ -192,7 +180,7 @@ class PluginManifest(_Strict):
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="for runtime python: the Plugin object as module:attribute, e.g. my_plugin:app",
     )
-    entrypoint: list[str] | None = Field(
+    entrypoint: list[Expandable] | None = Field(
         None,
         min_length=1,
         description="the command that starts the sidecar, e.g. ['./my-plugin', '--serve'] "
@@ -225,13 +213,6 @@ class PluginManifest(_Strict):
     def directory(self) -> Path:
         """The directory the manifest was loaded from."""
         return self._directory
-
-    @field_validator("entrypoint")
-    @classmethod
-    def _entrypoint_variables(cls, entrypoint: list[str] | None) -> list[str] | None:
-        for arg in entrypoint or []:
-            _variables.check(arg)
-        return entrypoint
 
     @field_validator("config_schema")
     @classmethod

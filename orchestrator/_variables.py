@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from sidemesh.core import SidecarEnv
 
@@ -81,3 +84,7 @@ def check(text: str) -> str:
     """A pydantic validator's body: ``text`` if every variable in it is known."""
     references(text)
     return text
+
+
+#: A string field whose ``${…}`` are checked when the file is loaded (errors name the item).
+Expandable = Annotated[str, AfterValidator(check)]
