@@ -256,9 +256,11 @@ class SandboxSettings(_Strict):
     uid_base: int = Field(
         3_100_000,
         ge=1000,
-        description="as root, each plugin runs as its own host uid from uid_base up (uids "
-        "of existing accounts are skipped); the default is far from login, system, "
-        "systemd DynamicUser and /etc/subuid ranges",
+        description="as root, each plugin runs as its own host uid in uid_base.."
+        "uid_base+65535, derived from its name and remembered in <state_dir>/uids.json, so "
+        "it is the same every run (uids of existing accounts and of other live meshes are "
+        "skipped); the default is far from login, system, systemd DynamicUser and "
+        "/etc/subuid ranges",
     )
     bwrap: str = Field("bwrap", description="the bubblewrap command")
 

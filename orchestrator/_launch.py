@@ -87,7 +87,15 @@ def launch_variables(
 
 def unknown_mounts(manifest: PluginManifest, override: PluginOverride) -> str:
     """Why the manifest cannot start with the operator's mounts ("" when it can)."""
-    problems = [
+    problems = mount_problems(manifest, override)
+    if not problems:
+        return ""
+    return str(ConfigError(manifest.directory / MANIFEST_FILE, "plugin manifest", problems))
+
+
+def mount_problems(manifest: PluginManifest, override: PluginOverride) -> list[Problem]:
+    """The manifest's ``${mount:NAME}`` the operator's config gives no mount for."""
+    return [
         Problem(
             field,
             f"${{mount:{name}}} names a mount the operator has not configured",
@@ -97,9 +105,6 @@ def unknown_mounts(manifest: PluginManifest, override: PluginOverride) -> str:
         for field, name in manifest.mount_references()
         if name not in override.sandbox.mounts
     ]
-    if not problems:
-        return ""
-    return str(ConfigError(manifest.directory / MANIFEST_FILE, "plugin manifest", problems))
 
 
 def _git_safe_directories(env: dict[str, str], paths: list[str]) -> None:

@@ -70,11 +70,18 @@ class Mount(BaseModel):
             path = Path(base, path)
         if not path.is_absolute():
             path = path.absolute()
-        if not path.exists():
+        try:
+            os.stat(path)
+        except FileNotFoundError:
             raise ValueError(
                 f"the host path {str(path)!r} does not exist: create it, or fix 'source' "
                 "(an existing directory or file on this host)"
-            )
+            ) from None
+        except OSError as exc:
+            raise ValueError(
+                f"the host path {str(path)!r} cannot be reached by uid {os.getuid()}, which "
+                f"runs the mesh ({exc.strerror}): let it in, or mount another path"
+            ) from None
         return path.resolve()
 
     @field_validator("target")

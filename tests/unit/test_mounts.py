@@ -277,3 +277,18 @@ def test_a_missing_manifest_path_is_reported_not_silently_skipped(tmp_path: Path
         assert str(tmp_path / "gone") not in prepared.argv
     finally:
         prepared.release()
+
+
+def test_validate_names_the_mount_a_manifest_needs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from orchestrator.cli import main
+
+    path = _config(tmp_path, f"plugin_dirs: [{GIT_PLUGIN}]\nentry_points: false\n")
+    assert main(["validate", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "field 'plugins.mcp-git.sandbox.mounts'" in err
+    assert "plugins.mcp-git.sandbox.mounts.repo: {source: /path/on/host}" in err
+    (tmp_path / "repo").mkdir()
+    path.write_text(path.read_text() + "plugins: {mcp-git: {sandbox: {mounts: {repo: repo}}}}\n")
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
