@@ -175,7 +175,7 @@ def test_a_manifest_naming_an_unconfigured_mount_says_what_to_add(tmp_path: Path
     manifest = load_manifest(GIT_PLUGIN)
     text = unknown_mounts(manifest, load_config(_config(tmp_path, "")).override("mcp-git"))
     assert text.startswith(f"{GIT_PLUGIN / 'plugin.yaml'} is not a valid plugin manifest:")
-    assert "field 'mcp.args[1]': ${mount:repo} names a mount the operator has not configured" in (
+    assert "field 'mcp.args[3]': ${mount:repo} names a mount the operator has not configured" in (
         text
     )
     assert "fix: add it to the Sidemesh config: plugins.mcp-git.sandbox.mounts.repo:" in text
@@ -189,8 +189,8 @@ def test_the_git_manifest_expands_to_the_mount_and_makes_it_a_safe_directory(
                      "        repo: {source: repo, target: /mnt/repo}\n")  # fmt: skip
     env = _environment(GIT_PLUGIN, config, {"repo": "/mnt/repo"})
     spec = json.loads(env["SIDEMESH_MCP_SERVER"])
-    assert spec["command"] == "mcp-server-git"
-    assert spec["args"] == ["--repository", "/mnt/repo"]
+    assert spec["command"] == "python"
+    assert spec["args"] == ["-m", "mcp_server_git", "--repository", "/mnt/repo"]
     assert (env["GIT_CONFIG_COUNT"], env["GIT_CONFIG_KEY_0"], env["GIT_CONFIG_VALUE_0"]) == (
         "1", "safe.directory", "/mnt/repo",
     )  # fmt: skip

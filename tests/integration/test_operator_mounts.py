@@ -11,14 +11,17 @@ the same host uid every run.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from meshproc import TEST_PLUGINS, Mesh
+from unprivileged import NOBODY, user_python
 
 from clients import AsyncMeshClient
 
@@ -49,10 +52,11 @@ def make_repo(path: Path) -> Path:
     return path
 
 
-def git_mesh(workdir: Path, repo: Path, config: dict[str, Any] | None = None, **mount: Any) -> Mesh:
+def git_mesh(workdir: Path, repo: Path, mesh: dict[str, Any] | None = None, **mount: Any) -> Mesh:
+    """A mesh of mcp-git on ``repo``; ``mesh``: more of Mesh's arguments (user, state_dir)."""
     return Mesh(
         workdir,
-        **(config or {}),
+        **(mesh or {}),
         plugin_dirs=[str(GIT_PLUGIN)],
         plugins={"mcp-git": {"sandbox": {"mounts": {
             "repo": {"source": str(repo), "target": TARGET, **mount},
@@ -123,7 +127,7 @@ async def test_an_unconfigured_mount_fails_the_plugin_with_the_fix(
     mesh = Mesh(tmp_path / "mesh", plugin_dirs=[str(GIT_PLUGIN)])
     meshes.append(mesh)
     status = mesh.start().wait_state("mcp-git", "FAILED")
-    assert "field 'mcp.args[1]': ${mount:repo} names a mount the operator has not configured" in (
+    assert "field 'mcp.args[3]': ${mount:repo} names a mount the operator has not configured" in (
         status.error
     )
     assert "plugins.mcp-git.sandbox.mounts.repo: {source: /path/on/host}" in status.error
@@ -162,3 +166,37 @@ async def test_writes_to_an_rw_mount_stay_the_plugins_across_a_restart(
     assert history.splitlines() == [
         "the plugin's second commit", "the plugin's first commit", "the first commit",
     ]  # fmt: skip
+
+
+async def test_an_unprivileged_mesh_mounts_too_and_writes_as_its_own_uid(
+    meshes: list[Mesh],
+) -> None:
+    """nobody's mesh: the plugin is uid 65534 in a user namespace, the mesh's uid on the host."""
+    if not ROOT:
+        pytest.skip("the tests run unprivileged already: the other tests are this case")
+    base = Path(tempfile.mkdtemp(prefix="smm", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        python = user_python(NOBODY, base)
+        if python is None:
+            pytest.skip("no interpreter the unprivileged user may run with this venv's packages")
+        repo = make_repo(base / "project")
+        (repo / "one.txt").write_text("written by the operator\n")
+        for path in [repo, *repo.rglob("*")]:  # the operator gives it to the mesh's user
+            os.lchown(path, NOBODY, NOBODY)
+        mesh = git_mesh(base / "mesh", repo, {"user": NOBODY, "python": python}, mode="rw")
+        meshes.append(mesh)
+        mesh.start(ready=["mcp-git"])
+        assert not mesh.plugin("mcp-git").HasField("host_uid")
+        failed, log = await call(mesh, "git_log")
+        assert not failed and "the first commit" in log, log
+        assert (await call(mesh, "git_add", files=["one.txt"]))[0] is False
+        failed, text = await call(mesh, "git_commit", message="nobody's commit")
+        assert not failed, text
+        assert git(repo, "log", "-1", "--format=%s").strip() == "nobody's commit"
+        written = [p for p in (repo / ".git" / "objects").rglob("*") if p.is_file()]
+        assert {p.stat().st_uid for p in written} == {NOBODY}
+    finally:
+        for started in meshes:
+            started.stop()
+        shutil.rmtree(base, ignore_errors=True)
