@@ -9,7 +9,7 @@ from typing import Any
 
 from orchestrator._config import load_config
 from orchestrator._discovery import discover
-from orchestrator._launch import mount_problems
+from orchestrator._host_paths import mount_problems
 from orchestrator._manifest import MANIFEST_FILE, PluginManifest, load_manifest, start_problem
 from orchestrator._plugin import PluginRuntime
 from orchestrator._yaml_models import ConfigError, Problem

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import ConfigError, load_config, load_manifest
-from orchestrator._launch import sidecar_environment, unknown_mounts
+from orchestrator._host_paths import unknown_mounts
+from orchestrator._launch import sidecar_environment
 from orchestrator._variables import expand, references
 from sidecars import sandbox
 
