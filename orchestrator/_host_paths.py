@@ -100,10 +100,12 @@ def granted_paths(
             P(kind=mesh_pb2.SANDBOX_PATH_KIND_MANIFEST, host_path=path, sandbox_path=path,
               writable=writable, granted=granted, problem=problem)
         )  # fmt: skip
+    unsandboxed = policy is None or policy.request.relaxed
     for name, mount in grant.mounts.items():
         paths.append(
             P(kind=mesh_pb2.SANDBOX_PATH_KIND_MOUNT, name=name, host_path=str(mount.source),
               sandbox_path=plugin.mount_paths.get(name, str(mount.source)),
-              writable=mount.writable, granted=True)
+              writable=mount.writable, granted=True,
+              problem="not enforced: the plugin has no sandbox" if unsandboxed else "")
         )  # fmt: skip
     return paths

@@ -200,3 +200,20 @@ async def test_an_unprivileged_mesh_mounts_too_and_writes_as_its_own_uid(
         for started in meshes:
             started.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_without_a_sandbox_a_mount_is_its_host_path(
+    tmp_path: Path, meshes: list[Mesh]
+) -> None:
+    """``sandbox.mode: off`` moves nothing: ``${mount:repo}`` is the repository's own path."""
+    repo = make_repo(tmp_path / "project")
+    mesh = git_mesh(tmp_path / "mesh", repo, {"sandbox": {"mode": "off"}})
+    meshes.append(mesh)
+    mesh.start(ready=["mcp-git"])
+    async with AsyncMeshClient(mesh.address, timeout=30) as client:
+        log = await client.call_tool("mcp-git/git_log", repo_path=str(repo))
+        moved = await client.call_tool("mcp-git/git_log", repo_path=TARGET)
+    assert not log.is_error and "the first commit" in log.text, log.text
+    assert moved.is_error and "outside the allowed repository" in moved.text
+    shown = plugins_verbose(mesh)
+    assert f"path mount repo: {repo} (ro): not enforced: the plugin has no sandbox" in shown
