@@ -97,7 +97,9 @@ class Orchestrator:
         self.plugins: dict[str, PluginRuntime] = {}
         if launcher is None:
             off = config.sandbox.mode == "off"
-            launcher = ProcessLauncher() if off else SandboxLauncher(config.sandbox)
+            launcher = (
+                ProcessLauncher() if off else SandboxLauncher(config.sandbox, config.state_dir)
+            )
         self._launcher = launcher
         self.telemetry = Telemetry(config.telemetry, config.state_dir)
         self.telemetry.on_violation = self._trace_violation

@@ -85,6 +85,12 @@ class PluginRuntime:
         self._rr = itertools.count()
         self.config: dict[str, Any] = {}
         self.sandbox_layers: list[mesh_pb2.SandboxLayer] = []
+        #: The host paths its sidecars see (set by the launcher), for ``plugins -v``.
+        self.granted_paths: list[mesh_pb2.SandboxPath] = []
+        #: The operator's mounts by name, at the paths the plugin sees them.
+        self.mount_paths: dict[str, str] = {}
+        #: The host uid its sandboxed sidecars run as (None: the orchestrator's own).
+        self.host_uid: int | None = None
         #: Its data dir quota in force (set by the launcher), and its last measurement.
         self.data_quota: sandbox.DataQuota | None = None
         self.data_usage: sandbox.DataUsage | None = None
@@ -233,7 +239,10 @@ class PluginRuntime:
             directory=self.directory,
             sandbox=self.sandbox_layers,
             routing=self.routing,
+            paths=self.granted_paths,
         )
+        if self.host_uid is not None:
+            status.host_uid = self.host_uid
         if self.data_quota is not None:
             status.data_dir.CopyFrom(self._data_dir_status(self.data_quota))
         for r in self.replicas:

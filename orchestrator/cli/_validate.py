@@ -9,6 +9,7 @@ from typing import Any
 
 from orchestrator._config import load_config
 from orchestrator._discovery import discover
+from orchestrator._host_paths import mount_problems
 from orchestrator._manifest import MANIFEST_FILE, PluginManifest, load_manifest, start_problem
 from orchestrator._plugin import PluginRuntime
 from orchestrator._yaml_models import ConfigError, Problem
@@ -88,7 +89,15 @@ def _check_config(path: Path) -> str:
     for found in plugins:
         if found.manifest is None:
             continue
-        runtime = PluginRuntime(found.name, found.manifest, config.override(found.name),
+        override = config.override(found.name)
+        missing = mount_problems(found.manifest, override) if override.enabled else []
+        if missing:
+            manifest_file = found.manifest.directory / MANIFEST_FILE
+            raise ConfigError(path, "Sidemesh config", [
+                Problem(f"plugins.{found.name}.sandbox.mounts", f"{manifest_file}: {p}")
+                for p in missing
+            ])  # fmt: skip
+        runtime = PluginRuntime(found.name, found.manifest, override,
                                 config, None, str(found.directory))  # fmt: skip
         try:
             runtime.effective_config()
