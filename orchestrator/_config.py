@@ -8,11 +8,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from clients import DEFAULT_TCP_ADDRESS, normalize_address
 from orchestrator._auth_config import AuthConfig, PluginGrant, PolicyConfig
 from orchestrator._mcp_config import McpGatewaySettings
 from orchestrator._yaml_models import load_yaml_model, validate_model
-from sidemesh.core import default_state_dir
+from sidemesh.core import DEFAULT_TCP_ADDRESS, default_state_dir, normalize_address
 
 #: The example plugins that ship with Sidemesh (used when no plugin_dirs are configured).
 BUNDLED_PLUGINS_DIR = Path(__file__).resolve().parent.parent / "examples" / "plugins"

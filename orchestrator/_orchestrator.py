@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import Observation
 
-from clients import AsyncMeshClient, SidemeshError, server_options
+from clients import AsyncMeshClient
 from orchestrator._access import Access
 from orchestrator._accounting import Accounting
 from orchestrator._auth_config import listener_problems
@@ -61,7 +61,7 @@ from orchestrator._yaml_models import ConfigError
 from orchestrator.gateway import Authenticator, Authorizer
 from orchestrator.gateway._http import McpHttpEndpoint
 from sidecars.sandbox import LAYERS, remove_mesh_cgroups
-from sidemesh.core import ENDPOINTS_FILE, process_alive, running_mesh
+from sidemesh.core import ENDPOINTS_FILE, SidemeshError, process_alive, running_mesh, server_options
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("sidemesh.orchestrator")

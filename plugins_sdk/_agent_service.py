@@ -8,7 +8,6 @@ from typing import Any
 
 import grpc
 
-from clients import InvalidArgumentError
 from plugins_sdk._agents import AgentSpec
 from plugins_sdk._chat import ChatSession, first_message
 from plugins_sdk._context import (
@@ -22,8 +21,8 @@ from plugins_sdk._context import (
 from plugins_sdk._failures import end_call
 from plugins_sdk._pump import EventPump
 from plugins_sdk._runtime import PluginRuntime
-from plugins_sdk._structs import struct_to_dict
 from plugins_sdk._tracing import CallSpan, ServerSpans
+from sidemesh.core import InvalidArgumentError, struct_to_dict
 from sidemesh.v1 import agent_pb2, agent_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]

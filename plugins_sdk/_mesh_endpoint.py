@@ -18,7 +18,6 @@ from typing import Any, NoReturn
 
 import grpc
 
-from clients import InvalidArgumentError, NotFoundError, UnimplementedError
 from plugins_sdk._agent_service import AgentServicer
 from plugins_sdk._chat import ChatSession, first_message
 from plugins_sdk._context import CallInfo
@@ -26,6 +25,7 @@ from plugins_sdk._failures import end_call
 from plugins_sdk._runtime import PluginRuntime
 from plugins_sdk._tool_service import ToolServicer
 from plugins_sdk._tracing import CallSpan
+from sidemesh.core import InvalidArgumentError, NotFoundError, UnimplementedError
 from sidemesh.v1 import (
     agent_pb2,
     agent_pb2_grpc,

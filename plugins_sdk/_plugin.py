@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -12,11 +11,17 @@ from typing import Any, TypeVar, overload
 
 import pydantic
 
-from clients import FieldViolation, InvalidArgumentError
 from plugins_sdk._agents import AgentSpec
 from plugins_sdk._schema import json_path
 from plugins_sdk._tools import ToolSpec
-from sidemesh.core import CONTRACT_VERSION, SidecarEnv
+from sidemesh.core import (
+    CONTRACT_VERSION,
+    FieldViolation,
+    InvalidArgumentError,
+    SidecarEnv,
+    is_item_name,
+    is_plugin_name,
+)
 from sidemesh.v1 import plugin_pb2, tool_pb2
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,9 +30,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 PLUGIN_ENV = SidecarEnv.PLUGIN
 #: The SDK's name and version, reported in ``PluginInfo.runtime``.
 RUNTIME = "sidemesh-python/0.1.0"
-
-_PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-_ITEM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
 class Plugin:
@@ -49,7 +51,7 @@ class Plugin:
         name = name or os.environ.get(PLUGIN_ENV, "")
         if not name:
             raise ValueError(f"give the plugin a name: Plugin('my-plugin'), or set ${PLUGIN_ENV}")
-        if not _PLUGIN_NAME.match(name):
+        if not is_plugin_name(name):
             raise ValueError(
                 f"plugin name {name!r} must be lowercase letters, digits and '-', "
                 "starting with a letter (at most 63 characters)"
@@ -190,7 +192,7 @@ class Plugin:
 
     @staticmethod
     def _check_new(name: str, existing: Mapping[str, object], kind: str) -> None:
-        if not _ITEM_NAME.match(name):
+        if not is_item_name(name):
             raise ValueError(f"{kind} name {name!r} must match [A-Za-z0-9_.-]{{1,128}}")
         if name in existing:
             raise ValueError(f"{kind} {name!r} is declared twice")

@@ -12,13 +12,12 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from clients import normalize_address, run_loop, server_options
 from plugins_sdk._agent_service import AgentServicer
 from plugins_sdk._plugin import Plugin
 from plugins_sdk._plugin_service import PluginServicer
 from plugins_sdk._runtime import PluginRuntime
 from plugins_sdk._tool_service import ToolServicer
-from sidemesh.core import SidecarEnv
+from sidemesh.core import SidecarEnv, normalize_address, run_loop, server_options
 from sidemesh.v1 import agent_pb2_grpc, plugin_pb2_grpc, tool_pb2_grpc
 
 log = logging.getLogger("plugins_sdk")

@@ -12,9 +12,9 @@ from plugins_sdk._context import CallInfo, ToolContext, mark_cancelled, response
 from plugins_sdk._failures import end_call
 from plugins_sdk._pump import EventPump
 from plugins_sdk._runtime import PluginRuntime
-from plugins_sdk._structs import struct_to_dict
 from plugins_sdk._tools import ToolSpec
 from plugins_sdk._tracing import CallSpan, ServerSpans
+from sidemesh.core import struct_to_dict
 from sidemesh.v1 import tool_pb2, tool_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]

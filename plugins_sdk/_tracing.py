@@ -21,9 +21,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from clients import SidemeshError
 from plugins_sdk._context import CallInfo
 from plugins_sdk._plugin import RUNTIME, Plugin
+from sidemesh.core import SidemeshError
 from sidemesh.v1 import agent_pb2, tool_pb2
 
 #: The instrumentation scope of the SDK's spans.

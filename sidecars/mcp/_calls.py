@@ -10,7 +10,6 @@ import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
-from clients import struct_to_dict
 from plugins_sdk import Plugin
 from plugins_sdk._context import CallInfo, Event, response
 from plugins_sdk._failures import end_call
@@ -20,6 +19,7 @@ from sidecars.mcp import _convert as convert
 from sidecars.mcp._arguments import check_arguments
 from sidecars.mcp._asking import CallSlot
 from sidecars.mcp._link import ServerLink
+from sidemesh.core import struct_to_dict
 
 Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")

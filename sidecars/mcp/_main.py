@@ -13,7 +13,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from clients import normalize_address, run_loop, server_options
 from plugins_sdk._plugin import PLUGIN_ENV
 from plugins_sdk._runner import LISTEN_ENV, MAX_MESSAGE_BYTES, SIGNAL_GRACE
 from sidecars.mcp._link import ServerLink, StartupError
@@ -23,6 +22,7 @@ from sidecars.mcp._spec import ServerSpec, SpecError
 from sidecars.mcp._watchers import Watchers
 from sidecars.python._logging import LOG_LEVEL_ENV, configure_logging
 from sidecars.python._telemetry import configure_tracing
+from sidemesh.core import normalize_address, run_loop, server_options
 from sidemesh.v1 import mcp_pb2_grpc, plugin_pb2_grpc, tool_pb2_grpc
 
 log = logging.getLogger("sidecars.mcp")

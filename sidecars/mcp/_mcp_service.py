@@ -16,7 +16,6 @@ import grpc
 import mcp_types as types
 from mcp import Client
 
-from clients import UnavailableError
 from plugins_sdk._context import CallInfo
 from plugins_sdk._failures import end_call
 from sidecars.mcp import _convert as convert
@@ -24,6 +23,7 @@ from sidecars.mcp._asking import CallSlot, capabilities
 from sidecars.mcp._calls import Context, call_timeout, server_spans, stream_tool_call, unary
 from sidecars.mcp._errors import Lookup
 from sidecars.mcp._link import ServerLink
+from sidemesh.core import UnavailableError
 from sidemesh.v1 import mcp_pb2, mcp_pb2_grpc
 
 R = TypeVar("R")

@@ -9,12 +9,12 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from clients import normalize_address
 from plugins_sdk import Plugin, run
 from plugins_sdk._plugin import PLUGIN_ENV
 from plugins_sdk._runner import LISTEN_ENV
 from sidecars.python._logging import LOG_LEVEL_ENV, configure_logging
 from sidecars.python._telemetry import configure_tracing
+from sidemesh.core import normalize_address
 
 log = logging.getLogger("sidecars.python")
 

@@ -11,7 +11,7 @@ import mcp_types as types
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from clients import InvalidArgumentError, NotFoundError, SidemeshError, struct_to_dict, to_struct
+from clients import InvalidArgumentError, NotFoundError, SidemeshError
 from orchestrator.gateway import View, mcp_name
 from orchestrator.gateway._catalog import tool_targets
 from orchestrator.gateway._convert import content
@@ -22,6 +22,7 @@ from sidecars.mcp._catalog import Catalog
 from sidecars.mcp._errors import Lookup, to_status
 from sidecars.mcp._spec import ServerSpec, SpecError
 from sidecars.mcp._watchers import Watchers, list_changed, resource_updated
+from sidemesh.core import struct_to_dict, to_struct
 from sidemesh.v1 import agent_pb2, common_pb2, mcp_pb2, tool_pb2
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -307,8 +307,8 @@ async def test_exceptions_are_recorded_with_the_code_they_end_the_call_with(
     assert [s.events[0].name for s in servers] == ["exception"] * 3
     assert [(s.events[0].attributes or {})["exception.type"] for s in servers] == [
         "ValueError",
-        "clients._errors.NotFoundError",
-        "clients._errors.NotFoundError",
+        "sidemesh.core.NotFoundError",
+        "sidemesh.core.NotFoundError",
     ]
     assert servers[0].status.description == "ValueError: secret-token-123"
     assert attrs(servers[2])["sidemesh.target"] == "no-such-tool"
