@@ -35,7 +35,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, runtime: PluginRuntime) -> None:
         self._runtime = runtime
         #: Starts the SERVER span of each call.
-        self.spans = ServerSpans(runtime.app, SERVICE)
+        self.spans = ServerSpans(runtime.app.name, runtime.app.version, SERVICE)
 
     async def Invoke(
         self, request: agent_pb2.InvokeRequest, context: Context

@@ -27,7 +27,7 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
     def __init__(self, runtime: PluginRuntime) -> None:
         self._runtime = runtime
         #: Starts the SERVER span of each call.
-        self.spans = ServerSpans(runtime.app, SERVICE)
+        self.spans = ServerSpans(runtime.app.name, runtime.app.version, SERVICE)
         self._list = tool_pb2.ListToolsResponse(
             tools=sorted(
                 (spec.descriptor for spec in runtime.app.tools.values()), key=lambda d: d.name

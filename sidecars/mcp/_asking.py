@@ -31,7 +31,7 @@ from typing import Any
 import mcp_types as types
 from pydantic import ValidationError
 
-from plugins_sdk._context import Event
+from plugins_sdk.serving import Event
 from sidemesh.core import struct_to_dict, to_struct
 from sidemesh.v1 import common_pb2, mcp_pb2
 

@@ -10,11 +10,15 @@ import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
-from plugins_sdk import Plugin
-from plugins_sdk._context import CallInfo, Event, response
-from plugins_sdk._failures import end_call
-from plugins_sdk._pump import EventPump
-from plugins_sdk._tracing import CallSpan, ServerSpans
+from plugins_sdk.serving import (
+    CallInfo,
+    CallSpan,
+    Event,
+    EventPump,
+    ServerSpans,
+    end_call,
+    response,
+)
 from sidecars.mcp import _convert as convert
 from sidecars.mcp._arguments import check_arguments
 from sidecars.mcp._asking import CallSlot
@@ -38,7 +42,7 @@ def call_timeout(context: Context, link: ServerLink) -> float:
 
 def server_spans(link: ServerLink, service: str) -> ServerSpans:
     """The SDK's SERVER spans, named after the plugin and versioned like its MCP server."""
-    return ServerSpans(Plugin(link.plugin, version=link.info.version or "0.0.0"), service)
+    return ServerSpans(link.plugin, link.info.version or "0.0.0", service)
 
 
 async def unary(

@@ -16,8 +16,7 @@ import grpc
 import mcp_types as types
 from mcp import Client
 
-from plugins_sdk._context import CallInfo
-from plugins_sdk._failures import end_call
+from plugins_sdk.serving import CallInfo, end_call
 from sidecars.mcp import _convert as convert
 from sidecars.mcp._asking import CallSlot, capabilities
 from sidecars.mcp._calls import Context, call_timeout, server_spans, stream_tool_call, unary

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
-from plugins_sdk._plugin_service import grace_period
+from plugins_sdk.serving import grace_period
 from sidecars.mcp._calls import Context, server_spans, stream_tool_call, unary
 from sidecars.mcp._link import ServerLink
 from sidecars.mcp._spec import RUNTIME

@@ -21,7 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from clients import ToolCallResult
 from orchestrator._mcp_config import McpGatewaySettings
-from orchestrator.gateway._http import McpHttpEndpoint
+from orchestrator.gateway import McpHttpEndpoint
 from sidemesh.core import to_struct
 from sidemesh.v1 import common_pb2, mesh_pb2, tool_pb2
 

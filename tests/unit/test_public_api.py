@@ -46,6 +46,12 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         *("Log", "Progress", "Result", "Blob", "ToolError", "ToolResult", "run", "serve"),
     ],
     "plugins_sdk.testing": ["PluginHarness"],
+    "plugins_sdk.serving": [
+        *("sidecar_server", "listen", "stop_on_signals", "grace_period"),
+        *("MAX_MESSAGE_BYTES", "SIGNAL_GRACE"),
+        *("CallInfo", "ServerSpans", "CallSpan", "end_call"),
+        *("EventPump", "Event", "response"),
+    ],
     "sidecars.python": ["main"],
     "sidecars.mcp": ["main"],
     "sidecars.sandbox": [
@@ -60,7 +66,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
     ],
     "orchestrator.gateway": [
         *("ANONYMOUS", "AllowAll", "Anonymous", "Authenticator", "Authorizer"),
-        *("JwtAuthenticator", "MeshMcpServer", "Unauthenticated", "View"),
+        *("JwtAuthenticator", "McpHttpEndpoint", "MeshMcpServer", "Unauthenticated", "View"),
         *("mcp_name", "stdio_streams"),
     ],
 }

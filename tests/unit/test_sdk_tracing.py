@@ -23,7 +23,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from clients import CallCancelledError, DeadlineExceededError, NotFoundError, UnknownError
 from plugins_sdk import AgentContext, AgentInput, Plugin, Result, ToolContext, ToolError
 from plugins_sdk.testing import PluginHarness
-from sidecars.python._logging import log_handler
+from sidecars._logging import log_handler
 from sidemesh.v1 import tool_pb2, tool_pb2_grpc
 
 tracer = trace.get_tracer("tests")
