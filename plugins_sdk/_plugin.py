@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import pydantic
 
@@ -24,6 +24,9 @@ from sidemesh.core import (
 )
 from sidemesh.v1 import plugin_pb2, tool_pb2
 
+if TYPE_CHECKING:
+    from plugins_sdk._interceptors import Interceptor
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: The environment variable the orchestrator sets to the plugin's name.
@@ -38,6 +41,7 @@ class Plugin:
     ``name`` defaults to ``$SIDEMESH_PLUGIN`` (set by the orchestrator). The
     operator's config is validated with ``config_model`` when given, and is
     then ``ctx.config``; without one, ``ctx.config`` is the config as a dict.
+    ``interceptors`` run around every call the plugin serves (see ``Interceptor``).
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class Plugin:
         version: str = "0.0.0",
         description: str = "",
         config_model: type[pydantic.BaseModel] | None = None,
+        interceptors: Sequence[Interceptor] = (),
     ) -> None:
         name = name or os.environ.get(PLUGIN_ENV, "")
         if not name:
@@ -60,6 +65,8 @@ class Plugin:
         self.version = version
         self.description = description
         self.config_model = config_model
+        #: Hooks around every call the plugin serves, outermost first (``plugins_sdk.Interceptor``).
+        self.interceptors: tuple[Interceptor, ...] = tuple(interceptors)
         self._tools: dict[str, ToolSpec] = {}
         self._agents: dict[str, AgentSpec] = {}
 

@@ -39,6 +39,8 @@ class ServerSpans:
     """Starts the SERVER spans of one plugin's calls to one service."""
 
     def __init__(self, plugin: str, version: str, service: str) -> None:
+        #: The gRPC service whose calls these are, ``sidemesh.v1.ToolService``.
+        self.service = service
         self._service = service
         self._plugin = {"sidemesh.plugin": plugin, "sidemesh.plugin.version": version}
         #: Span name and start attributes per method, built once.

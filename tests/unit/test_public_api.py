@@ -44,6 +44,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
     "plugins_sdk": [
         *("Plugin", "CallContext", "ToolContext", "AgentContext", "AgentInput"),
         *("Log", "Progress", "Result", "Blob", "ToolError", "ToolResult", "run", "serve"),
+        *("Interceptor", "CallInput"),
     ],
     "plugins_sdk.testing": ["PluginHarness"],
     "plugins_sdk.serving": [
@@ -51,6 +52,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         *("MAX_MESSAGE_BYTES", "SIGNAL_GRACE"),
         *("CallInfo", "ServerSpans", "CallSpan", "end_call"),
         *("EventPump", "Event", "response"),
+        *("Chain", "ServeCall", "Interceptor", "CallInput", "UnaryNext", "StreamNext"),
     ],
     "sidecars.python": ["main"],
     "sidecars.mcp": ["main"],
