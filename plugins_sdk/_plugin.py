@@ -6,10 +6,12 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import pydantic
+import yaml
 
 from plugins_sdk._agents import AgentSpec
 from plugins_sdk._schema import json_path
@@ -34,28 +36,44 @@ PLUGIN_ENV = SidecarEnv.PLUGIN
 #: The SDK's name and version, reported in ``PluginInfo.runtime``.
 RUNTIME = "sidemesh-python/0.1.0"
 
+#: The manifest's file name, beside the plugin's module.
+MANIFEST_FILE = "plugin.yaml"
+_MAX_MANIFEST = 1 << 20
+
 
 class Plugin:
     """A plugin: a named set of tools and agents, served by ``run`` or the sidecar runtime.
 
-    ``name`` defaults to ``$SIDEMESH_PLUGIN`` (set by the orchestrator). The
-    operator's config is validated with ``config_model`` when given, and is
-    then ``ctx.config``; without one, ``ctx.config`` is the config as a dict.
-    ``interceptors`` run around every call the plugin serves (see ``Interceptor``).
+    Each fact is written once. The plugin's identity is its manifest's: ``name``
+    defaults to ``$SIDEMESH_PLUGIN`` (set by the orchestrator from the manifest),
+    and ``version`` and ``description``, when left out, are the manifest's too.
+    What it implements is the code's: its tools and agents, and ``config_model``,
+    the schema of the operator's config (validated at start, then ``ctx.config``;
+    without one, ``ctx.config`` is the config as a dict). ``sidemesh validate``
+    checks the two against each other (``facts``). ``interceptors`` run around
+    every call the plugin serves (see ``Interceptor``).
     """
 
     def __init__(
         self,
         name: str | None = None,
         *,
-        version: str = "0.0.0",
+        version: str = "",
         description: str = "",
         config_model: type[pydantic.BaseModel] | None = None,
         interceptors: Sequence[Interceptor] = (),
     ) -> None:
-        name = name or os.environ.get(PLUGIN_ENV, "")
+        #: What the code states itself, rather than leaving it to the manifest.
+        self._in_code = {"name": name, "version": version, "description": description}
+        manifest = _manifest_beside(sys._getframe(1).f_globals.get("__file__"))
+        name = name or os.environ.get(PLUGIN_ENV, "") or str(manifest.get("name") or "")
         if not name:
-            raise ValueError(f"give the plugin a name: Plugin('my-plugin'), or set ${PLUGIN_ENV}")
+            raise ValueError(
+                f"give the plugin a name: in a plugin.yaml beside its module, Plugin('my-plugin'), "
+                f"or ${PLUGIN_ENV}"
+            )
+        version = version or str(manifest.get("version") or "")
+        description = description or str(manifest.get("description") or "")
         if not is_plugin_name(name):
             raise ValueError(
                 f"plugin name {name!r} must be lowercase letters, digits and '-', "
@@ -220,6 +238,21 @@ class Plugin:
             tools=[spec.descriptor for spec in self._tools.values()],
         )
 
+    def facts(self) -> dict[str, Any]:
+        """What the code states about the plugin, for checking against its manifest.
+
+        ``name``, ``version`` and ``description`` are None where the code leaves
+        them to the manifest; ``config_schema`` is ``config_model``'s JSON Schema.
+        """
+        return {
+            **{fact: said or None for fact, said in self._in_code.items()},
+            "tools": list(self._tools),
+            "agents": list(self._agents),
+            "config_schema": (
+                self.config_model.model_json_schema() if self.config_model is not None else None
+            ),
+        }
+
     def validate_config(self, data: Mapping[str, Any]) -> Any:
         """The config ``ctx.config`` shows: a ``config_model`` instance, else a dict.
 
@@ -244,6 +277,22 @@ class Plugin:
 
 def _doc(fn: Callable[..., Any]) -> str:
     return inspect.getdoc(fn) or ""
+
+
+def _manifest_beside(module_file: object) -> dict[str, Any]:
+    """The ``plugin.yaml`` in the directory of the module making the Plugin, as a dict.
+
+    Identity is stated once, in the manifest: what the code leaves out comes from
+    there. Nothing (an empty dict) when there is no readable manifest.
+    """
+    if not isinstance(module_file, str):
+        return {}
+    try:
+        text = (Path(module_file).resolve().parent / MANIFEST_FILE).read_text(encoding="utf-8")
+        data = yaml.safe_load(text[:_MAX_MANIFEST])
+    except (OSError, UnicodeError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _caller_locals() -> dict[str, Any]:
