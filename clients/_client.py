@@ -11,15 +11,21 @@ from typing import Any, Self
 
 import grpc
 
-from clients._address import DEFAULT_TCP_ADDRESS, normalize_address
+from clients._agent_input import agent_input
 from clients._chat import ChatSession
-from clients._convert import agent_input, to_struct
 from clients._credentials import Credentials, TlsOptions, resolve_credentials
-from clients._errors import FailedPreconditionError, InternalError, UnavailableError
 from clients._mcp import McpMethods
 from clients._results import ToolCallResult
 from clients._streams import AgentStream, ServerStream, ToolCallStream, unary
 from clients._tracing import tracing_interceptors
+from sidemesh.core import (
+    DEFAULT_TCP_ADDRESS,
+    FailedPreconditionError,
+    InternalError,
+    UnavailableError,
+    normalize_address,
+    to_struct,
+)
 from sidemesh.v1 import (
     agent_pb2,
     agent_pb2_grpc,

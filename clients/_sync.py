@@ -19,10 +19,10 @@ import grpc
 
 from clients._client import DEFAULT_MAX_MESSAGE_BYTES, AsyncMeshClient, Metadata
 from clients._credentials import Credentials, TlsOptions
-from clients._errors import InternalError
 from clients._loop import LoopThread
 from clients._results import ToolCallResult
 from clients._sync_streams import SyncAgentStream, SyncChatSession, SyncStream, SyncToolCallStream
+from sidemesh.core import InternalError
 from sidemesh.v1 import agent_pb2, common_pb2, mcp_pb2, mesh_pb2, tool_pb2
 
 

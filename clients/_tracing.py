@@ -28,7 +28,7 @@ from opentelemetry.propagators.textmap import Setter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import Attributes
 
-from clients._address import normalize_address
+from sidemesh.core import normalize_address
 
 #: The instrumentation scope of the client's spans.
 SCOPE = "sidemesh.clients"

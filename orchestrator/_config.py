@@ -16,13 +16,12 @@ from pydantic import (
     model_validator,
 )
 
-from clients import DEFAULT_TCP_ADDRESS, normalize_address
 from orchestrator import _variables
 from orchestrator._auth_config import AuthConfig, PluginGrant, PolicyConfig
 from orchestrator._mcp_config import McpGatewaySettings
 from orchestrator._mount_config import Mount
 from orchestrator._yaml_models import load_yaml_model, validate_model
-from sidemesh.core import default_state_dir
+from sidemesh.core import DEFAULT_TCP_ADDRESS, default_state_dir, normalize_address
 
 #: The example plugins that ship with Sidemesh (used when no plugin_dirs are configured).
 BUNDLED_PLUGINS_DIR = Path(__file__).resolve().parent.parent / "examples" / "plugins"

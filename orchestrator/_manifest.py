@@ -11,11 +11,10 @@ from typing import Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from clients import normalize_address
 from orchestrator import _variables
-from orchestrator._names import ItemName, PluginName
 from orchestrator._variables import Expandable
 from orchestrator._yaml_models import Problem, load_yaml_model
+from sidemesh.core import ItemName, PluginName, normalize_address
 
 MANIFEST_FILE = "plugin.yaml"
 

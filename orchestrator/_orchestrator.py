@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import Observation
 
-from clients import AsyncMeshClient, SidemeshError, server_options
+from clients import AsyncMeshClient
 from orchestrator._access import Access
 from orchestrator._accounting import Accounting
 from orchestrator._auth_config import listener_problems
@@ -59,10 +59,9 @@ from orchestrator._routing import (
 from orchestrator._supervisor import Supervisor
 from orchestrator._telemetry import Telemetry
 from orchestrator._yaml_models import ConfigError
-from orchestrator.gateway import Authenticator, Authorizer
-from orchestrator.gateway._http import McpHttpEndpoint
+from orchestrator.gateway import Authenticator, Authorizer, McpHttpEndpoint
 from sidecars.sandbox import LAYERS, remove_mesh_cgroups
-from sidemesh.core import ENDPOINTS_FILE, process_alive, running_mesh
+from sidemesh.core import ENDPOINTS_FILE, SidemeshError, process_alive, running_mesh, server_options
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("sidemesh.orchestrator")

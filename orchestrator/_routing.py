@@ -24,7 +24,6 @@ from typing import Any
 
 import sidemesh_dataplane as dp
 
-from clients import InvalidArgumentError, ResourceExhaustedError, SidemeshError, UnavailableError
 from orchestrator._access import Access
 from orchestrator._authz import AccessDenied
 from orchestrator._catalog import Catalog, Entry
@@ -34,6 +33,12 @@ from orchestrator._principals import ANONYMOUS, Principal, TransportIdentity
 from orchestrator._process import process_tree
 from orchestrator._replica import Replica
 from orchestrator._routes import BY_PATH, MCP_SERVICE, NO_FIRST_MESSAGE, ROUTES, Route
+from sidemesh.core import (
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    SidemeshError,
+    UnavailableError,
+)
 from sidemesh.v1 import tool_pb2
 
 log = logging.getLogger("sidemesh.router")

@@ -14,10 +14,10 @@ import grpc
 from google.protobuf.message import Message
 from opentelemetry import trace
 
-from clients import SidemeshError, ToolCallResult
+from clients import ToolCallResult
 from plugins_sdk._events import AgentInput, log_levels
 from plugins_sdk._mesh import CallMesh
-from plugins_sdk._structs import to_struct
+from sidemesh.core import SidemeshError, to_struct
 from sidemesh.v1 import agent_pb2, common_pb2
 
 if TYPE_CHECKING:

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import pydantic
 import yaml
 
-from clients import FieldViolation, InvalidArgumentError
 from plugins_sdk._agents import AgentSpec
 from plugins_sdk._schema import json_path
 from plugins_sdk._tools import ToolSpec
-from sidemesh.core import CONTRACT_VERSION, SidecarEnv
+from sidemesh.core import (
+    CONTRACT_VERSION,
+    FieldViolation,
+    InvalidArgumentError,
+    SidecarEnv,
+    is_item_name,
+    is_plugin_name,
+)
 from sidemesh.v1 import plugin_pb2, tool_pb2
+
+if TYPE_CHECKING:
+    from plugins_sdk._interceptors import Interceptor
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,9 +40,6 @@ RUNTIME = "sidemesh-python/0.1.0"
 MANIFEST_FILE = "plugin.yaml"
 _MAX_MANIFEST = 1 << 20
 
-_PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-_ITEM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-
 
 class Plugin:
     """A plugin: a named set of tools and agents, served by ``run`` or the sidecar runtime.
@@ -45,7 +50,8 @@ class Plugin:
     What it implements is the code's: its tools and agents, and ``config_model``,
     the schema of the operator's config (validated at start, then ``ctx.config``;
     without one, ``ctx.config`` is the config as a dict). ``sidemesh validate``
-    checks the two against each other (``facts``).
+    checks the two against each other (``facts``). ``interceptors`` run around
+    every call the plugin serves (see ``Interceptor``).
     """
 
     def __init__(
@@ -55,6 +61,7 @@ class Plugin:
         version: str = "",
         description: str = "",
         config_model: type[pydantic.BaseModel] | None = None,
+        interceptors: Sequence[Interceptor] = (),
     ) -> None:
         #: What the code states itself, rather than leaving it to the manifest.
         self._in_code = {"name": name, "version": version, "description": description}
@@ -67,7 +74,7 @@ class Plugin:
             )
         version = version or str(manifest.get("version") or "")
         description = description or str(manifest.get("description") or "")
-        if not _PLUGIN_NAME.match(name):
+        if not is_plugin_name(name):
             raise ValueError(
                 f"plugin name {name!r} must be lowercase letters, digits and '-', "
                 "starting with a letter (at most 63 characters)"
@@ -76,6 +83,8 @@ class Plugin:
         self.version = version
         self.description = description
         self.config_model = config_model
+        #: Hooks around every call the plugin serves, outermost first (``plugins_sdk.Interceptor``).
+        self.interceptors: tuple[Interceptor, ...] = tuple(interceptors)
         self._tools: dict[str, ToolSpec] = {}
         self._agents: dict[str, AgentSpec] = {}
 
@@ -208,7 +217,7 @@ class Plugin:
 
     @staticmethod
     def _check_new(name: str, existing: Mapping[str, object], kind: str) -> None:
-        if not _ITEM_NAME.match(name):
+        if not is_item_name(name):
             raise ValueError(f"{kind} name {name!r} must match [A-Za-z0-9_.-]{{1,128}}")
         if name in existing:
             raise ValueError(f"{kind} {name!r} is declared twice")

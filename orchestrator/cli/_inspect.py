@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from clients import AsyncMeshClient, struct_to_dict
+from clients import AsyncMeshClient
 from orchestrator._plugin import state_name
 from orchestrator.cli._common import (
     EXIT_OK,
@@ -17,6 +17,7 @@ from orchestrator.cli._common import (
     run_client,
     to_json,
 )
+from sidemesh.core import struct_to_dict
 from sidemesh.v1 import mesh_pb2
 
 

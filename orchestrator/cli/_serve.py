@@ -9,11 +9,11 @@ import signal
 import sys
 from pathlib import Path
 
-from clients import run_loop
 from orchestrator._config import load_config
 from orchestrator._logging import configure_logging
 from orchestrator._orchestrator import Orchestrator
 from orchestrator._yaml_models import ConfigError
+from sidemesh.core import run_loop
 
 log = logging.getLogger("sidemesh.serve")
 

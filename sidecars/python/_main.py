@@ -10,14 +10,14 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from clients import normalize_address
 from plugins_sdk import Plugin, run
-from plugins_sdk._plugin import PLUGIN_ENV
-from plugins_sdk._runner import LISTEN_ENV
-from sidecars.python._logging import LOG_LEVEL_ENV, configure_logging
-from sidecars.python._telemetry import configure_tracing
+from sidecars._logging import LOG_LEVEL_ENV, configure_logging
+from sidecars._telemetry import configure_tracing
+from sidemesh.core import SidecarEnv, normalize_address
 
 log = logging.getLogger("sidecars.python")
+
+LISTEN_ENV, PLUGIN_ENV = SidecarEnv.LISTEN, SidecarEnv.PLUGIN
 
 #: Exit status when the sidecar cannot start: bad usage, or an app that cannot be loaded.
 EXIT_UNUSABLE = 2
