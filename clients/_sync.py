@@ -9,17 +9,14 @@ running and stops the thread.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import weakref
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
-import grpc
-
-from clients._client import DEFAULT_MAX_MESSAGE_BYTES, AsyncMeshClient, Metadata
-from clients._credentials import Credentials, TlsOptions
+from clients._client import AsyncMeshClient, Metadata
+from clients._credentials import Credentials
 from clients._loop import LoopThread
 from clients._results import ToolCallResult
 from clients._sync_streams import SyncAgentStream, SyncChatSession, SyncStream, SyncToolCallStream
@@ -30,6 +27,28 @@ P = ParamSpec("P")
 R = TypeVar("R")
 S = TypeVar("S")
 W = TypeVar("W")
+
+
+def _constructor(
+    init: Callable[Concatenate[AsyncMeshClient, P], None],
+) -> Callable[
+    [Callable[[MeshClient, AsyncMeshClient], None]], Callable[Concatenate[MeshClient, P], None]
+]:
+    """``MeshClient.__init__`` with ``AsyncMeshClient.__init__``'s signature: the
+    arguments make the async client, which the decorated function then adopts."""
+
+    def derive(
+        adopt: Callable[[MeshClient, AsyncMeshClient], None],
+    ) -> Callable[Concatenate[MeshClient, P], None]:
+        @functools.wraps(init)
+        def __init__(self: MeshClient, /, *args: P.args, **kwargs: P.kwargs) -> None:
+            client = AsyncMeshClient.__new__(AsyncMeshClient)
+            init(client, *args, **kwargs)
+            adopt(self, client)
+
+        return __init__
+
+    return derive
 
 
 def _blocking(
@@ -67,34 +86,13 @@ class MeshClient:
     run in the calling thread. One client may be shared by several threads.
     """
 
-    def __init__(
-        self,
-        address: str | None = None,
-        *,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
-        tracing: bool = True,
-        token: str | None = None,
-        token_file: str | os.PathLike[str] | None = None,
-        tls: TlsOptions | bool | None = None,
-        state_dir: str | os.PathLike[str] | None = None,
-    ) -> None:
-        self._async = AsyncMeshClient(
-            address,
-            timeout=timeout,
-            metadata=metadata,
-            max_message_bytes=max_message_bytes,
-            interceptors=interceptors,
-            tracing=tracing,
-            token=token,
-            token_file=token_file,
-            tls=tls,
-            state_dir=state_dir,
-        )
-        self._loop = LoopThread(f"sidemesh-client {self._async.address}")
-        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._async)
+    @_constructor(AsyncMeshClient.__init__)
+    def __init__(self, client: AsyncMeshClient) -> None:
+        """Takes ``AsyncMeshClient``'s arguments; the async client they make runs on a
+        private loop thread."""
+        self._async = client
+        self._loop = LoopThread(f"sidemesh-client {client.address}")
+        self._finalizer = weakref.finalize(self, _shutdown, self._loop, client)
 
     @property
     def address(self) -> str:
