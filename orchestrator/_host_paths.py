@@ -11,11 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator import _variables
+from orchestrator import _variables, sandbox
 from orchestrator._config import PluginOverride
 from orchestrator._manifest import MANIFEST_FILE, PluginManifest
 from orchestrator._yaml_models import ConfigError, Problem
-from sidecars import sandbox
 from sidemesh.core import SidecarEnv as E
 from sidemesh.v1 import mesh_pb2
 

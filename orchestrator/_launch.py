@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from orchestrator import _variables
+from orchestrator import _variables, sandbox
 from orchestrator._config import PluginOverride, SandboxSettings
 from orchestrator._host_paths import (
     git_safe_directories,
@@ -22,7 +22,6 @@ from orchestrator._host_paths import (
 )
 from orchestrator._manifest import PluginManifest
 from orchestrator._replica import LaunchSpec
-from sidecars import sandbox
 from sidemesh.core import REPLICA_SOCKET
 from sidemesh.core import SidecarEnv as E
 from sidemesh.v1 import mesh_pb2
@@ -213,7 +212,7 @@ class ProcessLauncher:
 
 
 class SandboxLauncher:
-    """Starts each sidecar in its plugin's sandbox (see :mod:`sidecars.sandbox`)."""
+    """Starts each sidecar in its plugin's sandbox (see :mod:`orchestrator.sandbox`)."""
 
     def __init__(self, settings: SandboxSettings, state_dir: Path | None = None) -> None:
         """``state_dir``: where each plugin's uid is remembered across runs."""
@@ -460,7 +459,8 @@ def _own_tree(path: Path, uid: int, *, private: bool = True) -> None:
 
 
 def _runtime_paths() -> list[Path]:
-    """What a Python sidecar needs to see: the interpreter, the venv, the mesh's packages."""
+    """What a sidecar needs to see: the interpreter, the venv, the mesh's packages, and
+    the sandbox's own entry point."""
     import importlib.util
     import site
 
@@ -472,6 +472,9 @@ def _runtime_paths() -> list[Path]:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations:
             paths.update(Path(p).resolve() for p in spec.submodule_search_locations)
+    # The sandbox's own entry point (landlock_exec.py) runs inside it: its directory only,
+    # not the rest of the orchestrator.
+    paths.add(Path(sandbox.__file__).resolve().parent)
     # What this user cannot read, a sandbox of its own cannot bind (nor would it need it).
     paths = {p for p in paths if os.access(p, os.R_OK | os.X_OK)}
     # A path inside another is already visible.

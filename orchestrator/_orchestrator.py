@@ -60,7 +60,7 @@ from orchestrator._supervisor import Supervisor
 from orchestrator._telemetry import Telemetry
 from orchestrator._yaml_models import ConfigError
 from orchestrator.gateway import Authenticator, Authorizer, McpHttpEndpoint
-from sidecars.sandbox import LAYERS, remove_mesh_cgroups
+from orchestrator.sandbox import LAYERS, remove_mesh_cgroups
 from sidemesh.core import ENDPOINTS_FILE, SidemeshError, process_alive, running_mesh, server_options
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 

@@ -12,12 +12,12 @@ from typing import Any
 import jsonschema
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from orchestrator import sandbox
 from orchestrator._config import MeshConfig, PluginOverride
 from orchestrator._manifest import PluginManifest
 from orchestrator._process import tree_rss_bytes
 from orchestrator._replica import Replica
 from orchestrator._resilience import Resilience
-from sidecars import sandbox
 from sidemesh.core import MESH_SOCKET, UnavailableError
 from sidemesh.v1 import mesh_pb2
 

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orchestrator._output import OutputLimits
 from orchestrator._pinned import PinnedSocket, SocketRefused
 from orchestrator._process import SidecarProcess, describe_exit
-from sidecars.sandbox import PreparedSidecar
+from orchestrator.sandbox import PreparedSidecar
 from sidemesh.core import contract_refusal
 from sidemesh.v1 import mesh_pb2, plugin_pb2, plugin_pb2_grpc
 

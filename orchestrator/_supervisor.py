@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from orchestrator import sandbox
 from orchestrator._catalog import Catalog
 from orchestrator._config import SupervisorSettings
 from orchestrator._events import EventBus
@@ -19,7 +20,6 @@ from orchestrator._launch import Launcher
 from orchestrator._output import OutputLimits
 from orchestrator._plugin import PluginRuntime, duration, state_name
 from orchestrator._replica import Replica, ReplicaStartError
-from sidecars import sandbox
 from sidemesh.v1 import mcp_pb2, mcp_pb2_grpc, mesh_pb2, plugin_pb2, plugin_pb2_grpc
 
 S = mesh_pb2

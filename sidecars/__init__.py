@@ -11,9 +11,9 @@ is in ``docs/architecture.md`` (and in ``sidemesh.core``).
 - ``sidecars.mcp``: the MCP bridge, an existing MCP server (stdio or local
   streamable HTTP) served as a mesh plugin (``python -m sidecars.mcp``, for
   manifests with ``runtime: mcp``).
-- ``sidecars.sandbox``: the sandbox every launched sidecar runs in
-  (bubblewrap namespaces, seccomp, Landlock, rlimits, cgroups, the data dir's
-  quota). It is host-side code: the orchestrator's launcher uses it.
+
+The sandbox every launched sidecar runs in is host-side code, beside the
+launcher that uses it: ``orchestrator.sandbox``.
 
 Both runtimes serve with ``plugins_sdk.serving`` and share their logging
 (``_logging``: one line per record on stderr, with the trace context) and their

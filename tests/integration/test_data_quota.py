@@ -217,7 +217,7 @@ def reapers(mesh: Mesh) -> list[int]:
     return [
         pid
         for pid in processes_with(str(mesh.state_dir / "images"))
-        if b"sidecars.sandbox._reaper" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"orchestrator.sandbox._reaper" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
 
 

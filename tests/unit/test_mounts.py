@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import ConfigError, load_config, load_manifest
+from orchestrator import ConfigError, load_config, load_manifest, sandbox
 from orchestrator._host_paths import unknown_mounts
 from orchestrator._launch import sidecar_environment
 from orchestrator._variables import expand, references
-from sidecars import sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 GIT_PLUGIN = ROOT / "tests" / "plugins" / "mcp-git"

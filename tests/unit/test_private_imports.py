@@ -35,10 +35,6 @@ FIRST_PARTY = {"clients", "plugins_sdk", "sidecars", "orchestrator", "sidemesh",
 HARNESSES = ("tests", "bench")
 #: Exceptions, each with its reason: (importing file, package whose privates it imports).
 ALLOWED: set[tuple[str, str]] = {
-    # The sandbox is host-side code the orchestrator's launcher uses; it is being moved
-    # beside the launcher (issue 15), after which this test of the data dir's quota
-    # tests one package. Until then it tests both.
-    ("tests/unit/test_quota.py", "sidecars.sandbox"),
     # One trace across processes' code: the test turns off the client's tracer and the
     # SDK's (callbacks still carry the caller's context) and reads the plugin's log lines
     # as the sidecar runtime formats them.

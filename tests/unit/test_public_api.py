@@ -56,7 +56,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
     ],
     "sidecars.python": ["main"],
     "sidecars.mcp": ["main"],
-    "sidecars.sandbox": [
+    "orchestrator.sandbox": [
         *("ACCOUNTED", "Bind", "IMAGE", "INSIDE_LISTEN", "INSIDE_MESH", "LAYERS"),
         "UID_REGISTRY_FILE",
         *("DataAccount", "DataImage", "DataQuota", "DataUsage", "HostSupport"),

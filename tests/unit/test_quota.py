@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import sandbox
 from orchestrator._launch import _own_tree
-from sidecars import sandbox
-from sidecars.sandbox._accounting import DataAccount, measure_tree
-from sidecars.sandbox._command import _LANDLOCK_EXEC
-from sidecars.sandbox._image import DataImage, _mounted_at, capacity_of
-from sidecars.sandbox._quota import max_files, mib
-from sidecars.sandbox._seccomp import filter_fd
+from orchestrator.sandbox._accounting import DataAccount, measure_tree
+from orchestrator.sandbox._command import _LANDLOCK_EXEC
+from orchestrator.sandbox._image import DataImage, _mounted_at, capacity_of
+from orchestrator.sandbox._quota import max_files, mib
+from orchestrator.sandbox._seccomp import filter_fd
 
 MIB = 1 << 20
 ROOT = os.geteuid() == 0
@@ -107,7 +107,7 @@ def _locked_tree_is_counted(data: Path) -> None:
     (data / "hidden").chmod(0)
     data.chmod(0o300)  # the data dir itself: no reading
     code = (
-        "from pathlib import Path\nfrom sidecars.sandbox._accounting import measure_tree\n"
+        "from pathlib import Path\nfrom orchestrator.sandbox._accounting import measure_tree\n"
         f"u = measure_tree(Path({str(data)!r}), 100)\nprint(u.used_bytes, u.files, repr(u.problem))"
     )
     out = _as_nobody(code)

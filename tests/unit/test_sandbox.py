@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecars import sandbox
-from sidecars.sandbox._command import _LANDLOCK_EXEC
-from sidecars.sandbox._seccomp import DENIED, compiled_filter
+from orchestrator import sandbox
+from orchestrator.sandbox._command import _LANDLOCK_EXEC
+from orchestrator.sandbox._seccomp import DENIED, compiled_filter
 
 FULL = sandbox.HostSupport(
     root=True, bwrap="/usr/bin/bwrap", bwrap_why="", seccomp_why="", landlock_abi=6,

@@ -1,6 +1,6 @@
 """Unmounts a mesh's data images when the orchestrator dies without stopping them.
 
-``python -m sidecars.sandbox._reaper PID IMAGES DATA_ROOT``: started by the
+``python -m orchestrator.sandbox._reaper PID IMAGES DATA_ROOT``: started by the
 orchestrator (``PID``) when it mounts its first data image, in a session of
 its own. It waits for the orchestrator to exit, then unmounts every image in
 ``IMAGES`` that no live mesh holds (the lock file of each) from its data dir
@@ -18,13 +18,13 @@ import select
 import sys
 from pathlib import Path
 
-from sidecars.sandbox._image import release_abandoned
+from orchestrator.sandbox._image import release_abandoned
 
 
 def main(argv: list[str]) -> int:
     """Waits for the orchestrator, then releases what it left mounted."""
     if len(argv) != 3 or not argv[0].isdigit():
-        print("usage: python -m sidecars.sandbox._reaper PID IMAGES DATA_ROOT", file=sys.stderr)
+        print("usage: python -m orchestrator.sandbox._reaper PID IMAGES DATA_ROOT", file=sys.stderr)
         return 2
     pid, images, data_root = int(argv[0]), Path(argv[1]), Path(argv[2])
     try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecars.sandbox._host import HostSupport
-from sidecars.sandbox._quota import ACCOUNTED, IMAGE, max_files
+from orchestrator.sandbox._host import HostSupport
+from orchestrator.sandbox._quota import ACCOUNTED, IMAGE, max_files
 
 LAYERS = (
     "namespaces", "filesystem", "network", "rlimits", "cgroups", "seccomp", "landlock",

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from sidecars.sandbox._image import image_support
+from orchestrator.sandbox._image import image_support
 
 _SYS_LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture
 _LANDLOCK_CREATE_RULESET_VERSION = 1
@@ -93,6 +93,6 @@ def _landlock_abi() -> int:
 
 
 def _cgroup_why() -> str:
-    from sidecars.sandbox._cgroups import cgroup_support
+    from orchestrator.sandbox._cgroups import cgroup_support
 
     return cgroup_support()

@@ -27,11 +27,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecars.sandbox._cgroups import ReplicaCgroup
-from sidecars.sandbox._host import HostSupport
-from sidecars.sandbox._policy import SANDBOX_UID, Policy
-from sidecars.sandbox._quota import ACCOUNTED
-from sidecars.sandbox._seccomp import filter_fd
+from orchestrator.sandbox._cgroups import ReplicaCgroup
+from orchestrator.sandbox._host import HostSupport
+from orchestrator.sandbox._policy import SANDBOX_UID, Policy
+from orchestrator.sandbox._quota import ACCOUNTED
+from orchestrator.sandbox._seccomp import filter_fd
 from sidemesh.core import (
     MESH_SOCKET,
     REPLICA_SOCKET,

@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from sidecars.sandbox._accounting import measure_tree
-from sidecars.sandbox._quota import (
+from orchestrator.sandbox._accounting import measure_tree
+from orchestrator.sandbox._quota import (
     IMAGE,
     MAX_FILES,
     DataUsage,
@@ -444,7 +444,7 @@ def _start_reaper(images: Path, data_root: Path) -> None:
     if "PYTHONPATH" in os.environ:
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     subprocess.Popen(
-        [sys.executable, "-m", "sidecars.sandbox._reaper", str(os.getpid()), str(images),
+        [sys.executable, "-m", "orchestrator.sandbox._reaper", str(os.getpid()), str(images),
          str(data_root)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True, env=env,
     )  # fmt: skip

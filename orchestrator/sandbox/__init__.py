@@ -20,12 +20,12 @@ Layers, each reported per plugin (``sidemesh plugins -v``):
 - ``environment``: scrubbed (only what the manifest declares and the operator gives).
 """
 
-from sidecars.sandbox._accounting import DataAccount
-from sidecars.sandbox._cgroups import remove_mesh_cgroups
-from sidecars.sandbox._command import INSIDE_LISTEN, INSIDE_MESH, PreparedSidecar, prepare
-from sidecars.sandbox._host import HostSupport, probe
-from sidecars.sandbox._image import DataImage, ImageUnavailable
-from sidecars.sandbox._policy import (
+from orchestrator.sandbox._accounting import DataAccount
+from orchestrator.sandbox._cgroups import remove_mesh_cgroups
+from orchestrator.sandbox._command import INSIDE_LISTEN, INSIDE_MESH, PreparedSidecar, prepare
+from orchestrator.sandbox._host import HostSupport, probe
+from orchestrator.sandbox._image import DataImage, ImageUnavailable
+from orchestrator.sandbox._policy import (
     LAYERS,
     Bind,
     Layer,
@@ -34,9 +34,9 @@ from sidecars.sandbox._policy import (
     SandboxRequest,
     policy,
 )
-from sidecars.sandbox._quota import ACCOUNTED, IMAGE, DataQuota, DataUsage, QuotaError
-from sidecars.sandbox._uids import REGISTRY_FILE as UID_REGISTRY_FILE
-from sidecars.sandbox._uids import UidAllocator
+from orchestrator.sandbox._quota import ACCOUNTED, IMAGE, DataQuota, DataUsage, QuotaError
+from orchestrator.sandbox._uids import REGISTRY_FILE as UID_REGISTRY_FILE
+from orchestrator.sandbox._uids import UidAllocator
 
 __all__ = [
     "ACCOUNTED",

@@ -25,8 +25,8 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from sidecars.sandbox._quota import ACCOUNTED, DataUsage, max_files, mib
-from sidecars.sandbox._tripwire import SURVEY, TRIPWIRE, ProcessTree
+from orchestrator.sandbox._quota import ACCOUNTED, DataUsage, max_files, mib
+from orchestrator.sandbox._tripwire import SURVEY, TRIPWIRE, ProcessTree
 
 #: A tree deeper than this is not measured (it would take one descriptor per level).
 MAX_DEPTH = 128
