@@ -16,8 +16,7 @@ from sidemesh.core import (
     InvalidArgumentError,
     NotFoundError,
     SidemeshError,
-    is_item_name,
-    is_plugin_name,
+    TargetIndex,
     qualify,
     split_target,
     struct_to_dict,
@@ -79,61 +78,6 @@ def _violation(error: jsonschema.ValidationError) -> FieldViolation:
     return FieldViolation(path, error.message)
 
 
-class _Index(Generic[D]):
-    """Entries by qualified name and by short name."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.by_qualified: dict[str, Entry[D]] = {}
-        self.by_short: dict[str, list[Entry[D]]] = {}
-
-    def rebuild(self, entries: Iterable[Entry[D]]) -> None:
-        self.by_qualified = {e.qualified: e for e in sorted(entries, key=lambda e: e.qualified)}
-        self.by_short = {}
-        for entry in self.by_qualified.values():
-            self.by_short.setdefault(entry.name, []).append(entry)
-
-    def resolve(self, target: str) -> Entry[D]:
-        plugin, name = split_target(target)
-        if not target or (plugin and not is_plugin_name(plugin)) or not is_item_name(name):
-            raise InvalidArgumentError(
-                f"{target!r} is not a {self.kind} name: use plugin/{self.kind} or a unique "
-                f"{self.kind} name (letters, digits, '_', '.', '-')",
-                reason="MALFORMED_TARGET",
-            )
-        if plugin:
-            entry = self.by_qualified.get(target)
-            if entry is not None:
-                return entry
-        else:
-            matches = self.by_short.get(name, [])
-            if len(matches) == 1:
-                return matches[0]
-            if len(matches) > 1:
-                choices = ", ".join(e.qualified for e in matches)
-                raise InvalidArgumentError(
-                    f"{self.kind} name {name!r} is ambiguous: use one of {choices}",
-                    reason="AMBIGUOUS_TARGET",
-                    metadata={"candidates": choices},
-                )
-        raise self.not_found(target)
-
-    def not_found(self, target: str) -> NotFoundError:
-        names = list(self.by_qualified) + list(self.by_short)
-        close = difflib.get_close_matches(target, names, n=3, cutoff=0.4)
-        if close:
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?"
-        elif names:
-            hint = f"; known {self.kind}s: {', '.join(sorted(self.by_qualified)[:10])}"
-        else:
-            hint = f"; the mesh has no {self.kind}s yet"
-        return NotFoundError(
-            f"no {self.kind} named {target!r}{hint}",
-            reason="TARGET_NOT_FOUND",
-            metadata={"suggestions": ",".join(close)},
-        )
-
-
 class Catalog:
     """Every agent, tool and MCP server the mesh knows, indexed for routing.
 
@@ -150,8 +94,8 @@ class Catalog:
         self._agents_of: dict[str, list[AgentEntry]] = {}
         self._tools_of: dict[str, list[ToolEntry]] = {}
         self._mcp: dict[str, mcp_pb2.McpServerInfo] = {}
-        self._agents: _Index[agent_pb2.AgentDescriptor] = _Index("agent")
-        self._tools: _Index[tool_pb2.ToolDescriptor] = _Index("tool")
+        self._agents: TargetIndex[Entry[agent_pb2.AgentDescriptor]] = TargetIndex("agent")
+        self._tools: TargetIndex[Entry[tool_pb2.ToolDescriptor]] = TargetIndex("tool")
 
     def set_plugin(
         self,
@@ -192,8 +136,12 @@ class Catalog:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        self._agents.rebuild(e for entries in self._agents_of.values() for e in entries)
-        self._tools.rebuild(e for entries in self._tools_of.values() for e in entries)
+        self._agents.rebuild(
+            (e.plugin, e.name, e) for entries in self._agents_of.values() for e in entries
+        )
+        self._tools.rebuild(
+            (e.plugin, e.name, e) for entries in self._tools_of.values() for e in entries
+        )
 
     # -- resolution ----------------------------------------------------------
 

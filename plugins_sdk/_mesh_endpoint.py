@@ -25,7 +25,7 @@ from plugins_sdk._failures import end_call
 from plugins_sdk._interceptors import CallInput
 from plugins_sdk._runtime import PluginRuntime
 from plugins_sdk._tool_service import ToolServicer
-from sidemesh.core import InvalidArgumentError, NotFoundError, UnimplementedError
+from sidemesh.core import InvalidArgumentError, NotFoundError, TargetIndex, UnimplementedError
 from sidemesh.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -51,33 +51,24 @@ class Routes:
     def __init__(self, runtimes: Iterable[PluginRuntime], caller: str) -> None:
         self.caller = caller
         self.members = {r.app.name: _Member(r, ToolServicer(r), AgentServicer(r)) for r in runtimes}
+        self._indexes: dict[str, TargetIndex[tuple[_Member, str]]] = {}
+        for kind in ("tool", "agent"):
+            index: TargetIndex[tuple[_Member, str]] = TargetIndex(kind)
+            index.rebuild(
+                (plugin, name, (member, name))
+                for plugin, member in self.members.items()
+                for name in self._names(member, kind)
+            )
+            self._indexes[kind] = index
 
     def resolve(self, kind: str, target: str) -> tuple[_Member, str]:
-        """The app and plugin-local name ``target`` names; NOT_FOUND or ambiguous otherwise."""
-        plugin, sep, name = target.rpartition("/")
-        if sep:
-            member = self.members.get(plugin)
-            if member is not None and name in self._names(member, kind):
-                return member, name
-        else:
-            owners = [m for m in self.members.values() if target in self._names(m, kind)]
-            if len(owners) == 1:
-                return owners[0], target
-            if owners:
-                choices = ", ".join(f"{m.runtime.app.name}/{target}" for m in owners)
-                raise InvalidArgumentError(
-                    f"{kind} name {target!r} is ambiguous; use one of: {choices}",
-                    reason="AMBIGUOUS_TARGET",
-                )
-        known = ", ".join(self.qualified(kind)) or "none"
-        raise NotFoundError(
-            f"no {kind} {target!r} in the harness mesh; known {kind}s: {known}",
-            reason="TARGET_NOT_FOUND",
-        )
+        """The app and plugin-local name ``target`` names, resolved as the orchestrator
+        resolves it (``sidemesh.core.TargetIndex``): the same errors, the same hints."""
+        return self._indexes[kind].resolve(target)
 
     def qualified(self, kind: str) -> list[str]:
         """Every ``plugin/name`` of ``kind`` (``tool`` or ``agent``), sorted."""
-        return sorted(f"{p}/{n}" for p, m in self.members.items() for n in self._names(m, kind))
+        return list(self._indexes[kind].by_qualified)
 
     @staticmethod
     def _names(member: _Member, kind: str) -> Iterable[str]:

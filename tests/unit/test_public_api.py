@@ -37,6 +37,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         *("UnavailableError", "UnimplementedError", "UnknownError"),
         # names, structs, addresses, servers, the event loop
         *("PluginName", "ItemName", "is_plugin_name", "is_item_name", "qualify", "split_target"),
+        "TargetIndex",
         *("to_struct", "struct_to_dict", "jsonable", "dict_to_struct"),
         *("DEFAULT_TCP_ADDRESS", "normalize_address", "unix_socket_path"),
         *("server_options", "run_loop", "EVENT_LOOP_ENV"),

@@ -220,7 +220,7 @@ async def test_failed_tool_call_reports_the_status_and_raises(h: PluginHarness) 
     reply = await h.client.invoke("helper", "fail").collect()
     finished = [e.tool_call_finished for e in reply.events if e.HasField("tool_call_finished")]
     assert finished[-1].error_code == 5  # NOT_FOUND
-    assert "no tool 'tools/nope'" in finished[-1].error_message
+    assert "no tool named 'tools/nope'" in finished[-1].error_message
     assert reply.text == "adding: 5 (nope is missing)"
 
 

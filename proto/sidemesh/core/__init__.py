@@ -63,6 +63,7 @@ from sidemesh.core._event_loop import EVENT_LOOP_ENV, run_loop
 from sidemesh.core._names import (
     ItemName,
     PluginName,
+    TargetIndex,
     is_item_name,
     is_plugin_name,
     qualify,
@@ -116,6 +117,7 @@ __all__ = [
     "ResourceExhaustedError",
     "SidecarEnv",
     "SidemeshError",
+    "TargetIndex",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
