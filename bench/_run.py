@@ -107,12 +107,14 @@ def run(profile: Profile, out_dir: Path) -> tuple[dict[str, Any], Path]:
                 log("  " + _summary(key, r))
             done += 1
         library = _library(topologies, profile)
-        tokens: dict[str, Any] = {}
-        for key in profile.token_topologies:
-            if key in topologies:
-                log(f"slow token streams through {key}: {profile.tokens}")
-                tokens[key] = run_token_streams(topologies[key], profile.tokens)
-                log("  " + _token_summary(tokens[key]))
+        tokens: dict[str, dict[str, Any]] = {}
+        for plan in profile.tokens:
+            for key in profile.token_topologies:
+                if key in topologies:
+                    log(f"slow token streams, {plan.name}, through {key}: {plan}")
+                    run_ = run_token_streams(topologies[key], plan)
+                    tokens.setdefault(plan.name, {})[key] = run_
+                    log("  " + _token_summary(run_))
         log("idle streams: " + str(profile.idle))
         idle = _idle_streams(lab, profile)
         log(

@@ -46,6 +46,11 @@ class TokenPlan:
     #: Streams each client process keeps waiting for their first delta at most.
     opening_window: int = 200
 
+    @property
+    def name(self) -> str:
+        """``2000 streams x 2/s``."""
+        return f"{self.streams} streams x {1 / self.delay:g}/s"
+
 
 def _percentile(ordered: list[float], q: float) -> float:
     if not ordered:

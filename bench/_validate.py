@@ -65,10 +65,10 @@ def validate(directory: Path) -> list[str]:
         problems.append(f"idle streams did not all complete: {idle}")
     if not _positive(idle.get("orchestrator_vmhwm_kib")):
         problems.append("idle streams: no orchestrator peak RSS")
-    tokens = results.get("token_streams") or {}
-    if "orchestrator" not in tokens:
+    loads = results.get("token_streams") or {}
+    if not loads or any("orchestrator" not in runs for runs in loads.values()):
         problems.append("slow token streams were not measured through the orchestrator")
-    for key, run in tokens.items():
+    for key, run in ((f"{n}, {k}", r) for n, runs in loads.items() for k, r in runs.items()):
         if not run.get("all_completed"):
             problems.append(f"slow token streams via {key} did not all complete: "
                             f"{run.get('streams_ok')} of {run.get('streams')}, "

@@ -55,7 +55,8 @@ def test_bench_smoke_runs_every_topology_and_writes_valid_results(tmp_path: Path
     # Every target of issue 13 is evaluated; authentication's cost is measured (issue 12).
     assert all(goal["met"] is not None for goal in results["goals"]), results["goals"]
     assert set(results["auth"]) == {"auth_token", "auth_mtls"}
-    tokens = results["token_streams"]["orchestrator"]
+    (load,) = results["token_streams"].values()
+    tokens = load["orchestrator"]
     assert tokens["all_completed"] is True
     assert tokens["gaps_ms"]["p99"] > 0 and tokens["proxy_cpu_us_per_token"] > 0
     assert results["remote_plugins"] is True  # direct, nginx and orchestrator share a sidecar
