@@ -106,7 +106,7 @@ FULL = Profile(
             time_limit=40.0,
         ),
     ),
-    rounds_budget=540.0,
+    rounds_budget=660.0,
 )
 
 SMOKE = Profile(
