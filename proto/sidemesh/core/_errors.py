@@ -1,7 +1,8 @@
 """One exception hierarchy for the whole mesh, each class keeping its gRPC status.
 
-Clients raise these from failed calls; servers (the orchestrator, sidecars, and
-plugin code through the SDK) raise them to end a call with the right status.
+Clients raise these from failed calls (``clients`` re-exports them); servers (the
+orchestrator, sidecars, and plugin code through the SDK) raise them to end a call
+with the right status.
 Rich details travel as a ``google.rpc.Status`` in the ``grpc-status-details-bin``
 trailer, the standard that grpcio-status and other languages read.
 """
@@ -16,11 +17,19 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from clients._credentials import HOW_TO_AUTHENTICATE
+from sidemesh.core._state import TOKEN_ENV, TOKEN_FILE_ENV
 
 #: ``ErrorInfo.domain`` of every error the mesh itself raises.
 ERROR_DOMAIN = "sidemesh.dev"
 _DETAILS_KEY = "grpc-status-details-bin"
+
+#: How to authenticate, for an ``UNAUTHENTICATED`` error whose message does not say.
+HOW_TO_AUTHENTICATE = (
+    "authenticate with a bearer token (clients: token= or token_file=; the sidemesh CLI: "
+    f"--token-file or ${TOKEN_FILE_ENV} / ${TOKEN_ENV}; a mesh on this machine keeps its "
+    "owner's token in <state_dir>/token) or a TLS client certificate (clients: "
+    "tls=TlsOptions(ca=..., cert=..., key=...); the CLI: --tls-ca, --tls-cert, --tls-key)"
+)
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,7 @@ def from_status(code: grpc.StatusCode, message: str, trailers: Iterable[Any] = (
     ``trailers`` holds ``(key, value)`` pairs, as both grpc APIs return them.
     """
     cls = _BY_CODE.get(code, UnknownError)
-    if code == grpc.StatusCode.UNAUTHENTICATED and "SIDEMESH_TOKEN" not in message:
+    if code == grpc.StatusCode.UNAUTHENTICATED and TOKEN_ENV not in message:
         message = f"{message}; {HOW_TO_AUTHENTICATE}"  # a terse server: say how here
     kwargs: dict[str, object] = {}
     for key, value in trailers:
@@ -265,3 +274,8 @@ _BY_CODE: dict[grpc.StatusCode, type[SidemeshError]] = {
         UnauthenticatedError,
     )
 }
+
+# Traces and tracebacks name the classes where users import them (``exception.type`` is
+# ``sidemesh.core.NotFoundError``), not this private module.
+for _cls in (SidemeshError, FieldViolation, *_BY_CODE.values()):
+    _cls.__module__ = "sidemesh.core"
