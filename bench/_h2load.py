@@ -67,6 +67,7 @@ def run_h2load(
     duration: float,
     warmup: float,
     response_bytes: int,
+    headers: tuple[str, ...] | list[str] = (),
 ) -> H2loadResult:
     """Runs h2load for ``warmup + duration`` seconds against ``address`` (host:port)."""
     argv = [
@@ -74,7 +75,8 @@ def run_h2load(
         f"--warm-up-time={round(warmup * 1000)}ms",
         f"--clients={connections}", f"--max-concurrent-streams={streams}", "--threads=1",
         f"--data={body_file}", "--header=content-type: application/grpc",
-        "--header=te: trailers", f"http://{address}{PATH}",
+        "--header=te: trailers", *(f"--header={h}" for h in headers),
+        f"http://{address}{PATH}",
     ]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=warmup + duration + 30)
     text = out.stdout
@@ -105,7 +107,12 @@ def run_h2load(
         connections=connections,
         streams_per_connection=streams,
         bodies_ok=done > 0 and data >= done * response_bytes,
-        command=" ".join(argv),
+        command=" ".join(
+            a
+            if not a.startswith("--header=authorization")
+            else "--header=authorization: Bearer ..."
+            for a in argv
+        ),
     )
 
 

@@ -7,6 +7,12 @@ of a Python server is cancelled, see bench/README.md), and prints one JSON line 
 about every half second, then a last line with ``"final": true``. A stream is
 *open* once its first delta arrived, *finished* when it ended, *ok* when it
 ended COMPLETED with all its deltas. Everything ends by ``--time-limit``.
+
+With ``--gaps FILE`` (the slow token streams phase) it also writes, at the
+end, every gap between two consecutive deltas of a stream: pairs of doubles
+(the later delta's ``time.monotonic()``, the gap in seconds), so that the
+harness can keep those of its measured window (CLOCK_MONOTONIC is the same
+in every process).
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ import asyncio
 import json
 import sys
 import time
+from array import array
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 
+from bench._dial import CHANNEL_OPTIONS
 from bench._streams import stream_request
-from bench._unary import CHANNEL_OPTIONS
 from sidemesh.v1 import agent_pb2, agent_pb2_grpc
 
 
@@ -30,13 +38,17 @@ class Progress:
 
     def __init__(self) -> None:
         self.started = self.opened = self.finished = self.ok = self.errors = 0
+        self.tokens = 0
         self.first_error = ""
+        #: (arrival, gap) pairs, when gaps are recorded.
+        self.gaps: array[float] | None = None
 
     def line(self, **extra: object) -> str:
         """The counters as one JSON line."""
         return json.dumps(
             {"started": self.started, "opened": self.opened, "finished": self.finished,
-             "ok": self.ok, "errors": self.errors, "first_error": self.first_error, **extra}
+             "ok": self.ok, "errors": self.errors, "tokens": self.tokens,
+             "first_error": self.first_error, "now": time.monotonic(), **extra}
         )  # fmt: skip
 
 
@@ -50,11 +62,20 @@ async def _stream(
 ) -> None:
     received, completed = 0, False
     progress.started += 1
+    gaps = progress.gaps
+    last = 0.0
     try:
         async for event in stub.Invoke(request, timeout=timeout):
             kind = event.WhichOneof("event")
             if kind == "text_delta":
                 received += 1
+                progress.tokens += 1
+                if gaps is not None:
+                    now = time.monotonic()
+                    if received > 1:
+                        gaps.append(now)
+                        gaps.append(now - last)
+                    last = now
                 if received == 1:
                     progress.opened += 1
                     window.release()
@@ -78,6 +99,8 @@ async def _stream(
 async def run(args: argparse.Namespace) -> None:
     """Runs the streams, reporting progress on stdout."""
     progress = Progress()
+    if args.gaps:
+        progress.gaps = array("d")
     request = stream_request(args.count, args.size, args.delay)
     channels = [
         grpc.aio.insecure_channel(args.address, options=CHANNEL_OPTIONS)
@@ -112,6 +135,8 @@ async def run(args: argparse.Namespace) -> None:
     reporter.cancel()
     for channel in channels:
         await channel.close()
+    if args.gaps and progress.gaps is not None:
+        await asyncio.to_thread(Path(args.gaps).write_bytes, progress.gaps.tobytes())
     print(progress.line(final=True), flush=True)
 
 
@@ -128,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--window", type=int, default=200, help="streams waiting for their first delta at most"
     )
     parser.add_argument("--time-limit", type=float, default=60.0)
+    parser.add_argument("--gaps", help="write the gaps between consecutive deltas to this file")
     asyncio.run(run(parser.parse_args(argv)))
     return 0
 

@@ -7,6 +7,8 @@ orchestrator  client ──▶ orchestrator (tracing on) ─▶   the same sidec
   tracing off client ──▶ orchestrator (telemetry off) ▶ the same sidecar
 sandboxed     client ──▶ orchestrator ──unix──▶ sidecar it launched, sandboxed
 unsandboxed   client ──▶ orchestrator ──unix──▶ sidecar it launched, sandbox off
+auth_token    client ─token─▶ orchestrator (auth on) ─▶ the same sidecar
+auth_mtls     client ─mTLS──▶ orchestrator (auth on, TLS) ─▶ the same sidecar
 ```
 
 Until the orchestrator has ``remote_plugins``, the two "same sidecar"
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench._dial import Dial
 from bench._mesh import Orchestrator, remote_plugins_supported
 from bench._nginx import WORKER_PROCESSES, Nginx
 from bench._proc import memory_kib, process_tree
@@ -36,18 +39,30 @@ class Topology:
 
     key: str
     label: str
-    #: host:port the clients and h2load connect to.
-    address: str
+    #: host:port the clients and h2load connect to, and the credentials they show.
+    dial: Dial
     #: The forwarding processes (none for direct), for CPU per call.
     proxy_pids: Callable[[], list[int]]
     #: The sidecar process tree the calls end in.
     sidecar_pids: Callable[[], list[int]]
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The phases measured on it (the auth topologies measure only what auth costs per call).
+    phases: tuple[str, ...] = ("latency", "h2load", "python", "streams")
+
+    @property
+    def address(self) -> str:
+        """host:port."""
+        return self.dial.address
 
 
 #: Display order of the topologies.
-ORDER = ("direct", "nginx", "orchestrator", "tracing_off", "sandboxed", "unsandboxed")
+ORDER = (
+    "direct", "nginx", "orchestrator", "tracing_off", "sandboxed", "unsandboxed",
+    "auth_token", "auth_mtls",
+)  # fmt: skip
+#: Phases of the auth topologies: h2load cannot present a client certificate.
+AUTH_PHASES = {"auth_token": ("latency", "h2load", "python"), "auth_mtls": ("latency", "python")}
 
 
 class Lab:
@@ -86,6 +101,8 @@ class Lab:
             "tracing_off": {"remote": remote, "tracing": False, "sandbox": False},
             "sandboxed": {"tracing": True, "sandbox": True},
             "unsandboxed": {"tracing": True, "sandbox": False},
+            "auth_token": {"remote": remote, "tracing": True, "sandbox": False, "auth": "token"},
+            "auth_mtls": {"remote": remote, "tracing": True, "sandbox": False, "auth": "mtls"},
         }
         if idle_orchestrator:
             # Serves nothing until the idle-streams phase, so its peak RSS is that phase's.
@@ -138,7 +155,7 @@ class Lab:
         """Every topology this run can measure (nginx only when installed)."""
         sidecar_tree: Callable[[], list[int]] = lambda: process_tree(self.sidecar.pid)  # noqa: E731
         out = [
-            Topology("direct", "direct", self.sidecar.address, list, sidecar_tree,
+            Topology("direct", "direct", Dial(self.sidecar.address), list, sidecar_tree,
                      "client → bench sidecar"),
         ]  # fmt: skip
         if self.nginx is not None:
@@ -147,7 +164,7 @@ class Lab:
                 Topology(
                     "nginx",
                     f"nginx ({WORKER_PROCESSES} worker)",
-                    nginx.address,
+                    Dial(nginx.address),
                     nginx.pids,
                     sidecar_tree,
                     f"nginx {nginx.version} grpc_pass, worker_processes {WORKER_PROCESSES}",
@@ -163,20 +180,23 @@ class Lab:
             "tracing_off": "orchestrator, tracing off",
             "sandboxed": "orchestrator → sandboxed sidecar",
             "unsandboxed": "orchestrator → unsandboxed sidecar",
+            "auth_token": "orchestrator, auth: bearer token",
+            "auth_mtls": "orchestrator, auth: mTLS",
         }
         for key, orchestrator in self.orchestrators.items():
             if key not in labels:
                 continue
-            remote = self.remote and key in ("orchestrator", "tracing_off")
+            remote = orchestrator.remote is not None
             out.append(
                 Topology(
                     key,
                     labels[key],
-                    orchestrator.address,
+                    orchestrator.dial,
                     _pids_of(orchestrator),
                     sidecar_tree if remote else _launched_sidecar(orchestrator),
                     "same sidecar (remote_plugins)" if remote else "sidecar launched by it",
                     {"config": orchestrator.config, "same_sidecar": remote},
+                    AUTH_PHASES.get(key, Topology.phases),
                 )
             )
         return out

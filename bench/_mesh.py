@@ -13,10 +13,19 @@ from typing import Any
 import grpc
 import yaml
 
+from bench._dial import Dial, Tls
 from bench._process import Process, wait_for
 from bench._sidecar import PLUGIN, PLUGIN_DIR
+from orchestrator._certs import create_ca, issue_client, issue_server
 from orchestrator._config import MeshConfig
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+#: How a benchmark orchestrator authenticates its TCP clients: not at all (``auth: {mode:
+#: off}``, like the nginx and direct topologies), a bearer token (the owner's token that
+#: ``sidemesh serve`` generates), or a client certificate over TLS (mTLS).
+AUTH_MODES = ("off", "token", "mtls")
+#: The benchmark client's identity in the mTLS topology.
+CLIENT_PRINCIPAL = "spiffe://bench.local/client/bench"
 
 
 def remote_plugins_supported() -> bool:
@@ -29,7 +38,7 @@ class Orchestrator(Process):
 
     ``remote`` is the address of a running benchmark sidecar to route ``bench``
     calls to; without it the orchestrator launches the plugin itself, in a
-    sandbox unless ``sandbox`` is False.
+    sandbox unless ``sandbox`` is False. ``auth`` is one of :data:`AUTH_MODES`.
     """
 
     def __init__(
@@ -41,7 +50,10 @@ class Orchestrator(Process):
         tracing: bool = True,
         sandbox: bool = True,
         max_concurrent_calls: int | None = None,
+        auth: str = "off",
     ) -> None:
+        if auth not in AUTH_MODES:
+            raise ValueError(f"auth is one of {AUTH_MODES}, not {auth!r}")
         self.workdir = workdir / name
         self.workdir.mkdir(parents=True, exist_ok=True)
         # Unix socket paths must stay short: the runtime dir lives directly under /tmp.
@@ -55,10 +67,43 @@ class Orchestrator(Process):
             "runtime_dir": str(self.runtime_dir),
             "telemetry": {"enabled": tracing},
             "sandbox": {"mode": "enforce" if sandbox else "off"},
-            # Like the nginx and direct topologies, no client auth (its cost is measured on
-            # its own, by topologies that set it).
+            # Like the nginx and direct topologies, no client auth unless asked (its cost is
+            # measured by the auth_token and auth_mtls topologies).
             "auth": {"mode": "off"},
         }
+        self.auth = auth
+        self.remote = remote
+        self.tls: Tls | None = None
+        if auth == "token":
+            config["auth"] = {"mode": "on"}  # the owner's token, generated into the state dir
+        elif auth == "mtls":
+            certs = self.workdir / "certs"
+            create_ca(certs)
+            server = issue_server(certs, dns=["localhost"], ips=["127.0.0.1"])
+            client = issue_client(certs, spiffe=CLIENT_PRINCIPAL)
+            self.tls = Tls(ca=certs / "ca.pem", cert=client.cert, key=client.key)
+            config["auth"] = {
+                "mode": "on",
+                "tls": {
+                    "cert": str(server.cert),
+                    "key": str(server.key),
+                    "client_ca": str(certs / "ca.pem"),
+                    "require_client_cert": True,
+                },
+            }
+            config["policy"] = {
+                "rules": [
+                    {
+                        "principals": [CLIENT_PRINCIPAL],
+                        "allow": {
+                            "tools": [f"{PLUGIN}/*"],
+                            "agents": [f"{PLUGIN}/*"],
+                            "mesh": ["read"],  # ListPlugins, to see the plugin READY
+                        },
+                        "description": "the benchmark client",
+                    }
+                ]
+            }
         if remote:
             config["remote_plugins"] = {PLUGIN: {"address": remote}}
         if max_concurrent_calls is not None:
@@ -99,12 +144,21 @@ class Orchestrator(Process):
 
         wait_for(ready, timeout, lambda: f"{PLUGIN} READY in {self.name}:\n{self.log_tail()}")
 
+    @property
+    def dial(self) -> Dial:
+        """How the benchmark's clients reach it over TCP, with the credentials it asks for."""
+        if self.auth == "token":
+            token = (self.state_dir / "token").read_text().strip()
+            return Dial(self.address, token=token)
+        return Dial(self.address, tls=self.tls)
+
     def plugin_status(self) -> mesh_pb2.PluginStatus | None:
         """The ``bench`` plugin's status from ``MeshService.ListPlugins``, if listed."""
-        with grpc.insecure_channel(self.address) as channel:
+        dial = self.dial
+        with dial.channel() as channel:
             try:
                 reply = mesh_pb2_grpc.MeshServiceStub(channel).ListPlugins(
-                    mesh_pb2.ListPluginsRequest(), timeout=5
+                    mesh_pb2.ListPluginsRequest(), timeout=5, metadata=dial.metadata
                 )
             except grpc.RpcError:
                 return None

@@ -70,9 +70,7 @@ class Window:
 def measure_latency(topology: Topology, profile: Profile) -> dict[str, Any]:
     """p50/p99 of sequential unary calls with the generated stubs."""
     result: Latency = asyncio.run(
-        unary_latency(
-            topology.address, profile.latency_calls, profile.latency_warmup, time_limit=60.0
-        )
+        unary_latency(topology.dial, profile.latency_calls, profile.latency_warmup, time_limit=60.0)
     )
     return {
         "p50_ms": result.percentile(50) * 1e3,
@@ -86,7 +84,7 @@ def measure_h2load(topology: Topology, profile: Profile, tools: Tools) -> dict[s
     """Requests/s at 64 streams from h2load, after checking its body gets a good answer."""
     if tools.h2load is None:
         return {"skipped": "h2load is not installed"}
-    response_bytes = asyncio.run(verify_body(topology.address, tools.body_file.read_bytes()))
+    response_bytes = asyncio.run(verify_body(topology.dial, tools.body_file.read_bytes()))
     window = Window(topology)
     # h2load runs warm-up then measurement; the CPU window is opened when measurement starts.
     timer = threading.Timer(profile.h2load_warmup, window.start)
@@ -101,6 +99,7 @@ def measure_h2load(topology: Topology, profile: Profile, tools: Tools) -> dict[s
             duration=profile.h2load_duration,
             warmup=profile.h2load_warmup,
             response_bytes=response_bytes,
+            headers=topology.dial.h2load_headers(),
         )
     finally:
         timer.cancel()
@@ -120,7 +119,7 @@ def measure_python_throughput(topology: Topology, profile: Profile) -> dict[str,
         loop = asyncio.get_running_loop()
         loop.call_later(profile.python_warmup, window.start)
         return await unary_throughput(
-            topology.address,
+            topology.dial,
             profile.python_concurrency,
             profile.python_duration,
             profile.python_warmup,
@@ -143,7 +142,7 @@ def measure_streams(topology: Topology, profile: Profile) -> dict[str, Any]:
         count = profile.stream_count(size, streams)
         window = Window(topology)
         window.start()
-        run = asyncio.run(stream_throughput(topology.address, streams, count, size, 60.0))
+        run = asyncio.run(stream_throughput(topology.dial, streams, count, size, 60.0))
         out[f"{size}x{streams}"] = {
             "size": size,
             "streams": streams,
@@ -170,6 +169,8 @@ def measure_round(topology: Topology, profile: Profile, tools: Tools) -> dict[st
         ("streams", lambda: measure_streams(topology, profile)),
     ]
     for name, phase in steps:
+        if name not in topology.phases:
+            continue
         started = time.monotonic()
         try:
             out[name] = phase()

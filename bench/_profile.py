@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench._idle import IdlePlan
+from bench._token_streams import TokenPlan
 
 #: (payload bytes, concurrent streams) of the agent-stream phases.
 STREAM_SHAPES: tuple[tuple[int, int], ...] = ((64, 1), (64, 16), (4096, 1), (4096, 16))
@@ -35,6 +36,9 @@ class Profile:
     #: Deltas per stream for each (size, streams) shape (a stream asks for exactly this many).
     stream_counts: dict[str, int] = field(default_factory=dict)
     idle: IdlePlan = field(default_factory=lambda: IdlePlan(0, 1, 1, 3, 1.0, 10.0))
+    #: Loads of slow token streams, once per run through each of ``token_topologies``.
+    tokens: tuple[TokenPlan, ...] = ()
+    token_topologies: tuple[str, ...] = ("direct", "nginx", "orchestrator")
     #: Seconds the rounds may take in all: rounds that would not fit are skipped (and reported).
     rounds_budget: float = 600.0
     #: Start the orchestrators at once (faster; their sidecars' start-up times then overlap).
@@ -77,7 +81,32 @@ FULL = Profile(
         delay=25.0,
         time_limit=150.0,
     ),
-    rounds_budget=540.0,
+    # The Python sidecar spends ~60-90 us of CPU per delta, so 2,000 streams at an LLM's
+    # 50 tokens/s (100,000 deltas/s) would need ~8 cores for it alone: on 2 cores, many
+    # streams go at 2 tokens/s, and 100 streams at 50 tokens/s (4,000-5,000 deltas/s each).
+    tokens=(
+        TokenPlan(
+            streams=2000,
+            processes=2,
+            channels_per_process=4,
+            count=40,
+            size=16,
+            delay=0.5,
+            window=6.0,
+            time_limit=60.0,
+        ),
+        TokenPlan(
+            streams=100,
+            processes=2,
+            channels_per_process=2,
+            count=600,
+            size=16,
+            delay=0.02,
+            window=6.0,
+            time_limit=40.0,
+        ),
+    ),
+    rounds_budget=660.0,
 )
 
 SMOKE = Profile(
@@ -96,6 +125,18 @@ SMOKE = Profile(
     stream_counts={"64x1": 300, "64x16": 30, "4096x1": 100, "4096x16": 10},
     idle=IdlePlan(
         streams=200, processes=1, channels_per_process=2, count=3, delay=0.3, time_limit=15.0
+    ),
+    tokens=(
+        TokenPlan(
+            streams=100,
+            processes=1,
+            channels_per_process=2,
+            count=40,
+            size=16,
+            delay=0.05,
+            window=0.5,
+            time_limit=15.0,
+        ),
     ),
     rounds_budget=60.0,
     parallel_start=True,

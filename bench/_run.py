@@ -23,6 +23,7 @@ from bench._nginx import nginx_binary
 from bench._phases import Tools, measure_round
 from bench._proc import HostCpu, own_cpu_seconds
 from bench._profile import Profile
+from bench._token_streams import run_token_streams
 from bench._unary import Latency, clients_latency, echo_request, grpc_frame
 
 #: A run whose host CPU steal exceeds this share is flagged.
@@ -50,13 +51,14 @@ def _summary(key: str, r: dict[str, Any]) -> str:
     ]
     if failed:
         return f"{key}: " + "; ".join(failed)
-    lat, h2, py = r["latency"], r["h2load"], r["python"]
-    s16 = r["streams"]["64x16"]
-    return (
-        f"{key}: p50 {lat['p50_ms']:.2f} ms, h2load {h2.get('requests_per_second', 0):,.0f} "
-        f"rps, python {py['rps']:,.0f} rps, 64Bx16 {s16['msgs_per_s']:,.0f} msg/s "
-        f"({r['seconds']:.0f} s)"
-    )
+    parts = [f"p50 {r['latency']['p50_ms']:.2f} ms"] if "latency" in r else []
+    if "h2load" in r:
+        parts.append(f"h2load {r['h2load'].get('requests_per_second', 0):,.0f} rps")
+    if "python" in r:
+        parts.append(f"python {r['python']['rps']:,.0f} rps")
+    if "streams" in r:
+        parts.append(f"64Bx16 {r['streams']['64x16']['msgs_per_s']:,.0f} msg/s")
+    return f"{key}: {', '.join(parts)} ({r['seconds']:.0f} s)"
 
 
 def run(profile: Profile, out_dir: Path) -> tuple[dict[str, Any], Path]:
@@ -105,6 +107,14 @@ def run(profile: Profile, out_dir: Path) -> tuple[dict[str, Any], Path]:
                 log("  " + _summary(key, r))
             done += 1
         library = _library(topologies, profile)
+        tokens: dict[str, dict[str, Any]] = {}
+        for plan in profile.tokens:
+            for key in profile.token_topologies:
+                if key in topologies:
+                    log(f"slow token streams, {plan.name}, through {key}: {plan}")
+                    run_ = run_token_streams(topologies[key], plan)
+                    tokens.setdefault(plan.name, {})[key] = run_
+                    log("  " + _token_summary(run_))
         log("idle streams: " + str(profile.idle))
         idle = _idle_streams(lab, profile)
         log(
@@ -118,6 +128,7 @@ def run(profile: Profile, out_dir: Path) -> tuple[dict[str, Any], Path]:
                     "label": topologies[k].label,
                     "notes": topologies[k].notes,
                     "extra": topologies[k].extra,
+                    "phases": list(topologies[k].phases),
                     "median": _report.medians(rounds[k]),
                     "rounds": rounds[k],
                 }
@@ -128,6 +139,7 @@ def run(profile: Profile, out_dir: Path) -> tuple[dict[str, Any], Path]:
             "library": library,
             "sidecar_start": sidecar_start,
             "idle_streams": idle,
+            "token_streams": tokens,
         }
     finally:
         log("stopping the lab")
@@ -155,13 +167,23 @@ def run(profile: Profile, out_dir: Path) -> tuple[dict[str, Any], Path]:
                 "foreign_cpu_share": foreign / max(host["wall_seconds"] * cores, 1e-9),
             },
             "ratios": ratios,
-            "goals": _report.goals(ratios),
+            "goals": _report.goals(ratios, results.get("idle_streams")),
+            "auth": _report.auth_costs(medians),
             "skipped": skipped,
             "duration_seconds": time.monotonic() - t0,
         }
     )
     log(f"writing the results to {out_dir}")
     return results, _write(results, out_dir, started_at)
+
+
+def _token_summary(run: dict[str, Any]) -> str:
+    if "gaps_ms" not in run:
+        return f"{run['streams_ok']} of {run['streams']} ok; {run.get('window_missed', '')}"
+    return (
+        f"{run['streams_ok']} of {run['streams']} ok, {run['tokens_per_s']:,.0f} tokens/s, "
+        f"p99 gap {run['gaps_ms']['p99']:.1f} ms, proxy {run['proxy_cores'] or 0:.2f} cores"
+    )
 
 
 def _library(topologies: dict[str, Topology], profile: Profile) -> dict[str, Any]:

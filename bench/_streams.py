@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from bench._unary import CHANNEL_OPTIONS
+from bench._dial import Dial
 from sidemesh.v1 import agent_pb2, agent_pb2_grpc
 
 AGENT = "bench/stream"
@@ -49,13 +49,19 @@ class StreamRun:
 
 
 async def _one_stream(
-    stub: agent_pb2_grpc.AgentServiceAsyncStub, count: int, size: int, timeout: float
+    stub: agent_pb2_grpc.AgentServiceAsyncStub,
+    count: int,
+    size: int,
+    timeout: float,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> tuple[int, bool]:
     """Reads one stream; returns (deltas received, ended as it should)."""
     received = 0
     completed = False
     try:
-        async for event in stub.Invoke(stream_request(count, size, 0.0), timeout=timeout):
+        async for event in stub.Invoke(
+            stream_request(count, size, 0.0), timeout=timeout, metadata=metadata
+        ):
             kind = event.WhichOneof("event")
             if kind == "text_delta":
                 if received == 0 and len(event.text_delta.text) != size:
@@ -69,15 +75,16 @@ async def _one_stream(
 
 
 async def stream_throughput(
-    address: str, streams: int, count: int, size: int, time_limit: float
+    dial: Dial, streams: int, count: int, size: int, time_limit: float
 ) -> StreamRun:
     """``streams`` concurrent streams of ``count`` deltas each; bounded by ``time_limit`` s."""
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    metadata = dial.metadata
+    async with dial.aio_channel() as channel:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
-        await _one_stream(stub, min(count, 100), size, 10.0)  # warm the connection up
+        await _one_stream(stub, min(count, 100), size, 10.0, metadata)  # warm the connection up
         t0 = time.perf_counter()
         results = await asyncio.gather(
-            *(_one_stream(stub, count, size, time_limit) for _ in range(streams))
+            *(_one_stream(stub, count, size, time_limit, metadata) for _ in range(streams))
         )
         seconds = time.perf_counter() - t0
     return StreamRun(

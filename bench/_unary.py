@@ -11,11 +11,11 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
 
+from bench._dial import Dial
 from clients import AsyncMeshClient
 from sidemesh.v1 import tool_pb2, tool_pb2_grpc
 
@@ -23,8 +23,6 @@ from sidemesh.v1 import tool_pb2, tool_pb2_grpc
 TOOL = "bench/echo"
 #: The echoed payload: 32 bytes, about the size of a small tool argument.
 PAYLOAD = "sidemesh-bench-payload-32-bytes!"
-#: Options of every benchmark channel: no transparent retries hiding a failure.
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
 
 
 def echo_request(payload: str = PAYLOAD) -> tool_pb2.CallToolRequest:
@@ -65,20 +63,22 @@ class Latency:
 
 
 async def unary_latency(
-    address: str, calls: int, warmup: int, time_limit: float, call_timeout: float = 10.0
+    dial: Dial, calls: int, warmup: int, time_limit: float, call_timeout: float = 10.0
 ) -> Latency:
     """``calls`` sequential calls after ``warmup`` unmeasured ones, within ``time_limit`` s."""
     request = echo_request()
     out = Latency()
     deadline = time.monotonic() + time_limit
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    metadata = dial.metadata
+    async with dial.aio_channel() as channel:
         stub = tool_pb2_grpc.ToolServiceStub(channel)
         for i in range(warmup + calls):
             if time.monotonic() > deadline:
                 break
             t0 = time.perf_counter()
             try:
-                responses = [r async for r in stub.CallTool(request, timeout=call_timeout)]
+                call = stub.CallTool(request, timeout=call_timeout, metadata=metadata)
+                responses = [r async for r in call]
                 check_echo(responses)
             except (grpc.RpcError, ValueError):
                 out.errors += 1
@@ -124,7 +124,7 @@ class Throughput:
 
 
 async def unary_throughput(
-    address: str, concurrency: int, duration: float, warmup: float, call_timeout: float = 10.0
+    dial: Dial, concurrency: int, duration: float, warmup: float, call_timeout: float = 10.0
 ) -> Throughput:
     """Calls completed per second with ``concurrency`` calls in flight, over ``duration`` s.
 
@@ -136,12 +136,14 @@ async def unary_throughput(
     measure_from = start + warmup
     stop_at = measure_from + duration
     counted = errors = 0
+    metadata = dial.metadata
 
     async def worker(stub: tool_pb2_grpc.ToolServiceAsyncStub) -> None:
         nonlocal counted, errors
         while time.monotonic() < stop_at:
             try:
-                responses = [r async for r in stub.CallTool(request, timeout=call_timeout)]
+                call = stub.CallTool(request, timeout=call_timeout, metadata=metadata)
+                responses = [r async for r in call]
                 check_echo(responses)
             except (grpc.RpcError, ValueError):
                 errors += 1
@@ -150,7 +152,7 @@ async def unary_throughput(
             if measure_from <= time.monotonic() <= stop_at:
                 counted += 1
 
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    async with dial.aio_channel() as channel:
         stub = tool_pb2_grpc.ToolServiceStub(channel)
         await asyncio.wait_for(
             asyncio.gather(*(worker(stub) for _ in range(concurrency))),
@@ -159,7 +161,7 @@ async def unary_throughput(
     return Throughput(counted, duration, errors)
 
 
-async def verify_body(address: str, body: bytes) -> int:
+async def verify_body(dial: Dial, body: bytes) -> int:
     """Sends the exact h2load request body once; returns the response's framed size.
 
     Raises ``ValueError`` unless the call ends with status OK and one result
@@ -168,11 +170,11 @@ async def verify_body(address: str, body: bytes) -> int:
     length = int.from_bytes(body[1:5], "big")
     if body[0] != 0 or len(body) != 5 + length:
         raise ValueError("the request body is not one uncompressed gRPC message")
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    async with dial.aio_channel() as channel:
         method: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
             "/sidemesh.v1.ToolService/CallTool"
         )
-        call = method(body[5:], timeout=10)
+        call = method(body[5:], timeout=10, metadata=dial.metadata)
         raw: list[bytes] = [r async for r in call]  # no deserializer: the bytes as sent
         if await call.code() != grpc.StatusCode.OK:
             raise ValueError(f"the h2load body got {await call.code()}: {await call.details()}")

@@ -10,8 +10,13 @@ from typing import Any
 from bench._lab import ORDER
 from bench._report import RATIOS, THROUGHPUT
 
-#: Metrics every topology must have, as positive finite numbers.
-_REQUIRED = ["latency_p50_ms", "latency_p99_ms", "rps_h2load", "rps_python", *THROUGHPUT[2:]]
+#: Metrics a topology must have for each phase it measured, as positive finite numbers.
+_REQUIRED = {
+    "latency": ["latency_p50_ms", "latency_p99_ms"],
+    "h2load": ["rps_h2load"],
+    "python": ["rps_python"],
+    "streams": THROUGHPUT[2:],
+}
 _PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -32,15 +37,17 @@ def validate(directory: Path) -> list[str]:
             problems.append(f"topology {key} was not measured")
             continue
         t = topologies[key]
-        for metric in _REQUIRED:
+        phases = t.get("phases") or list(_REQUIRED)
+        for metric in (m for p in phases for m in _REQUIRED[p]):
             if not _positive(t["median"].get(metric)):
                 problems.append(f"{key}: {metric} is {t['median'].get(metric)!r}")
-        if key != "direct" and not _positive(t["median"].get("proxy_cpu_us_per_call")):
+        cpu = "proxy_cpu_us_per_call" if "h2load" in phases else "proxy_cpu_us_per_call_python"
+        if key != "direct" and not _positive(t["median"].get(cpu)):
             problems.append(f"{key}: no proxy CPU per call")
         if t["median"].get("errors"):
             problems.append(f"{key}: {t['median']['errors']} calls or streams failed")
         for i, r in enumerate(t["rounds"]):
-            if not r["h2load"].get("bodies_ok"):
+            if "h2load" in phases and not r["h2load"].get("bodies_ok"):
                 problems.append(f"{key} round {i}: h2load responses were not all good")
     for name, _, _ in RATIOS:
         if name not in results.get("ratios", {}):
@@ -58,6 +65,20 @@ def validate(directory: Path) -> list[str]:
         problems.append(f"idle streams did not all complete: {idle}")
     if not _positive(idle.get("orchestrator_vmhwm_kib")):
         problems.append("idle streams: no orchestrator peak RSS")
+    loads = results.get("token_streams") or {}
+    if not loads or any("orchestrator" not in runs for runs in loads.values()):
+        problems.append("slow token streams were not measured through the orchestrator")
+    for key, run in ((f"{n}, {k}", r) for n, runs in loads.items() for k, r in runs.items()):
+        if not run.get("all_completed"):
+            problems.append(f"slow token streams via {key} did not all complete: "
+                            f"{run.get('streams_ok')} of {run.get('streams')}, "
+                            f"{run.get('first_errors')}")  # fmt: skip
+        if not _positive((run.get("gaps_ms") or {}).get("p99")):
+            problems.append(f"slow token streams via {key}: no inter-token delay measured "
+                            f"({run.get('window_missed', '')})")  # fmt: skip
+    for key in ("auth_token", "auth_mtls"):
+        if key not in (results.get("auth") or {}):
+            problems.append(f"authentication cost {key} was not measured")
     start = results.get("sidecar_start") or {}
     for key in ("sandboxed", "unsandboxed"):
         row = start.get(key) or {}

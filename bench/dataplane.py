@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._dial import Dial
 from bench._h2load import h2load_binary, run_h2load
 from bench._idle import IdlePlan, run_idle_streams
 from bench._nginx import Nginx, nginx_binary
@@ -72,7 +73,7 @@ def measure(address: str, pids: list[int], body: Path, quick: bool) -> dict[str,
     h2load = h2load_binary()
     assert h2load is not None, "h2load is not installed (scripts/system-deps.sh bench)"
     out: dict[str, Any] = {}
-    response_bytes = asyncio.run(verify_body(address, body.read_bytes()))
+    response_bytes = asyncio.run(verify_body(Dial(address), body.read_bytes()))
     warmup, duration = (0.3, 1.0) if quick else (1.0, 4.0)
     cpu: dict[str, float] = {}
 
@@ -89,12 +90,12 @@ def measure(address: str, pids: list[int], body: Path, quick: bool) -> dict[str,
     out["h2load_ok"] = result.bodies_ok and result.failed == 0 and result.errored == 0
     out["proxy_cpu_us_per_call"] = used / max(result.succeeded, 1) * 1e6 if pids else 0.0
     calls, warm = (200, 20) if quick else (2000, 200)
-    latency = asyncio.run(unary_latency(address, calls, warm, 60))
+    latency = asyncio.run(unary_latency(Dial(address), calls, warm, 60))
     out["p50_ms"] = latency.percentile(50) * 1000
     out["p99_ms"] = latency.percentile(99) * 1000
     out["latency_errors"] = latency.errors
     count = 200 if quick else 1500
-    streams = asyncio.run(stream_throughput(address, 16, count, 64, 60))
+    streams = asyncio.run(stream_throughput(Dial(address), 16, count, 64, 60))
     out["stream64x16_msgs"] = streams.messages_per_second
     out["stream_errors"] = streams.errors
     return out

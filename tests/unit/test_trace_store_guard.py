@@ -486,6 +486,24 @@ def test_the_store_evicts_the_oldest_traces_to_stay_within_its_bytes(tmp_path: P
     reopened.close()
 
 
+async def test_traces_are_listed_newest_first_and_by_the_plugin_that_took_part(
+    tmp_path: Path,
+) -> None:
+    store = TraceStore(tmp_path / "traces.db", max_traces=10)
+    alone, shared, newest = _rows(3, 2, 10)
+    for batch in (alone, shared, newest):
+        store.add_own(batch)
+    (plugin_rows,) = _rows(1, 1, 10, source="plugin:files")
+    store.add([(shared[0][0], *plugin_rows[0][1:])])  # a span of plugin files in `shared`
+    ids = [t.trace_id for t in await store.recent(10)]
+    assert ids == [newest[0][0], shared[0][0], alone[0][0]]
+    (summary,) = await store.recent(10, plugin="files")
+    assert summary.trace_id == shared[0][0] and summary.span_count == 3
+    assert summary.root_source == "orchestrator"  # the plugin's span is not the root
+    assert await store.recent(10, plugin="other") == []
+    store.close()
+
+
 def test_the_ledger_refunds_duplicates_and_evictions(tmp_path: Path) -> None:
     store = TraceStore(tmp_path / "traces.db", max_traces=2)
     (batch,) = _rows(1, 3, 10, source="plugin:forger")
