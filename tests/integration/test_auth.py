@@ -11,6 +11,7 @@ the CLI), and a sandboxed plugin with network on the TCP listener.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from meshproc import EXAMPLE_PLUGINS, ROOT, TEST_PLUGINS, Mesh, wait_until
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
+from unprivileged import NOBODY, as_user, user_python
 
 from clients import AsyncMeshClient, SidemeshError, TlsOptions
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
@@ -173,6 +177,41 @@ def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("SIDEMESH_TOKEN", "SIDEMESH_TOKEN_FILE", "SIDEMESH_TLS_CA", "SIDEMESH_TLS_CERT",
                  "SIDEMESH_TLS_KEY", "SIDEMESH_ADDRESS"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
+
+
+class _MetricsReceiver(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """An OTLP/gRPC metrics receiver (the collector service of opentelemetry-proto)."""
+
+    def __init__(self) -> None:
+        self.requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
+
+    def Export(self, request: Any, context: Any) -> Any:
+        self.requests.append(request)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+    def gauge(self, name: str) -> dict[tuple[str, str], float]:
+        """The latest value of gauge ``name`` per (principal, outcome)."""
+        latest: dict[tuple[str, str], float] = {}
+        for request in list(self.requests):
+            for rm in request.resource_metrics:
+                for sm in rm.scope_metrics:
+                    for metric in (m for m in sm.metrics if m.name == name):
+                        for point in metric.gauge.data_points:
+                            attrs = {a.key: a.value.string_value for a in point.attributes}
+                            key = (attrs["sidemesh.principal"], attrs["sidemesh.outcome"])
+                            latest[key] = point.as_int or point.as_double
+        return latest
+
+
+@pytest.fixture
+def otlp() -> Iterator[tuple[_MetricsReceiver, int]]:
+    servicer = _MetricsReceiver()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, port
+    server.stop(0)
 
 
 # -- calling, and what the mesh recorded -----------------------------------------------
@@ -329,3 +368,268 @@ class TestUnixSocket:
     async def test_a_valid_token_is_its_principal(self, plain: Mesh, pki: Pki) -> None:
         outcome = await call_add(plain.address, token=pki.tokens["ci"])
         assert_admitted(plain, outcome, "token:ci")
+
+
+class TestPlainTcp:
+    """Loopback TCP without TLS: a bearer token, or nothing."""
+
+    async def test_no_credential_is_told_how_to_authenticate(self, plain: Mesh) -> None:
+        outcome = await call_add(plain.tcp_address)
+        assert_unauthenticated(
+            outcome,
+            "CREDENTIAL_MISSING",
+            "the call has no credential: plain TCP from a loopback address needs one: pass a "
+            "bearer token",
+            "--token-file FILE or $SIDEMESH_TOKEN_FILE",
+            f"the mesh owner's token is in {plain.state_dir / 'token'}",
+        )
+        assert outcome.error is not None and outcome.error.metadata["listener"] == "tcp"
+
+    async def test_a_wrong_token_is_refused(self, plain: Mesh) -> None:
+        outcome = await call_add(plain.tcp_address, token="smt_" + "y" * 43)
+        assert_unauthenticated(outcome, "TOKEN_INVALID", "the bearer token is not one this mesh")
+
+    async def test_an_expired_jwt_is_refused(self, plain: Mesh, pki: Pki) -> None:
+        outcome = await call_add(plain.tcp_address, token=pki.jwts["expired"])
+        assert_unauthenticated(outcome, "JWT_EXPIRED", "the JWT expired at")
+
+    async def test_a_valid_token_not_allowed_is_denied(self, plain: Mesh, pki: Pki) -> None:
+        outcome = await call_add(plain.tcp_address, token=pki.tokens["guest"])
+        assert_denied(plain, outcome, "token:guest")
+
+    async def test_a_valid_token_is_its_principal(self, plain: Mesh, pki: Pki) -> None:
+        outcome = await call_add(plain.tcp_address, token=pki.tokens["ci"])
+        assert_admitted(plain, outcome, "token:ci")
+
+    async def test_a_valid_jwt_is_its_subject(self, plain: Mesh, pki: Pki) -> None:
+        outcome = await call_add(plain.tcp_address, token=pki.jwts["alice"])
+        assert_admitted(plain, outcome, "jwt:alice")
+
+    async def test_a_token_file_and_the_environment_work_as_well(
+        self, plain: Mesh, pki: Pki, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("SIDEMESH_TOKEN_FILE", str(pki.tokens_file.parent / "ci.token"))
+        assert_admitted(plain, await call_add(plain.tcp_address), "token:ci")
+
+
+def _tls(pki: Pki, stem: str | None = None) -> TlsOptions:
+    if stem is None:
+        return TlsOptions(ca=pki.ca)
+    cert, key = pki.cert(stem)
+    return TlsOptions(ca=pki.ca, cert=cert, key=key)
+
+
+class TestTls:
+    """TLS with a client CA: a client certificate names the caller; tokens work too."""
+
+    async def test_no_credential_is_told_of_tokens_and_certificates(
+        self, tls: Mesh, pki: Pki
+    ) -> None:
+        outcome = await call_add(tls.tcp_address, tls=_tls(pki))
+        assert_unauthenticated(
+            outcome,
+            "CREDENTIAL_MISSING",
+            "pass a bearer token",
+            f"or a client certificate signed by {pki.ca} (--tls-cert and --tls-key",
+        )
+
+    async def test_a_wrong_token_is_refused(self, tls: Mesh, pki: Pki) -> None:
+        outcome = await call_add(tls.tcp_address, token="smt_" + "z" * 43, tls=_tls(pki))
+        assert_unauthenticated(outcome, "TOKEN_INVALID", "the bearer token is not one this mesh")
+
+    async def test_an_expired_jwt_is_refused(self, tls: Mesh, pki: Pki) -> None:
+        outcome = await call_add(tls.tcp_address, token=pki.jwts["expired"], tls=_tls(pki))
+        assert_unauthenticated(outcome, "JWT_EXPIRED", "the JWT expired at")
+
+    async def test_a_certificate_not_allowed_is_denied(self, tls: Mesh, pki: Pki) -> None:
+        outcome = await call_add(tls.tcp_address, tls=_tls(pki, "guest"))
+        assert_denied(tls, outcome, "dns:guest.local")
+
+    async def test_a_certificate_is_its_spiffe_id(self, tls: Mesh, pki: Pki) -> None:
+        outcome = await call_add(tls.tcp_address, tls=_tls(pki, "ci"))
+        assert_admitted(tls, outcome, CI_SPIFFE)
+
+    async def test_a_token_over_tls_is_its_principal(self, tls: Mesh, pki: Pki) -> None:
+        outcome = await call_add(tls.tcp_address, token=pki.tokens["ci"], tls=_tls(pki))
+        assert_admitted(tls, outcome, "token:ci")
+
+    async def test_a_certificate_from_another_ca_is_refused(self, tls: Mesh, pki: Pki) -> None:
+        outcome = await call_add(tls.tcp_address, tls=_tls(pki, "forged"))
+        assert outcome.code == "UNAVAILABLE", outcome.error  # the handshake fails
+
+    async def test_plaintext_to_the_tls_listener_gets_no_answer(self, tls: Mesh, pki: Pki) -> None:
+        outcome = await call_add(tls.tcp_address, token=pki.tokens["ci"])
+        assert outcome.code == "UNAVAILABLE", outcome.error
+
+
+class TestMutualTls:
+    """``require_client_cert``: no connection without a certificate the CA signed."""
+
+    async def test_no_certificate_is_refused_at_the_handshake(self, mtls: Mesh, pki: Pki) -> None:
+        outcome = await call_add(mtls.tcp_address, tls=_tls(pki))
+        assert outcome.code == "UNAVAILABLE", outcome.error
+
+    async def test_a_token_without_a_certificate_is_refused(self, mtls: Mesh, pki: Pki) -> None:
+        outcome = await call_add(mtls.tcp_address, token=pki.tokens["ci"], tls=_tls(pki))
+        assert outcome.code == "UNAVAILABLE", outcome.error
+
+    async def test_a_certificate_from_another_ca_is_refused(self, mtls: Mesh, pki: Pki) -> None:
+        outcome = await call_add(mtls.tcp_address, tls=_tls(pki, "forged"))
+        assert outcome.code == "UNAVAILABLE", outcome.error
+
+    async def test_an_expired_jwt_is_refused_with_a_good_certificate(
+        self, mtls: Mesh, pki: Pki
+    ) -> None:
+        outcome = await call_add(mtls.tcp_address, token=pki.jwts["expired"], tls=_tls(pki, "ci"))
+        assert_unauthenticated(outcome, "JWT_EXPIRED", "the JWT expired at")
+
+    async def test_a_certificate_not_allowed_is_denied(self, mtls: Mesh, pki: Pki) -> None:
+        outcome = await call_add(mtls.tcp_address, tls=_tls(pki, "guest"))
+        assert_denied(mtls, outcome, "dns:guest.local")
+
+    async def test_a_certificate_is_its_spiffe_id(self, mtls: Mesh, pki: Pki) -> None:
+        outcome = await call_add(mtls.tcp_address, tls=_tls(pki, "ci"))
+        assert_admitted(mtls, outcome, CI_SPIFFE)
+
+
+# -- listings and the mesh's own API ---------------------------------------------------
+
+
+async def test_listings_show_each_principal_what_it_may_call(plain: Mesh, pki: Pki) -> None:
+    async def tools(token: str | None) -> list[str]:
+        async with AsyncMeshClient(plain.tcp_address, token=token) as client:
+            return [t.qualified_name for t in await client.list_tools(timeout=10)]
+
+    assert {"tools-demo/add", "tools-demo/divide"} <= set(await tools(pki.tokens["ci"]))
+    assert await tools(pki.tokens["guest"]) == []
+    async with AsyncMeshClient(plain.tcp_address, token=pki.tokens["ci"]) as client:
+        with pytest.raises(SidemeshError) as info:
+            await client.list_plugins(timeout=10)
+    assert info.value.code.name == "PERMISSION_DENIED"
+    assert "principal 'token:ci' may not" in info.value.message
+    assert "allow.mesh" in info.value.message, info.value.message
+
+
+# -- the Unix socket and other users ---------------------------------------------------
+
+#: A client run as another user: what it saw, as JSON on stdout.
+_CLIENT = """
+import asyncio, json, sys
+from clients import AsyncMeshClient, SidemeshError
+
+async def main():
+    try:
+        async with AsyncMeshClient(sys.argv[1], state_dir="/nonexistent") as client:
+            result = await client.call_tool("tools-demo/add", {"a": 1, "b": 2}, timeout=10)
+        print(json.dumps({"code": "OK", "result": result.structured}))
+    except SidemeshError as exc:
+        print(json.dumps({"code": exc.code.name, "reason": exc.reason, "message": exc.message}))
+
+asyncio.run(main())
+"""
+
+
+def _as_nobody(address: str, workdir: Path) -> dict[str, Any]:
+    python = user_python(NOBODY, workdir)
+    if python is None:
+        pytest.skip("no interpreter with this venv's packages that uid 65534 can run")
+    done = subprocess.run(
+        as_user(NOBODY, python, "-c", _CLIENT, address),
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+async def test_another_uid_cannot_use_the_unix_socket(plain: Mesh, tmp_path: Path) -> None:
+    assert plain.socket.stat().st_mode & 0o777 == 0o600  # owner-only by default
+    seen = _as_nobody(plain.address, tmp_path)
+    assert seen["code"] == "UNAVAILABLE", seen  # it cannot even connect
+    # Were the file opened up, the mesh would still know the peer by SO_PEERCRED.
+    modes = plain.runtime_dir.stat().st_mode, plain.socket.stat().st_mode
+    plain.runtime_dir.chmod(0o711)
+    plain.socket.chmod(0o666)
+    try:
+        seen = _as_nobody(plain.address, tmp_path)
+    finally:
+        plain.runtime_dir.chmod(modes[0] & 0o7777)
+        plain.socket.chmod(modes[1] & 0o7777)
+    assert seen["code"] == "UNAUTHENTICATED", seen
+    assert seen["reason"] == "UID_NOT_ADMITTED"
+    assert seen["message"].startswith(
+        f"uid {NOBODY} may not use this Unix socket (auth.unix admits uids [{os.getuid()}]): "
+        "add it to auth.unix.allowed_uids"
+    ), seen["message"]
+
+
+async def test_an_admitted_uid_is_its_principal(make_mesh: MakeMesh, tmp_path: Path) -> None:
+    rules = [*POLICY["rules"], {"principals": [f"unix:uid:{NOBODY}"],
+                                "allow": {"tools": ["tools-demo/add"]}}]  # fmt: skip
+    mesh = make_mesh(
+        plugin_dirs=[TOOLS_DEMO],
+        auth={"unix": {"allowed_uids": [os.getuid(), NOBODY]}},
+        policy={"rules": rules},
+    ).start(ready=["tools-demo"])
+    assert mesh.socket.stat().st_mode & 0o777 == 0o666  # others may connect: SO_PEERCRED decides
+    mesh.runtime_dir.chmod(0o711)
+    seen = _as_nobody(mesh.address, tmp_path)
+    assert seen == {"code": "OK", "result": {"result": 3}}, seen
+    started = call_event(mesh, "call_started", principal=f"unix:uid:{NOBODY}")
+    assert started.target == "tools-demo/add"
+
+
+# -- limits ----------------------------------------------------------------------------
+
+
+async def test_rate_and_concurrency_limits_refuse_with_retry_info_and_count(
+    make_mesh: MakeMesh, pki: Pki, otlp: Any
+) -> None:
+    collector, port = otlp
+    rules = [
+        POLICY["rules"][0],
+        {"principals": ["token:ci"], "allow": {"tools": ["tools-demo/*"]},
+         "limits": {"calls_per_second": 2, "burst": 2}},
+        {"principals": ["token:guest"], "allow": {"tools": ["tools-demo/*"]},
+         "limits": {"max_in_flight": 1}},
+    ]  # fmt: skip
+    mesh = make_mesh(
+        plugin_dirs=[TOOLS_DEMO], auth=pki.auth(), policy={"rules": rules},
+        telemetry={"otlp_endpoint": f"http://127.0.0.1:{port}", "metrics_interval": 0.5},
+    ).start(ready=["tools-demo"])  # fmt: skip
+    ci = [await call_add(mesh.tcp_address, token=pki.tokens["ci"]) for _ in range(3)]
+    assert [o.code for o in ci] == ["OK", "OK", "RESOURCE_EXHAUSTED"], [o.error for o in ci]
+    limited = ci[2].error
+    assert limited is not None and limited.reason == "RATE_LIMITED"
+    assert limited.retry_delay is not None and 0 < limited.retry_delay <= 0.5
+    assert limited.message.startswith(
+        "principal 'token:ci' is over its rate limit of 2 calls/s (burst 2, "
+        "policy.rules[1].limits); retry in"
+    ), limited.message
+    await asyncio.sleep(limited.retry_delay + 0.05)
+    assert (await call_add(mesh.tcp_address, token=pki.tokens["ci"])).code == "OK"
+
+    async with AsyncMeshClient(mesh.tcp_address, token=pki.tokens["guest"]) as client:
+        slow = asyncio.create_task(
+            client.call_tool("tools-demo/slow_count", {"n": 10, "delay": 0.2}, timeout=20)
+        )
+        await asyncio.sleep(0.5)
+        busy = await call_add(mesh.tcp_address, token=pki.tokens["guest"])
+        await slow
+    assert busy.code == "RESOURCE_EXHAUSTED" and busy.error is not None
+    assert busy.error.reason == "CONCURRENCY_LIMITED"
+    assert busy.error.retry_delay is not None
+    assert "already has 1 calls in flight, its limit (policy.rules[2].limits.max_in_flight)" in (
+        busy.error.message
+    )
+
+    def counted() -> dict[tuple[str, str], float] | None:
+        latest = collector.gauge("sidemesh.auth.calls")
+        want = {
+            ("token:ci", "admitted"): 3,
+            ("token:ci", "rate_limited"): 1,
+            ("token:guest", "admitted"): 1,
+            ("token:guest", "concurrency_limited"): 1,
+        }
+        return latest if all(latest.get(k) == v for k, v in want.items()) else None
+
+    wait_until(counted, 15, lambda: f"the counts in {collector.gauge('sidemesh.auth.calls')}")
