@@ -141,7 +141,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @contextlib.contextmanager
 def _mesh(tmp_path_factory: pytest.TempPathFactory, **config: Any) -> Iterator[Mesh]:
-    mesh = Mesh(tmp_path_factory.mktemp("auth"), plugin_dirs=[TOOLS_DEMO], **config)
+    mesh = Mesh(tmp_path_factory.mktemp("auth"), **{"plugin_dirs": [TOOLS_DEMO], **config})
     try:
         mesh.start(ready=["tools-demo"])
         yield mesh
@@ -633,3 +633,101 @@ async def test_rate_and_concurrency_limits_refuse_with_retry_info_and_count(
         return latest if all(latest.get(k) == v for k, v in want.items()) else None
 
     wait_until(counted, 15, lambda: f"the counts in {collector.gauge('sidemesh.auth.calls')}")
+
+
+# -- zero config -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def default(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """A mesh with no auth and no policy section, its state dir where clients look by
+    default ($XDG_STATE_HOME/sidemesh); and a plugin granted network and the listeners."""
+    xdg = tmp_path_factory.mktemp("xdg")
+    with _mesh(
+        tmp_path_factory,
+        state_dir=str(xdg / "sidemesh"),
+        plugin_dirs=[TOOLS_DEMO, TCP_CALLER],
+        plugins={"tcp-caller": {"sandbox": {"allow_network": True, "allow_mesh_listeners": True}}},
+    ) as mesh:
+        mesh.wait_state("tcp-caller", "READY")
+        yield mesh
+
+
+def _xdg(mesh: Mesh) -> dict[str, str]:
+    return {"XDG_STATE_HOME": str(mesh.state_dir.parent)}
+
+
+async def test_with_no_config_tcp_needs_the_generated_token(default: Mesh) -> None:
+    token_file = default.state_dir / "token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert token_file.read_text().startswith("smt_")
+    outcome = await call_add(default.tcp_address)  # from a state dir with no mesh
+    assert_unauthenticated(
+        outcome, "CREDENTIAL_MISSING", f"the mesh owner's token is in {token_file}"
+    )
+    done = await asyncio.to_thread(
+        sidemesh, "call", "tools-demo/add", "a=1", "b=2", "-a", default.tcp_address,
+        env={"XDG_STATE_HOME": str(token_file.parent.parent / "elsewhere")},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout
+    assert done.stderr.startswith("sidemesh: UNAUTHENTICATED: the call has no credential")
+    assert "this command sent no token, over plaintext" in done.stderr
+
+
+async def test_clients_and_the_cli_find_the_token_on_their_own(
+    default: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(default.state_dir.parent))
+    with _TRACER.start_as_current_span("client") as span:
+        async with AsyncMeshClient(default.tcp_address) as client:  # no credential given
+            assert client.credentials.describe() == (
+                f"a bearer token from the mesh's token file {default.state_dir / 'token'}, "
+                "over plaintext"
+            )
+            result = await client.call_tool("tools-demo/add", {"a": 1, "b": 2}, timeout=15)
+    outcome = Outcome(result=result.structured, trace_id=f"{span.get_span_context().trace_id:032x}")
+    assert_admitted(default, outcome, "token:owner")
+
+    done = await asyncio.to_thread(
+        sidemesh, "call", "tools-demo/add", "a=2", "b=3", "-a", default.tcp_address,
+        env=_xdg(default),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "5" in done.stdout
+    done = await asyncio.to_thread(sidemesh, "tools", "-a", default.tcp_address, env=_xdg(default))
+    assert done.returncode == 0 and "tools-demo/add" in done.stdout, done.stderr
+
+
+async def test_the_unix_socket_is_the_owners_only_by_default(default: Mesh, tmp_path: Path) -> None:
+    assert default.socket.stat().st_mode & 0o777 == 0o600
+    assert_admitted(default, await call_add(default.address), f"unix:uid:{os.getuid()}")
+
+
+# -- a sandboxed plugin on the TCP listener ------------------------------------------
+
+
+async def _from_plugin(mesh: Mesh, tool: str, **arguments: Any) -> dict[str, Any]:
+    async with AsyncMeshClient(mesh.address) as client:
+        result = await client.call_tool(f"tcp-caller/{tool}", arguments, timeout=30)
+    assert not result.is_error, result.text
+    assert result.structured is not None
+    return dict(result.structured)
+
+
+async def test_a_plugin_with_network_is_a_stranger_on_the_tcp_listener(default: Mesh) -> None:
+    seen = await _from_plugin(default, "call_over_tcp", address=default.tcp_address)
+    assert seen["code"] == "UNAUTHENTICATED" and seen["reason"] == "CREDENTIAL_MISSING", seen
+    # The owner's token is outside its sandbox...
+    token_file = default.state_dir / "token"
+    found = await _from_plugin(default, "read_file", path=str(token_file))
+    assert found == {"ok": False, "error": "FileNotFoundError"}, found
+    # ...a made-up one is no better, and a listing shows it nothing.
+    seen = await _from_plugin(default, "call_over_tcp", address=default.tcp_address,
+                              token="smt_" + "q" * 43)  # fmt: skip
+    assert seen["code"] == "UNAUTHENTICATED" and seen["reason"] == "TOKEN_INVALID", seen
+    # Given a credential by the operator, it is that principal, like any client.
+    seen = await _from_plugin(default, "call_over_tcp", address=default.tcp_address,
+                              token=token_file.read_text().strip())  # fmt: skip
+    assert seen == {"code": "OK", "message": "", "reason": ""}, seen
+    started = call_event(default, "call_started", principal="token:owner", caller="")
+    assert started.target == "tools-demo/add"
