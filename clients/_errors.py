@@ -16,7 +16,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from clients._credentials import HOW_TO_AUTHENTICATE
+from clients._credentials import HOW_TO_AUTHENTICATE, TLS_HANDSHAKE_HINT, tls_handshake_failed
 
 #: ``ErrorInfo.domain`` of every error the mesh itself raises.
 ERROR_DOMAIN = "sidemesh.dev"
@@ -117,6 +117,8 @@ def from_status(code: grpc.StatusCode, message: str, trailers: Iterable[Any] = (
     cls = _BY_CODE.get(code, UnknownError)
     if code == grpc.StatusCode.UNAUTHENTICATED and "SIDEMESH_TOKEN" not in message:
         message = f"{message}; {HOW_TO_AUTHENTICATE}"  # a terse server: say how here
+    elif code == grpc.StatusCode.UNAVAILABLE and tls_handshake_failed(message):
+        message = f"{message}; {TLS_HANDSHAKE_HINT}"
     kwargs: dict[str, object] = {}
     for key, value in trailers:
         if key == _DETAILS_KEY and isinstance(value, bytes):

@@ -20,6 +20,7 @@ from clients import (
     SidemeshError,
     TlsOptions,
     UnauthenticatedError,
+    UnavailableError,
 )
 from orchestrator._config import MeshConfig, load_config
 from orchestrator._orchestrator import endpoints
@@ -151,7 +152,9 @@ def _run(main: Coroutine[Any, Any, int], client: AsyncMeshClient) -> int:
         print(f"sidemesh: {err.code.name}: {err.message}", file=sys.stderr)
         for violation in err.field_violations:
             print(f"  {violation.field}: {violation.description}", file=sys.stderr)
-        if isinstance(err, UnauthenticatedError):
+        if isinstance(err, UnauthenticatedError) or (
+            isinstance(err, UnavailableError) and client.credentials.tls is not None
+        ):
             print(f"  this command sent {client.credentials.describe()}", file=sys.stderr)
         return EXIT_CALL_FAILED
     except KeyboardInterrupt:

@@ -39,6 +39,7 @@ class Pki:
 
     dir: Path
     ca: Path
+    other_ca: Path
     tokens_file: Path
     jwks_file: Path
     tokens: dict[str, str]
@@ -104,7 +105,7 @@ def make_pki(base: Path) -> Pki:
         return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k1"})
 
     jwts = {"alice": signed("alice", now + 3600), "expired": signed("alice", now - 3600)}
-    return Pki(certs, certs / "ca.pem", tokens_file, jwks_file, tokens, jwts)
+    return Pki(certs, certs / "ca.pem", other / "ca.pem", tokens_file, jwks_file, tokens, jwts)
 
 
 def recorded_events(mesh: Mesh, replay: int = 1000) -> list[mesh_pb2.WatchEventsResponse]:

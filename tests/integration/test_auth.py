@@ -327,11 +327,23 @@ class TestTls:
 
     async def test_a_certificate_from_another_ca_is_refused(self, tls: Mesh, pki: Pki) -> None:
         outcome = await call_add(tls.tcp_address, tls=_tls(pki, "forged"))
-        assert outcome.code == "UNAVAILABLE", outcome.error  # the handshake fails
+        assert_handshake_refused(outcome)
+
+    async def test_a_client_that_does_not_trust_the_mesh_is_told(self, tls: Mesh, pki: Pki) -> None:
+        outcome = await call_add(tls.tcp_address, tls=TlsOptions(ca=pki.other_ca))
+        assert_handshake_refused(outcome)
 
     async def test_plaintext_to_the_tls_listener_gets_no_answer(self, tls: Mesh, pki: Pki) -> None:
         outcome = await call_add(tls.tcp_address, token=pki.tokens["ci"])
         assert outcome.code == "UNAVAILABLE", outcome.error
+
+
+def assert_handshake_refused(outcome: Outcome) -> None:
+    """No connection (grpc says little more than that), and the client says why it may be."""
+    assert outcome.code == "UNAVAILABLE", outcome.error
+    assert outcome.error is not None
+    assert "the TLS handshake with the mesh failed" in outcome.error.message, outcome.error
+    assert "--tls-cert and --tls-key" in outcome.error.message
 
 
 class TestMutualTls:
@@ -339,15 +351,15 @@ class TestMutualTls:
 
     async def test_no_certificate_is_refused_at_the_handshake(self, mtls: Mesh, pki: Pki) -> None:
         outcome = await call_add(mtls.tcp_address, tls=_tls(pki))
-        assert outcome.code == "UNAVAILABLE", outcome.error
+        assert_handshake_refused(outcome)
 
     async def test_a_token_without_a_certificate_is_refused(self, mtls: Mesh, pki: Pki) -> None:
         outcome = await call_add(mtls.tcp_address, token=pki.tokens["ci"], tls=_tls(pki))
-        assert outcome.code == "UNAVAILABLE", outcome.error
+        assert_handshake_refused(outcome)
 
     async def test_a_certificate_from_another_ca_is_refused(self, mtls: Mesh, pki: Pki) -> None:
         outcome = await call_add(mtls.tcp_address, tls=_tls(pki, "forged"))
-        assert outcome.code == "UNAVAILABLE", outcome.error
+        assert_handshake_refused(outcome)
 
     async def test_an_expired_jwt_is_refused_with_a_good_certificate(
         self, mtls: Mesh, pki: Pki
@@ -362,6 +374,20 @@ class TestMutualTls:
     async def test_a_certificate_is_its_spiffe_id(self, mtls: Mesh, pki: Pki) -> None:
         outcome = await call_add(mtls.tcp_address, tls=_tls(pki, "ci"))
         assert_admitted(mtls, outcome, CI_SPIFFE)
+
+    async def test_the_cli_with_and_without_a_certificate(self, mtls: Mesh, pki: Pki) -> None:
+        cert, key = pki.cert("ci")
+        call = ("call", "tools-demo/add", "a=2", "b=3", "-a", mtls.tcp_address, "--tls-ca",
+                str(pki.ca))  # fmt: skip
+        done = await asyncio.to_thread(
+            sidemesh, *call, "--tls-cert", str(cert), "--tls-key", str(key)
+        )
+        assert done.returncode == 0 and "5" in done.stdout, done.stderr
+        done = await asyncio.to_thread(sidemesh, *call)
+        assert done.returncode == 1, done.stdout
+        assert "sidemesh: UNAVAILABLE: " in done.stderr
+        assert "the TLS handshake with the mesh failed" in done.stderr
+        assert "this command sent no token, over TLS" in done.stderr
 
 
 # -- listings and the mesh's own API ---------------------------------------------------
