@@ -16,6 +16,8 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from typing import Any
 import grpc
 import pytest
 from authkit import CI_SPIFFE, ISSUER, Pki, call_event, make_pki, server_span, sidemesh
-from meshproc import EXAMPLE_PLUGINS, TEST_PLUGINS, Mesh, wait_until
+from meshproc import EXAMPLE_PLUGINS, ROOT, TEST_PLUGINS, Mesh, wait_until
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from unprivileged import NOBODY, as_user, user_python
@@ -594,6 +596,32 @@ async def test_clients_and_the_cli_find_the_token_on_their_own(
     assert "5" in done.stdout
     done = await asyncio.to_thread(sidemesh, "tools", "-a", default.tcp_address, env=_xdg(default))
     assert done.returncode == 0 and "tools-demo/add" in done.stdout, done.stderr
+    # `sidemesh events` (found from the state dir: the Unix socket) shows who called.
+    line = await asyncio.to_thread(
+        _first_line, [sys.executable, "-m", "orchestrator.cli", "events", "--replay", "1000"],
+        lambda text: "call_started" in text and "principal=token:owner" in text, _xdg(default),
+    )  # fmt: skip
+    assert "target=tools-demo/add" in line, line
+
+
+def _first_line(argv: list[str], wanted: Callable[[str], bool], env: dict[str, str]) -> str:
+    """The first line of ``argv``'s output that is ``wanted`` (it is stopped then)."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+        env={**os.environ, **env},
+    )  # fmt: skip
+    timer = threading.Timer(20, proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if wanted(line):
+                return line
+        raise AssertionError(f"{argv} ended without such a line")
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.wait()
 
 
 async def test_the_unix_socket_is_the_owners_only_by_default(default: Mesh, tmp_path: Path) -> None:
