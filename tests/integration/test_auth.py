@@ -657,3 +657,33 @@ async def test_a_plugin_with_network_is_a_stranger_on_the_tcp_listener(default: 
     assert seen == {"code": "OK", "message": "", "reason": ""}, seen
     started = call_event(default, "call_started", principal="token:owner", caller="")
     assert started.target == "tools-demo/add"
+
+
+# -- changing tokens, and auth off -----------------------------------------------------
+
+
+async def test_a_replaced_token_stops_working_within_a_second(plain: Mesh, pki: Pki) -> None:
+    secrets = str(pki.tokens_file)
+    first = sidemesh("token", "temp", "--file", secrets).stdout.strip().splitlines()[-1]
+    assert first.startswith("smt_")
+    # Valid at once (no restart), and allowed nothing: no rule names it.
+    outcome = await call_add(plain.tcp_address, token=first)
+    assert outcome.code == "PERMISSION_DENIED", outcome.error
+    assert outcome.error is not None and "principal 'token:temp' may not call" in (
+        outcome.error.message
+    )
+    assert sidemesh("token", "temp", "--file", secrets).returncode == 0  # a new one replaces it
+    await asyncio.sleep(1.5)
+    outcome = await call_add(plain.tcp_address, token=first)
+    assert_unauthenticated(outcome, "TOKEN_INVALID", "the bearer token is not one this mesh knows")
+
+
+async def test_auth_off_lets_anyone_on_tcp_call_as_anonymous(make_mesh: MakeMesh) -> None:
+    # `auth: {mode: off}` as YAML 1.1 reads it: a boolean.
+    mesh = make_mesh(plugin_dirs=[TOOLS_DEMO], auth={"mode": False}).start(ready=["tools-demo"])
+    assert_admitted(mesh, await call_add(mesh.tcp_address), "anonymous")
+    # A valid credential still names the caller; a wrong one makes it no one in particular.
+    owner = (mesh.state_dir / "token").read_text().strip()
+    assert_admitted(mesh, await call_add(mesh.tcp_address, token=owner), "token:owner")
+    outcome = await call_add(mesh.tcp_address, token="smt_" + "w" * 43)
+    assert_admitted(mesh, outcome, "anonymous")
