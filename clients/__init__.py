@@ -10,17 +10,22 @@ friends), or finds the token of the mesh running on this machine by itself.
 Every call is an OpenTelemetry CLIENT span carrying its W3C trace context
 (``tracing_interceptors``; ``tracing=False`` turns it off).
 
-The error classes here are the mesh's one exception hierarchy: the SDK and the
-orchestrator raise the same classes, each keeping its gRPC status code.
+The error classes here are the mesh's one exception hierarchy, re-exported from
+``sidemesh.core`` (where the rest of the shared vocabulary lives: names,
+``Struct`` conversion, addresses): the SDK and the orchestrator raise the same
+classes, each keeping its gRPC status code.
 """
 
-from clients._address import DEFAULT_TCP_ADDRESS, normalize_address, unix_socket_path
 from clients._chat import ChatSession
 from clients._client import AsyncMeshClient
-from clients._convert import struct_to_dict, to_struct
 from clients._credentials import TlsOptions
-from clients._errors import (
-    ERROR_DOMAIN,
+from clients._mcp import McpRequestError, McpToolCall
+from clients._results import AgentReply, ToolCallResult
+from clients._streams import AgentStream, ServerStream, ToolCallStream
+from clients._sync import MeshClient
+from clients._sync_streams import SyncAgentStream, SyncChatSession, SyncStream, SyncToolCallStream
+from clients._tracing import tracing_interceptors
+from sidemesh.core import (
     AbortedError,
     AlreadyExistsError,
     CallCancelledError,
@@ -39,20 +44,9 @@ from clients._errors import (
     UnavailableError,
     UnimplementedError,
     UnknownError,
-    from_status,
 )
-from clients._event_loop import run_loop
-from clients._mcp import McpRequestError, McpToolCall
-from clients._results import AgentReply, ToolCallResult
-from clients._server_options import server_options
-from clients._streams import AgentStream, ServerStream, ToolCallStream
-from clients._sync import MeshClient
-from clients._sync_streams import SyncAgentStream, SyncChatSession, SyncStream, SyncToolCallStream
-from clients._tracing import tracing_interceptors
 
 __all__ = [
-    "DEFAULT_TCP_ADDRESS",
-    "ERROR_DOMAIN",
     "AbortedError",
     "AgentReply",
     "AgentStream",
@@ -86,12 +80,5 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "UnknownError",
-    "from_status",
-    "normalize_address",
-    "run_loop",
-    "server_options",
-    "struct_to_dict",
-    "to_struct",
     "tracing_interceptors",
-    "unix_socket_path",
 ]

@@ -9,16 +9,16 @@ from typing import Any, Self
 
 import grpc
 
-from clients._convert import agent_input
-from clients._errors import (
+from clients._agent_input import agent_input
+from clients._results import AgentReply, reply_from_events
+from clients._streams import task_is_cancelling
+from sidemesh.core import (
     CallCancelledError,
     FailedPreconditionError,
     InternalError,
     SidemeshError,
     from_status,
 )
-from clients._results import AgentReply, reply_from_events
-from clients._streams import task_is_cancelling
 from sidemesh.v1 import agent_pb2
 
 ChatCall = grpc.aio.StreamStreamCall[agent_pb2.ChatRequest, agent_pb2.ChatResponse]

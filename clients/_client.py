@@ -11,15 +11,21 @@ from typing import Any, Self
 
 import grpc
 
-from clients._address import DEFAULT_TCP_ADDRESS, normalize_address
+from clients._agent_input import agent_input
 from clients._chat import ChatSession
-from clients._convert import agent_input, to_struct
 from clients._credentials import Credentials, TlsOptions, resolve_credentials
-from clients._errors import FailedPreconditionError, InternalError, UnavailableError
 from clients._mcp import McpMethods
 from clients._results import ToolCallResult
 from clients._streams import AgentStream, ServerStream, ToolCallStream, unary
 from clients._tracing import tracing_interceptors
+from sidemesh.core import (
+    DEFAULT_TCP_ADDRESS,
+    FailedPreconditionError,
+    InternalError,
+    UnavailableError,
+    normalize_address,
+    to_struct,
+)
 from sidemesh.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -139,6 +145,16 @@ class AsyncMeshClient(McpMethods):
         channel, self._channel, self._stubs_ = self._channel, None, None
         if channel is not None:
             await channel.close()
+
+    def with_deadline(self, remaining: Callable[[], float | None]) -> AsyncMeshClient:
+        """This client, whose calls default to a deadline of ``remaining()`` seconds.
+
+        The view shares this client's channel, credentials and metadata (closing
+        it closes nothing); ``remaining`` is asked at each call, ``None`` meaning
+        no deadline. A plugin's ``ctx.mesh`` is one: callbacks made while handling
+        a call never outlive it.
+        """
+        return _DeadlineView(self, remaining)
 
     async def wait_for_ready(self, timeout: float | None = None) -> None:
         """Waits until the mesh accepts connections; ``UnavailableError`` after ``timeout``."""
@@ -410,6 +426,30 @@ class AsyncMeshClient(McpMethods):
 
     def _with(self, metadata: Metadata) -> tuple[tuple[str, str], ...]:
         return self._metadata + tuple(metadata)
+
+
+class _DeadlineView(AsyncMeshClient):
+    """``AsyncMeshClient.with_deadline``: the owner's client with a default deadline."""
+
+    def __init__(self, owner: AsyncMeshClient, remaining: Callable[[], float | None]) -> None:
+        # Not AsyncMeshClient.__init__: the owner's credentials, options and channel are it.
+        self.__dict__.update(owner.__dict__)
+        self._owner = owner
+        self._remaining = remaining
+
+    @property
+    def timeout(self) -> float | None:
+        """The default deadline now: what is left of the call this view serves."""
+        return self._remaining()
+
+    async def close(self) -> None:
+        """Nothing to close: the channel is the owner's."""
+
+    def _connect(self) -> tuple[grpc.aio.Channel, _Stubs]:
+        return self._owner._connect()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self._remaining() if timeout is None else timeout
 
 
 def _describe_agent(agent: str, capability: str) -> str:

@@ -29,38 +29,12 @@ from typing import Any
 
 import grpc
 
-from sidemesh.core import TOKEN_FILE, default_state_dir, running_mesh
+from sidemesh.core import TOKEN_ENV, TOKEN_FILE, TOKEN_FILE_ENV, default_state_dir, running_mesh
 
-TOKEN_ENV = "SIDEMESH_TOKEN"
-TOKEN_FILE_ENV = "SIDEMESH_TOKEN_FILE"
 TLS_CA_ENV = "SIDEMESH_TLS_CA"
 TLS_CERT_ENV = "SIDEMESH_TLS_CERT"
 TLS_KEY_ENV = "SIDEMESH_TLS_KEY"
 _TLS_ENVS = (TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV)
-
-#: How to authenticate, for an ``UNAUTHENTICATED`` error whose message does not say.
-HOW_TO_AUTHENTICATE = (
-    "authenticate with a bearer token (clients: token= or token_file=; the sidemesh CLI: "
-    f"--token-file or ${TOKEN_FILE_ENV} / ${TOKEN_ENV}; a mesh on this machine keeps its "
-    "owner's token in <state_dir>/token) or a TLS client certificate (clients: "
-    "tls=TlsOptions(ca=..., cert=..., key=...); the CLI: --tls-ca, --tls-cert, --tls-key)"
-)
-
-#: Added to ``UNAVAILABLE`` when grpc's message shows a failed TLS handshake, which it
-#: words only as ``Unwrap failed (TSI_DATA_CORRUPTED)`` or ``Ssl handshake failed``.
-TLS_HANDSHAKE_HINT = (
-    "the TLS handshake with the mesh failed: a mesh with auth.tls.require_client_cert takes "
-    "only a client certificate signed by its client_ca (clients: tls=TlsOptions(ca=..., "
-    "cert=..., key=...); the CLI: --tls-cert and --tls-key, or $SIDEMESH_TLS_CERT and "
-    "$SIDEMESH_TLS_KEY), and the mesh's certificate must be signed by the CA this client "
-    "trusts (--tls-ca, $SIDEMESH_TLS_CA) for the name it connects to"
-)
-_HANDSHAKE_MARKERS = ("TSI_", "Ssl handshake failed", "SSL_ERROR", "CERTIFICATE_VERIFY_FAILED")
-
-
-def tls_handshake_failed(message: str) -> bool:
-    """Whether grpc's ``UNAVAILABLE`` message says the TLS handshake failed."""
-    return any(marker in message for marker in _HANDSHAKE_MARKERS)
 
 
 @dataclass(frozen=True)

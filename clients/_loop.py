@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
-from clients._errors import FailedPreconditionError
+from sidemesh.core import FailedPreconditionError
 
 T = TypeVar("T")
 P = ParamSpec("P")

@@ -10,10 +10,9 @@ from typing import Any, Protocol
 
 import grpc
 
-from clients._convert import struct_to_dict, to_struct
-from clients._errors import InternalError
 from clients._results import ToolCallResult
 from clients._streams import ServerStream, _ResultStream, unary
+from sidemesh.core import InternalError, struct_to_dict, to_struct
 from sidemesh.v1 import common_pb2, mcp_pb2, mcp_pb2_grpc, mesh_pb2
 
 Metadata = Sequence[tuple[str, str]]

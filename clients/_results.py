@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from clients._convert import struct_to_dict
+from sidemesh.core import struct_to_dict
 from sidemesh.v1 import agent_pb2, common_pb2, tool_pb2
 
 

@@ -17,8 +17,8 @@ from typing import Any, Self, TypeVar, cast
 import grpc
 from google.protobuf.message import Message
 
-from clients._errors import CallCancelledError, InternalError, SidemeshError
 from clients._results import AgentReply, ToolCallResult, reply_from_events
+from sidemesh.core import CallCancelledError, InternalError, SidemeshError
 from sidemesh.v1 import agent_pb2, tool_pb2
 
 ResponseT = TypeVar("ResponseT", bound=Message)

@@ -8,59 +8,91 @@ running and stops the thread.
 
 from __future__ import annotations
 
-import os
+import functools
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
-import grpc
-
-from clients._client import DEFAULT_MAX_MESSAGE_BYTES, AsyncMeshClient, Metadata
-from clients._credentials import Credentials, TlsOptions
-from clients._errors import InternalError
+from clients._client import AsyncMeshClient, Metadata
+from clients._credentials import Credentials
 from clients._loop import LoopThread
 from clients._results import ToolCallResult
 from clients._sync_streams import SyncAgentStream, SyncChatSession, SyncStream, SyncToolCallStream
-from sidemesh.v1 import agent_pb2, common_pb2, mcp_pb2, mesh_pb2, tool_pb2
+from sidemesh.core import InternalError
+from sidemesh.v1 import common_pb2
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S")
+W = TypeVar("W")
+
+
+def _constructor(
+    init: Callable[Concatenate[AsyncMeshClient, P], None],
+) -> Callable[
+    [Callable[[MeshClient, AsyncMeshClient], None]], Callable[Concatenate[MeshClient, P], None]
+]:
+    """``MeshClient.__init__`` with ``AsyncMeshClient.__init__``'s signature: the
+    arguments make the async client, which the decorated function then adopts."""
+
+    def derive(
+        adopt: Callable[[MeshClient, AsyncMeshClient], None],
+    ) -> Callable[Concatenate[MeshClient, P], None]:
+        @functools.wraps(init)
+        def __init__(self: MeshClient, /, *args: P.args, **kwargs: P.kwargs) -> None:
+            client = AsyncMeshClient.__new__(AsyncMeshClient)
+            init(client, *args, **kwargs)
+            adopt(self, client)
+
+        return __init__
+
+    return derive
+
+
+def _blocking(
+    method: Callable[Concatenate[AsyncMeshClient, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[MeshClient, P], R]:
+    """``AsyncMeshClient.<method>``, run on the client's loop while the caller waits."""
+
+    @functools.wraps(method)
+    def call(self: MeshClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._loop.run(method(self._async, *args, **kwargs))
+
+    return call
+
+
+def _streaming(
+    method: Callable[Concatenate[AsyncMeshClient, P], S],
+    blocking: Callable[[S, LoopThread], W],
+) -> Callable[Concatenate[MeshClient, P], W]:
+    """``AsyncMeshClient.<method>`` (which opens a stream), its stream made blocking."""
+
+    @functools.wraps(method)
+    def call(self: MeshClient, /, *args: P.args, **kwargs: P.kwargs) -> W:
+        return blocking(self._loop.call(method, self._async, *args, **kwargs), self._loop)
+
+    return call
 
 
 class MeshClient:
     """A blocking connection to the mesh, with the same API as ``AsyncMeshClient``.
 
+    Its methods are ``AsyncMeshClient``'s, each made blocking (``_blocking``,
+    ``_streaming``): the API is written once, in the async client.
+
     Iterators are plain iterators; ``on_progress`` and ``on_log`` callbacks
     run in the calling thread. One client may be shared by several threads.
     """
 
-    def __init__(
-        self,
-        address: str | None = None,
-        *,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
-        tracing: bool = True,
-        token: str | None = None,
-        token_file: str | os.PathLike[str] | None = None,
-        tls: TlsOptions | bool | None = None,
-        state_dir: str | os.PathLike[str] | None = None,
-    ) -> None:
-        self._async = AsyncMeshClient(
-            address,
-            timeout=timeout,
-            metadata=metadata,
-            max_message_bytes=max_message_bytes,
-            interceptors=interceptors,
-            tracing=tracing,
-            token=token,
-            token_file=token_file,
-            tls=tls,
-            state_dir=state_dir,
-        )
-        self._loop = LoopThread(f"sidemesh-client {self._async.address}")
-        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._async)
+    @_constructor(AsyncMeshClient.__init__)
+    def __init__(self, client: AsyncMeshClient) -> None:
+        """Takes ``AsyncMeshClient``'s arguments; the async client they make runs on a
+        private loop thread."""
+        self._async = client
+        self._loop = LoopThread(f"sidemesh-client {client.address}")
+        self._finalizer = weakref.finalize(self, _shutdown, self._loop, client)
 
     @property
     def address(self) -> str:
@@ -96,55 +128,30 @@ class MeshClient:
         """Waits until the mesh accepts connections; ``UnavailableError`` after ``timeout``."""
         self._loop.run(self._async.wait_for_ready(timeout))
 
-    # -- agents ---------------------------------------------------------------
+    # -- the API: AsyncMeshClient's, each method made blocking ---------------
 
-    def invoke(
-        self,
-        agent: str = "",
-        input: str | Mapping[str, Any] | agent_pb2.AgentInput = "",
-        *,
-        capability: str = "",
-        session_id: str = "",
-        options: Mapping[str, Any] | None = None,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-    ) -> SyncAgentStream:
-        """Starts one agent turn and returns its event stream; see ``AsyncMeshClient.invoke``."""
-        stream = self._loop.call(
-            self._async.invoke,
-            agent,
-            input,
-            capability=capability,
-            session_id=session_id,
-            options=options,
-            timeout=timeout,
-            metadata=metadata,
-        )
-        return SyncAgentStream(stream, self._loop)
+    invoke = _streaming(AsyncMeshClient.invoke, SyncAgentStream)
+    chat = _streaming(AsyncMeshClient.chat, SyncChatSession)
+    call_tool_stream = _streaming(AsyncMeshClient.call_tool_stream, SyncToolCallStream)
+    watch_events = _streaming(AsyncMeshClient.watch_events, SyncStream)
 
-    def chat(
-        self,
-        agent: str = "",
-        *,
-        capability: str = "",
-        session_id: str = "",
-        options: Mapping[str, Any] | None = None,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-    ) -> SyncChatSession:
-        """Opens a conversation with an agent; see ``AsyncMeshClient.chat``."""
-        session = self._loop.call(
-            self._async.chat,
-            agent,
-            capability=capability,
-            session_id=session_id,
-            options=options,
-            timeout=timeout,
-            metadata=metadata,
-        )
-        return SyncChatSession(session, self._loop)
+    list_tools = _blocking(AsyncMeshClient.list_tools)
+    get_tool = _blocking(AsyncMeshClient.get_tool)
+    list_agents = _blocking(AsyncMeshClient.list_agents)
+    get_agent = _blocking(AsyncMeshClient.get_agent)
+    list_plugins = _blocking(AsyncMeshClient.list_plugins)
+    get_plugin = _blocking(AsyncMeshClient.get_plugin)
+    list_traces = _blocking(AsyncMeshClient.list_traces)
+    get_trace = _blocking(AsyncMeshClient.get_trace)
 
-    # -- tools ----------------------------------------------------------------
+    list_mcp_servers = _blocking(AsyncMeshClient.list_mcp_servers)
+    mcp_server_info = _blocking(AsyncMeshClient.mcp_server_info)
+    list_resources = _blocking(AsyncMeshClient.list_resources)
+    list_resource_templates = _blocking(AsyncMeshClient.list_resource_templates)
+    read_resource = _blocking(AsyncMeshClient.read_resource)
+    list_prompts = _blocking(AsyncMeshClient.list_prompts)
+    get_prompt = _blocking(AsyncMeshClient.get_prompt)
+    complete = _blocking(AsyncMeshClient.complete)
 
     def call_tool(
         self,
@@ -158,7 +165,11 @@ class MeshClient:
         metadata: Metadata = (),
         **kwargs: Any,
     ) -> ToolCallResult:
-        """Calls a tool and returns its result; see ``AsyncMeshClient.call_tool``."""
+        """Calls a tool and returns its result; see ``AsyncMeshClient.call_tool``.
+
+        (Written out, not derived: ``on_progress`` and ``on_log`` run in the
+        calling thread, from the blocking stream.)
+        """
         stream = self.call_tool_stream(
             tool, arguments, timeout=timeout, metadata=metadata, **kwargs
         )
@@ -172,167 +183,6 @@ class MeshClient:
         if result is None:  # pragma: no cover - the stream raises before this
             raise InternalError(f"{stream.description} ended without a result event")
         return result
-
-    def call_tool_stream(
-        self,
-        tool: str,
-        arguments: Mapping[str, Any] | None = None,
-        /,
-        *,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-        **kwargs: Any,
-    ) -> SyncToolCallStream:
-        """Calls a tool and returns its event stream: progress and logs, then the result."""
-        stream = self._loop.call(
-            self._async.call_tool_stream,
-            tool,
-            arguments,
-            timeout=timeout,
-            metadata=metadata,
-            **kwargs,
-        )
-        return SyncToolCallStream(stream, self._loop)
-
-    # -- the catalog (MeshService) ---------------------------------------------
-
-    def list_tools(
-        self,
-        plugin: str = "",
-        query: str = "",
-        *,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-    ) -> list[tool_pb2.ToolDescriptor]:
-        """The tools the mesh knows, optionally of one plugin or matching ``query``."""
-        return self._loop.run(
-            self._async.list_tools(plugin, query, timeout=timeout, metadata=metadata)
-        )
-
-    def get_tool(
-        self, name: str, *, timeout: float | None = None, metadata: Metadata = ()
-    ) -> tool_pb2.ToolDescriptor:
-        """One tool's descriptor, by qualified or unique short name."""
-        return self._loop.run(self._async.get_tool(name, timeout=timeout, metadata=metadata))
-
-    def list_agents(
-        self,
-        plugin: str = "",
-        capability: str = "",
-        *,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-    ) -> list[agent_pb2.AgentDescriptor]:
-        """The agents the mesh knows, optionally of one plugin or with a capability."""
-        return self._loop.run(
-            self._async.list_agents(plugin, capability, timeout=timeout, metadata=metadata)
-        )
-
-    def get_agent(
-        self, name: str, *, timeout: float | None = None, metadata: Metadata = ()
-    ) -> agent_pb2.AgentDescriptor:
-        """One agent's descriptor, by qualified or unique short name."""
-        return self._loop.run(self._async.get_agent(name, timeout=timeout, metadata=metadata))
-
-    def list_plugins(
-        self, *, timeout: float | None = None, metadata: Metadata = ()
-    ) -> list[mesh_pb2.PluginStatus]:
-        """Every plugin the mesh knows, with its state, replicas and health."""
-        return self._loop.run(self._async.list_plugins(timeout=timeout, metadata=metadata))
-
-    def get_plugin(
-        self, name: str, *, timeout: float | None = None, metadata: Metadata = ()
-    ) -> mesh_pb2.PluginStatus:
-        """One plugin's status."""
-        return self._loop.run(self._async.get_plugin(name, timeout=timeout, metadata=metadata))
-
-    def list_traces(
-        self,
-        *,
-        limit: int = 0,
-        plugin: str = "",
-        timeout: float | None = None,
-        metadata: Metadata = (),
-    ) -> list[mesh_pb2.TraceSummary]:
-        """The most recent traces the mesh keeps; see ``AsyncMeshClient.list_traces``."""
-        return self._loop.run(
-            self._async.list_traces(limit=limit, plugin=plugin, timeout=timeout, metadata=metadata)
-        )
-
-    def get_trace(
-        self, trace_id: str, *, timeout: float | None = None, metadata: Metadata = ()
-    ) -> list[mesh_pb2.TraceSpan]:
-        """One trace's spans; see ``AsyncMeshClient.get_trace``."""
-        return self._loop.run(self._async.get_trace(trace_id, timeout=timeout, metadata=metadata))
-
-    # -- MCP servers (McpService) ----------------------------------------------
-
-    def list_mcp_servers(self, *, timeout: float | None = None) -> list[str]:
-        """The names of the mesh's MCP plugins."""
-        return self._loop.run(self._async.list_mcp_servers(timeout=timeout))
-
-    def mcp_server_info(
-        self, server: str, *, timeout: float | None = None
-    ) -> mcp_pb2.McpServerInfo:
-        """An MCP server's identity, protocol version and capabilities."""
-        return self._loop.run(self._async.mcp_server_info(server, timeout=timeout))
-
-    def list_resources(
-        self, server: str, *, timeout: float | None = None
-    ) -> list[mcp_pb2.Resource]:
-        """Every resource of ``server``."""
-        return self._loop.run(self._async.list_resources(server, timeout=timeout))
-
-    def list_resource_templates(
-        self, server: str, *, timeout: float | None = None
-    ) -> list[mcp_pb2.ResourceTemplate]:
-        """Every resource template of ``server``."""
-        return self._loop.run(self._async.list_resource_templates(server, timeout=timeout))
-
-    def read_resource(
-        self, server: str, uri: str, *, timeout: float | None = None
-    ) -> list[common_pb2.ResourceContents]:
-        """A resource's contents; ``NotFoundError`` for an unknown URI."""
-        return self._loop.run(self._async.read_resource(server, uri, timeout=timeout))
-
-    def list_prompts(self, server: str, *, timeout: float | None = None) -> list[mcp_pb2.Prompt]:
-        """Every prompt of ``server``."""
-        return self._loop.run(self._async.list_prompts(server, timeout=timeout))
-
-    def get_prompt(
-        self,
-        server: str,
-        name: str,
-        arguments: Mapping[str, str] | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> mcp_pb2.GetPromptResponse:
-        """A prompt rendered with ``arguments``."""
-        return self._loop.run(self._async.get_prompt(server, name, arguments, timeout=timeout))
-
-    def complete(self, server: str, argument: str, value: str = "", **kwargs: Any) -> Any:
-        """Completions of a prompt argument or a template variable; see ``AsyncMeshClient``."""
-        return self._loop.run(self._async.complete(server, argument, value, **kwargs))
-
-    def watch_events(
-        self,
-        *,
-        plugin: str = "",
-        lifecycle_only: bool = False,
-        replay: int = 0,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-    ) -> SyncStream[mesh_pb2.WatchEventsResponse]:
-        """Streams the mesh's events live; see ``AsyncMeshClient.watch_events``."""
-        stream = self._loop.call(
-            self._async.watch_events,
-            plugin=plugin,
-            lifecycle_only=lifecycle_only,
-            replay=replay,
-            timeout=timeout,
-            metadata=metadata,
-        )
-        return SyncStream(stream, self._loop)
 
 
 def _shutdown(loop: LoopThread, client: AsyncMeshClient) -> None:

@@ -9,10 +9,10 @@ from typing import Any, Self, TypeVar
 from google.protobuf.message import Message
 
 from clients._chat import ChatSession
-from clients._errors import FailedPreconditionError
 from clients._loop import LoopThread
 from clients._results import AgentReply, ToolCallResult
 from clients._streams import AgentStream, ServerStream, ToolCallStream
+from sidemesh.core import FailedPreconditionError
 from sidemesh.v1 import agent_pb2, tool_pb2
 
 ResponseT = TypeVar("ResponseT", bound=Message)

@@ -28,7 +28,7 @@ from opentelemetry.propagators.textmap import Setter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import Attributes
 
-from clients._address import normalize_address
+from sidemesh.core import normalize_address
 
 #: The instrumentation scope of the client's spans.
 SCOPE = "sidemesh.clients"
@@ -123,50 +123,25 @@ class _CallTracer:
         return call
 
 
-class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, calls: _CallTracer) -> None:
+def _interceptor(base: type, method: str) -> Callable[[_CallTracer], Any]:
+    """grpc.aio's interceptor class of one call kind (it wants one per kind), handing
+    every call of that kind to the one ``_CallTracer``."""
+
+    def __init__(self: Any, calls: _CallTracer) -> None:
         self._calls = calls
 
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    async def intercept(
+        self: Any, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return await self._calls.intercept(continuation, client_call_details, request)
+        return await self._calls.intercept(continuation, details, request)
+
+    return type(f"_Traced{base.__name__}", (base,), {"__init__": __init__, method: intercept})
 
 
-class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, calls: _CallTracer) -> None:
-        self._calls = calls
-
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        return await self._calls.intercept(continuation, client_call_details, request)
-
-
-class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, calls: _CallTracer) -> None:
-        self._calls = calls
-
-    async def intercept_stream_unary(
-        self,
-        continuation: Any,
-        client_call_details: grpc.aio.ClientCallDetails,
-        request_iterator: Any,
-    ) -> Any:
-        return await self._calls.intercept(continuation, client_call_details, request_iterator)
-
-
-class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, calls: _CallTracer) -> None:
-        self._calls = calls
-
-    async def intercept_stream_stream(
-        self,
-        continuation: Any,
-        client_call_details: grpc.aio.ClientCallDetails,
-        request_iterator: Any,
-    ) -> Any:
-        return await self._calls.intercept(continuation, client_call_details, request_iterator)
+_UnaryUnary = _interceptor(grpc.aio.UnaryUnaryClientInterceptor, "intercept_unary_unary")
+_UnaryStream = _interceptor(grpc.aio.UnaryStreamClientInterceptor, "intercept_unary_stream")
+_StreamUnary = _interceptor(grpc.aio.StreamUnaryClientInterceptor, "intercept_stream_unary")
+_StreamStream = _interceptor(grpc.aio.StreamStreamClientInterceptor, "intercept_stream_stream")
 
 
 def server_attributes(address: str) -> dict[str, str | int]:

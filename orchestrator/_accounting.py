@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import sidemesh_dataplane as dp
 
 from orchestrator._events import EventBus
+from orchestrator._interceptors import CallOutcome
 from orchestrator._plugin import PluginRuntime
 from orchestrator._resilience import NEVER_REACHED, TIMEOUT, TRANSPORT
 from orchestrator._routing import CallContext, Decider
@@ -138,6 +139,13 @@ class Accounting:
             build,
             also=(caller,) if caller else (),
         )
+        interceptors = self._decider.interceptors
+        if interceptors.active:
+            interceptors.after_call(CallOutcome(
+                method=path, target=target, plugin=context.entry.plugin, principal=who,
+                caller=caller, trace_id=trace_id or "", code=code, message=message or "",
+                duration=nanos / 1e9, attempts=attempts, responses=responses,
+            ))  # fmt: skip
         if self._durations is not None:
             self._durations.record(
                 nanos / 1e9,

@@ -40,7 +40,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from clients import UnauthenticatedError
 from orchestrator._auth_config import AuthConfig
 from orchestrator._jwt import JwtRejected, JwtVerifier
 from orchestrator._principals import OWNER_TOKEN, Principal, TransportIdentity
@@ -51,6 +50,7 @@ from orchestrator._tokens import (
     read_token_file,
     token_digest,
 )
+from sidemesh.core import UnauthenticatedError
 
 log = logging.getLogger("sidemesh.auth")
 

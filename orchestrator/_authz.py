@@ -38,7 +38,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
-from clients import PermissionDeniedError
 from orchestrator._auth_config import (
     Allow,
     AuthConfig,
@@ -48,6 +47,7 @@ from orchestrator._auth_config import (
     Rule,
 )
 from orchestrator._principals import OWNER_GROUP, OWNER_TOKEN, Principal, compile_globs
+from sidemesh.core import PermissionDeniedError
 
 Kind = Literal["agent", "tool", "mcp", "mesh.read", "mesh.admin"]
 T = TypeVar("T")

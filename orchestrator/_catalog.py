@@ -11,14 +11,17 @@ from typing import Any, Generic, TypeVar
 import jsonschema
 from google.protobuf import json_format, struct_pb2
 
-from clients import (
+from sidemesh.core import (
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
     SidemeshError,
+    is_item_name,
+    is_plugin_name,
+    qualify,
+    split_target,
     struct_to_dict,
 )
-from orchestrator._names import is_item_name, is_plugin_name, qualify, split_target
 from sidemesh.v1 import agent_pb2, mcp_pb2, tool_pb2
 
 log = logging.getLogger("sidemesh.catalog")

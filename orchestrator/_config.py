@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from clients import DEFAULT_TCP_ADDRESS, normalize_address
+from orchestrator import _variables
 from orchestrator._auth_config import AuthConfig, PluginGrant, PolicyConfig
 from orchestrator._mcp_config import McpGatewaySettings
+from orchestrator._mount_config import Mount
 from orchestrator._yaml_models import load_yaml_model, validate_model
-from sidemesh.core import default_state_dir
+from sidemesh.core import DEFAULT_TCP_ADDRESS, default_state_dir, normalize_address
 
 #: The example plugins that ship with Sidemesh (used when no plugin_dirs are configured).
 BUNDLED_PLUGINS_DIR = Path(__file__).resolve().parent.parent / "examples" / "plugins"
@@ -38,6 +47,11 @@ class SandboxGrant(_Strict):
     allow_paths: bool = Field(
         False, description="grant the manifest's sandbox.read_paths and sandbox.write_paths"
     )
+    mounts: dict[str, Mount] = Field(
+        default_factory=dict,
+        description="host paths the plugin sees, by name (the manifest's ${mount:NAME}): "
+        "{source: /host/path, target: /mnt/x, mode: ro|rw, chown: false}",
+    )
     memory_mb: int | None = Field(
         None, gt=0, description="memory limit in MiB (replaces the manifest's)"
     )
@@ -58,6 +72,23 @@ class SandboxGrant(_Strict):
         description="with network granted, also let the plugin connect to the mesh's own "
         "TCP listeners (refused by default: a plugin calls the mesh on its callback socket)",
     )
+
+    @field_validator("mounts")
+    @classmethod
+    def _mount_names(cls, mounts: dict[str, Mount]) -> dict[str, Mount]:
+        targets: dict[str, str] = {}
+        for name, mount in mounts.items():
+            if not re.fullmatch(_variables.MOUNT_NAME, name):
+                raise ValueError(
+                    f"{name!r} is not a mount name: lowercase letters, digits, '-' and '_'"
+                )
+            other = targets.setdefault(mount.sandbox_path, name)
+            if other != name:
+                raise ValueError(
+                    f"mounts {other!r} and {name!r} are both at {mount.sandbox_path}: give one "
+                    "another 'target'"
+                )
+        return mounts
 
 
 class RetryPolicy(_Strict):
@@ -131,9 +162,11 @@ class PluginOverride(_Strict):
     startup_timeout: float | None = Field(
         None, gt=0, le=600, description="seconds a replica has to become ready"
     )
-    env: dict[str, str] = Field(
+    env: dict[str, _variables.Expandable] = Field(
         default_factory=dict,
-        description="values for environment variables the manifest declares in sandbox.env",
+        description="values for environment variables the manifest declares in sandbox.env "
+        "(${SIDEMESH_DATA_DIR}, ${SIDEMESH_PLUGIN_DIR}, ${SIDEMESH_PLUGIN} and ${mount:NAME} "
+        "are expanded)",
     )
     sandbox: SandboxGrant = Field(
         default_factory=SandboxGrant, description="what the plugin's sandbox grants or limits"
@@ -151,6 +184,18 @@ class PluginOverride(_Strict):
         None,
         description="this plugin's outlier ejection (default: the mesh's 'outlier_detection')",
     )
+
+    @model_validator(mode="after")
+    def _env_mounts(self) -> PluginOverride:
+        for name, value in self.env.items():
+            for mount in _variables.mounts_named(value):
+                if mount not in self.sandbox.mounts:
+                    raise ValueError(
+                        f"env.{name} uses ${{mount:{mount}}}, which is not one of this plugin's "
+                        f"mounts ({', '.join(self.sandbox.mounts) or 'none'}): add it under "
+                        f"sandbox.mounts.{mount}"
+                    )
+        return self
 
 
 class Limits(_Strict):
@@ -210,9 +255,11 @@ class SandboxSettings(_Strict):
     uid_base: int = Field(
         3_100_000,
         ge=1000,
-        description="as root, each plugin runs as its own host uid from uid_base up (uids "
-        "of existing accounts are skipped); the default is far from login, system, "
-        "systemd DynamicUser and /etc/subuid ranges",
+        description="as root, each plugin runs as its own host uid in uid_base.."
+        "uid_base+65535, derived from its name and remembered in <state_dir>/uids.json, so "
+        "it is the same every run (uids of existing accounts and of other live meshes are "
+        "skipped); the default is far from login, system, systemd DynamicUser and "
+        "/etc/subuid ranges",
     )
     bwrap: str = Field("bwrap", description="the bubblewrap command")
 
@@ -262,6 +309,27 @@ class TelemetrySettings(_Strict):
     export_delay_ms: int = Field(
         200, ge=1, description="how long finished spans wait to be batched, in milliseconds"
     )
+
+
+class InterceptorSpec(_Strict):
+    """One entry of ``interceptors:``: an operator's hook on every routed call."""
+
+    use: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="the Interceptor class (or factory) as module:attribute, e.g. audit:Audit",
+    )
+    path: Path | None = Field(
+        None, description="a directory to import the module from (relative to the config file)"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments the class is called with"
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _relative_to_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        base = (info.context or {}).get("base_dir")
+        return value if value is None or base is None else Path(base, value).resolve()
 
 
 class MeshConfig(_Strict):
@@ -317,6 +385,10 @@ class MeshConfig(_Strict):
         default_factory=PolicyConfig,
         description="who may call what, and how fast: rules, groups, limits (docs/auth.md)",
     )
+    interceptors: list[InterceptorSpec] = Field(
+        default_factory=list,
+        description="hooks on every routed call, outermost first (docs/architecture.md)",
+    )
     state_dir: Path = Field(
         default_factory=default_state_dir,
         description="where the mesh keeps its state (endpoints, traces)",
@@ -347,6 +419,20 @@ class MeshConfig(_Strict):
         if isinstance(value, list):
             return [Path(base, p).resolve() for p in value]
         return Path(base, value).resolve()
+
+    @model_validator(mode="after")
+    def _mounts_outside_the_mesh(self) -> MeshConfig:
+        own = [self.state_dir.resolve(), self.runtime_dir.resolve()]
+        for plugin, override in self.plugins.items():
+            for name, mount in override.sandbox.mounts.items():
+                for path in own:
+                    if mount.source.is_relative_to(path) or path.is_relative_to(mount.source):
+                        raise ValueError(
+                            f"plugins.{plugin}.sandbox.mounts.{name}: {mount.source} holds or "
+                            f"is inside the mesh's own {path} (its state, tokens and sockets): "
+                            "mount another path"
+                        )
+        return self
 
     def listen_addresses(self) -> list[str]:
         """The configured addresses, or the defaults."""

@@ -12,7 +12,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from orchestrator import _variables
 from orchestrator._config import PluginOverride, SandboxSettings
+from orchestrator._host_paths import (
+    git_safe_directories,
+    granted_paths,
+    launch_variables,
+    unknown_mounts,
+)
 from orchestrator._manifest import PluginManifest
 from orchestrator._replica import LaunchSpec
 from sidecars import sandbox
@@ -49,15 +56,21 @@ class Launcher(Protocol):
         ...
 
 
-def plugin_command(manifest: PluginManifest) -> list[str]:
-    """The sidecar's argv: the SDK's Python runtime, the MCP bridge, or the entrypoint."""
+def plugin_command(
+    manifest: PluginManifest, variables: Mapping[str, str] | None = None
+) -> list[str]:
+    """The sidecar's argv: the SDK's Python runtime, the MCP bridge, or the entrypoint.
+
+    ``variables``: the values of ``${…}`` (:func:`launch_variables`).
+    """
     if manifest.runtime == "python":
         assert manifest.app is not None
         return [sys.executable, "-m", "sidecars.python", manifest.app]
     if manifest.runtime == "mcp":
         return [sys.executable, "-m", "sidecars.mcp"]
     assert manifest.entrypoint is not None
-    command = list(manifest.entrypoint)
+    values = variables or launch_variables(manifest, {})
+    command = [_variables.expand(arg, values) for arg in manifest.entrypoint]
     if "/" in command[0] and not command[0].startswith("/"):
         command[0] = str(manifest.directory / command[0])
     return command
@@ -75,12 +88,17 @@ def sidecar_environment(
     log_level: str,
     startup_timeout: float,
     telemetry_env: Mapping[str, str],
+    mounts: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The sidecar's whole environment: nothing leaks from the orchestrator's own.
 
     Only variables the manifest declares in ``sandbox.env`` *and* the operator
     provides under ``plugins.<name>.env`` are passed on, besides Sidemesh's own.
+    ``mounts``: the operator's mounts, by name, at the paths the plugin sees
+    them (for ``${mount:NAME}``).
     """
+    mounts = mounts or {}
+    values = launch_variables(manifest, mounts, data_dir)
     env = {
         "PATH": f"{Path(sys.executable).parent}:{_SYSTEM_PATH}",
         "HOME": str(data_dir),
@@ -112,10 +130,19 @@ def sidecar_environment(
         )
     for name in manifest.sandbox.env:
         if name in override.env:
-            env[name] = override.env[name]
+            env[name] = _variables.expand(override.env[name], values)
+    git_safe_directories(env, list(mounts.values()))
     if manifest.mcp is not None:
         # The bridge's instructions: which MCP server to run, and how.
-        env[E.MCP_SERVER] = manifest.mcp.model_dump_json()
+        spec = manifest.mcp
+        spec = spec.model_copy(
+            update={
+                "command": _variables.expand(spec.command, values),
+                "args": [_variables.expand(a, values) for a in spec.args],
+                "env": {k: _variables.expand(v, values) for k, v in spec.env.items()},
+            }
+        )
+        env[E.MCP_SERVER] = spec.model_dump_json()
     return env
 
 
@@ -146,10 +173,16 @@ class ProcessLauncher:
     """Starts sidecars as plain child processes (``sandbox.mode: off``), killed if we die."""
 
     def prepare(self, plugin: PluginRuntime) -> str:
-        """No sandbox: every layer is off."""
+        """No sandbox: every layer is off; the plugin sees mounts at their host paths."""
+        assert plugin.manifest is not None
+        problem = unknown_mounts(plugin.manifest, plugin.override)
+        if problem:
+            raise ValueError(problem)
         plugin.sandbox_layers = [
             _layer(n, False, "off: sandbox.mode is off") for n in sandbox.LAYERS
         ]
+        plugin.mount_paths = {n: str(m.source) for n, m in plugin.override.sandbox.mounts.items()}
+        plugin.granted_paths = granted_paths(plugin, None)
         _warn_unmounted_image(plugin, "sandbox.mode is off")
         return ""
 
@@ -166,9 +199,12 @@ class ProcessLauncher:
             mesh_address=f"unix:{paths.mesh_socket}", replica=replica, data_dir=paths.data_dir,
             mesh_dir=paths.run_dir.parent, log_level=log_level,
             startup_timeout=plugin.startup_timeout, telemetry_env=telemetry_env,
+            mounts=plugin.mount_paths,
         )  # fmt: skip
+        variables = launch_variables(plugin.manifest, plugin.mount_paths, paths.data_dir)
         return LaunchSpec(
-            argv=plugin_command(plugin.manifest), env=env, cwd=plugin.manifest.directory,
+            argv=plugin_command(plugin.manifest, variables), env=env,
+            cwd=plugin.manifest.directory,
             socket_path=socket, socket_owner=os.getuid(),
         )  # fmt: skip
 
@@ -179,12 +215,14 @@ class ProcessLauncher:
 class SandboxLauncher:
     """Starts each sidecar in its plugin's sandbox (see :mod:`sidecars.sandbox`)."""
 
-    def __init__(self, settings: SandboxSettings) -> None:
+    def __init__(self, settings: SandboxSettings, state_dir: Path | None = None) -> None:
+        """``state_dir``: where each plugin's uid is remembered across runs."""
         self._settings = settings
         self._host = sandbox.probe(settings.bwrap)
         self._policies: dict[str, sandbox.Policy] = {}
         self._runtime_paths = _runtime_paths()
-        self._uids = sandbox.UidAllocator(settings.uid_base)
+        registry = state_dir / sandbox.UID_REGISTRY_FILE if state_dir is not None else None
+        self._uids = sandbox.UidAllocator(settings.uid_base, registry=registry)
         #: The mesh's TCP listener ports (set once bound): kept from plugins with network.
         self.mesh_ports: tuple[int, ...] = ()
         self._quotas: list[sandbox.DataQuota] = []
@@ -194,6 +232,9 @@ class SandboxLauncher:
         assert plugin.manifest is not None and plugin.paths is not None
         manifest, grant = plugin.manifest, plugin.override.sandbox
         needs = manifest.sandbox
+        problem = unknown_mounts(manifest, plugin.override)
+        if problem:
+            raise ValueError(problem)
         request = sandbox.SandboxRequest(
             plugin=plugin.name,
             plugin_dir=manifest.directory,
@@ -211,6 +252,10 @@ class SandboxLauncher:
             read_paths=tuple(needs.read_paths),
             write_paths=tuple(needs.write_paths),
             paths_granted=grant.allow_paths,
+            mounts=tuple(
+                sandbox.Bind(name, m.source, m.sandbox_path, m.writable)
+                for name, m in grant.mounts.items()
+            ),
             env_declared=tuple(needs.env),
             env_provided=len(set(needs.env) & set(plugin.override.env)),
             relaxed=not grant.enabled,
@@ -219,11 +264,21 @@ class SandboxLauncher:
         )
         uid = self._uids.uid_for(plugin.name) if self._host.root and grant.enabled else None
         policy = sandbox.policy(request, self._host, uid)
+        self._check_mounts(plugin, policy)
         if request.relaxed:
             _warn_unmounted_image(plugin, f"plugins.{plugin.name}.sandbox.enabled is false")
         else:
             policy = self._hold_data_dir(plugin, policy)
         self._policies[plugin.name] = policy
+        plugin.host_uid = policy.host_uid
+        plugin.mount_paths = {m.name: policy.mount_path(m) for m in request.mounts}
+        plugin.granted_paths = granted_paths(plugin, policy)
+        for missing in policy.missing_paths():
+            log.warning(
+                "plugin %s: %s in its manifest's sandbox paths does not exist on this host: "
+                "it is not bound (create it, or have the operator mount another path with "
+                "plugins.%s.sandbox.mounts)", plugin.name, missing, plugin.name,
+            )  # fmt: skip
         plugin.sandbox_layers = [_layer(x.name, x.active, x.detail) for x in policy.layers]
         for layer in policy.layers:
             if not layer.active and layer.detail.startswith("UNAVAILABLE"):
@@ -231,6 +286,45 @@ class SandboxLauncher:
                     "plugin %s: sandbox layer %s is %s", plugin.name, layer.name, layer.detail
                 )
         return policy.refusal() if self._settings.mode == "strict" else ""
+
+    def _check_mounts(self, plugin: PluginRuntime, policy: sandbox.Policy) -> None:
+        """Refuses mounts the sandbox cannot make; gives rw ``chown`` mounts to the plugin.
+
+        A mount may hold the sandbox's own paths (they are bound over it), never
+        be inside one of them (the sandbox would make its mount point in the host
+        directory). Raises ``ValueError``.
+        """
+        assert plugin.paths is not None
+        request, name = policy.request, plugin.name
+        own = [request.plugin_dir, request.data_dir, *self._runtime_paths]
+        for mount in request.mounts:
+            field = f"plugins.{name}.sandbox.mounts.{mount.name}"
+            if policy.binds_paths:
+                target = Path(mount.target)
+                inside = next((p for p in own if target.is_relative_to(p)), None)
+                # Over its own paths the sandbox would make their mount points in the
+                # mount's host directory (unless it is at its own path: they are there).
+                holds = next((p for p in own if p.is_relative_to(target)), None)
+                if inside is None and target != mount.source:
+                    inside = holds
+                if inside is not None:
+                    raise ValueError(
+                        f"{field}: its target {target} overlaps {inside}, which the sandbox "
+                        "binds itself: give it another 'target', e.g. /mnt/" + mount.name
+                    )
+            elif mount.target != str(mount.source) and not request.relaxed:
+                log.warning(
+                    "plugin %s: %s is seen at %s, not at its target %s: this host's sandbox "
+                    "cannot move paths (no bubblewrap)", name, field, mount.source, mount.target,
+                )  # fmt: skip
+            spec = plugin.override.sandbox.mounts[mount.name]
+            if spec.chown and policy.host_uid is not None:
+                try:
+                    _own_tree(mount.source, policy.host_uid, private=False)
+                except OSError as exc:
+                    raise ValueError(
+                        f"{field}: cannot give it to uid {policy.host_uid}: {exc}"
+                    ) from None
 
     def _hold_data_dir(self, plugin: PluginRuntime, policy: sandbox.Policy) -> sandbox.Policy:
         """Puts the plugin's data dir under its quota; returns the policy that results.
@@ -297,8 +391,9 @@ class SandboxLauncher:
         if policy.host_uid is not None:
             # The sidecar, as its own uid, must be able to connect to its callback socket.
             os.chown(paths.mesh_socket, policy.host_uid, policy.host_uid)
+        variables = launch_variables(plugin.manifest, plugin.mount_paths, paths.data_dir)
         prepared = sandbox.prepare(
-            policy, self._host, plugin_command(plugin.manifest), replica=replica,
+            policy, self._host, plugin_command(plugin.manifest, variables), replica=replica,
             replica_dir=replica_dir, mesh_socket=paths.mesh_socket,
             runtime_paths=self._runtime_paths, mesh_ports=self.mesh_ports,
             data_read_only=plugin.data_quota is not None and plugin.data_quota.read_only,
@@ -308,6 +403,7 @@ class SandboxLauncher:
             mesh_address=prepared.mesh_address, replica=replica, data_dir=paths.data_dir,
             mesh_dir=paths.run_dir.parent, log_level=log_level,
             startup_timeout=plugin.startup_timeout, telemetry_env=telemetry_env,
+            mounts=plugin.mount_paths,
         )  # fmt: skip
         # die_with_parent: bwrap's outer process dies with us; its sandbox dies with it.
         owner = policy.host_uid if policy.host_uid is not None else os.getuid()
@@ -334,16 +430,24 @@ def _warn_unmounted_image(plugin: PluginRuntime, why: str) -> None:
         )  # fmt: skip
 
 
-def _own_tree(path: Path, uid: int) -> None:
+def _own_tree(path: Path, uid: int, *, private: bool = True) -> None:
     """Makes ``path`` and everything in it the plugin's (its uid may differ from last run).
 
+    ``private``: ``path`` is a directory of the plugin's own (made, mode 0700);
+    otherwise (an operator's mount) its modes stay as they are.
     The tree is the plugin's, hostile: never follows a symlink, takes no
     recursion however deep it is, and skips what it cannot reach.
     """
     if os.lstat(path).st_uid == uid:
-        ensure_private_dir(path, uid)
+        if private:
+            ensure_private_dir(path, uid)
         return  # already the plugin's: a plugin cannot give a file away to another uid
-    ensure_private_dir(path, uid)
+    if private:
+        ensure_private_dir(path, uid)
+    else:
+        os.lchown(path, uid, uid)
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return
     todo = [str(path)]
     while todo:
         directory = todo.pop()

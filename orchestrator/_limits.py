@@ -27,9 +27,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from clients import ResourceExhaustedError
 from orchestrator._auth_config import RateLimits
 from orchestrator._principals import Principal
+from sidemesh.core import ResourceExhaustedError
 
 #: ``RetryInfo`` of a call refused for concurrency: there is no way to know when one ends.
 CONCURRENCY_RETRY_DELAY = 0.1

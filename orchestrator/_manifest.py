@@ -11,9 +11,10 @@ from typing import Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from clients import normalize_address
-from orchestrator._names import ItemName, PluginName
+from orchestrator import _variables
+from orchestrator._variables import Expandable
 from orchestrator._yaml_models import Problem, load_yaml_model
+from sidemesh.core import ItemName, PluginName, normalize_address
 
 MANIFEST_FILE = "plugin.yaml"
 
@@ -67,10 +68,14 @@ class SandboxNeeds(_Strict):
         description="most the plugin's spans may take in the mesh's trace store, in MiB",
     )
     read_paths: list[str] = Field(
-        default_factory=list, description="extra absolute host paths to see read-only"
+        default_factory=list,
+        description="extra absolute host paths to see read-only, the same on every host "
+        "(e.g. /etc/gitconfig); granted with plugins.<name>.sandbox.allow_paths. For paths "
+        "that differ from host to host, use ${mount:NAME} and let the operator mount them",
     )
     write_paths: list[str] = Field(
-        default_factory=list, description="extra absolute host paths the plugin may write"
+        default_factory=list,
+        description="extra absolute host paths the plugin may write (granted like read_paths)",
     )
     env: list[str] = Field(
         default_factory=list,
@@ -113,13 +118,19 @@ class Permissions(_Strict):
 class McpServerSpec(_Strict):
     """An existing MCP server, run inside the plugin's sandbox and bridged into the mesh."""
 
-    command: str = Field(
+    command: Expandable = Field(
         min_length=1,
         description="the MCP server's command, e.g. mcp-server-time or node",
     )
-    args: list[str] = Field(default_factory=list, description="its arguments")
-    env: dict[str, str] = Field(
-        default_factory=dict, description="environment variables for the MCP server"
+    args: list[Expandable] = Field(
+        default_factory=list,
+        description="its arguments; ${SIDEMESH_DATA_DIR}, ${SIDEMESH_PLUGIN_DIR}, "
+        "${SIDEMESH_PLUGIN} and ${mount:NAME} are expanded",
+    )
+    env: dict[str, Expandable] = Field(
+        default_factory=dict,
+        description="environment variables for the MCP server (values expand the variables "
+        "that args do)",
     )
     transport: Literal["stdio", "streamable-http"] = Field(
         "stdio", description="stdio (the server is a child process) or streamable-http"
@@ -130,6 +141,14 @@ class McpServerSpec(_Strict):
     request_timeout: float = Field(
         30.0, gt=0, description="seconds an MCP request may take when the caller sets no deadline"
     )
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if not re.match(_ENV_NAME, name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        return env
 
     @model_validator(mode="after")
     def _url_for_http(self) -> McpServerSpec:
@@ -160,10 +179,11 @@ class PluginManifest(_Strict):
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="for runtime python: the Plugin object as module:attribute, e.g. my_plugin:app",
     )
-    entrypoint: list[str] | None = Field(
+    entrypoint: list[Expandable] | None = Field(
         None,
         min_length=1,
-        description="the command that starts the sidecar, e.g. ['./my-plugin', '--serve']",
+        description="the command that starts the sidecar, e.g. ['./my-plugin', '--serve'] "
+        "(expands the variables that mcp.args does)",
     )
     mcp: McpServerSpec | None = Field(
         None, description="for runtime mcp: the MCP server to run and bridge"
@@ -233,6 +253,16 @@ class PluginManifest(_Strict):
     def remote(self) -> bool:
         """The sidecar runs elsewhere: the mesh connects to it and does not launch it."""
         return self.runtime == "remote"
+
+    def mount_references(self) -> list[tuple[str, str]]:
+        """``(field, mount name)`` for every ``${mount:NAME}`` the manifest uses."""
+        fields: list[tuple[str, str]] = []
+        if self.mcp is not None:
+            fields.append(("mcp.command", self.mcp.command))
+            fields += [(f"mcp.args[{i}]", a) for i, a in enumerate(self.mcp.args)]
+            fields += [(f"mcp.env.{k}", v) for k, v in self.mcp.env.items()]
+        fields += [(f"entrypoint[{i}]", a) for i, a in enumerate(self.entrypoint or [])]
+        return [(f, name) for f, text in fields for name in _variables.mounts_named(text)]
 
     def default_config(self) -> dict[str, Any]:
         """The top-level ``default`` values of the config schema's properties."""

@@ -8,11 +8,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from clients import FailedPreconditionError, NotFoundError, PermissionDeniedError, SidemeshError
 from orchestrator._catalog import Catalog
 from orchestrator._events import EventBus
 from orchestrator._plugin import PluginRuntime
 from orchestrator._trace_store import TraceStore
+from sidemesh.core import (
+    FailedPreconditionError,
+    NotFoundError,
+    PermissionDeniedError,
+    SidemeshError,
+)
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc, tool_pb2
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import Observation
 
-from clients import AsyncMeshClient, SidemeshError, server_options
+from clients import AsyncMeshClient
 from orchestrator._access import Access
 from orchestrator._accounting import Accounting
 from orchestrator._auth_config import listener_problems
@@ -34,6 +34,7 @@ from orchestrator._catalog import Catalog
 from orchestrator._config import MeshConfig
 from orchestrator._discovery import DiscoveredPlugin, discover
 from orchestrator._events import EventBus
+from orchestrator._interceptors import load_interceptors
 from orchestrator._launch import (
     Launcher,
     ProcessLauncher,
@@ -58,10 +59,9 @@ from orchestrator._routing import (
 from orchestrator._supervisor import Supervisor
 from orchestrator._telemetry import Telemetry
 from orchestrator._yaml_models import ConfigError
-from orchestrator.gateway import Authenticator, Authorizer
-from orchestrator.gateway._http import McpHttpEndpoint
+from orchestrator.gateway import Authenticator, Authorizer, McpHttpEndpoint
 from sidecars.sandbox import LAYERS, remove_mesh_cgroups
-from sidemesh.core import ENDPOINTS_FILE, process_alive, running_mesh
+from sidemesh.core import ENDPOINTS_FILE, SidemeshError, process_alive, running_mesh, server_options
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("sidemesh.orchestrator")
@@ -96,7 +96,9 @@ class Orchestrator:
         self.plugins: dict[str, PluginRuntime] = {}
         if launcher is None:
             off = config.sandbox.mode == "off"
-            launcher = ProcessLauncher() if off else SandboxLauncher(config.sandbox)
+            launcher = (
+                ProcessLauncher() if off else SandboxLauncher(config.sandbox, config.state_dir)
+            )
         self._launcher = launcher
         self.telemetry = Telemetry(config.telemetry, config.state_dir)
         self.telemetry.on_violation = self._trace_violation
@@ -114,6 +116,7 @@ class Orchestrator:
             ),
         )
         self._decider = Decider(self.catalog, self.plugins, routed=self.telemetry.routed)
+        self._decider.interceptors = load_interceptors(config.interceptors, source)
         self._plane: dp.DataPlane | None = None
         self._upstreams: Upstreams | None = None
         self._accounting: Accounting | None = None

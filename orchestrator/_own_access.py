@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from clients import SidemeshError
 from orchestrator._access import Access
 from orchestrator._authz import method_access
 from orchestrator._principals import Principal, TransportIdentity
 from orchestrator._routing import is_loopback_peer
+from sidemesh.core import SidemeshError
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]

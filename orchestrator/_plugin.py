@@ -12,14 +12,13 @@ from typing import Any
 import jsonschema
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from clients import UnavailableError
 from orchestrator._config import MeshConfig, PluginOverride
 from orchestrator._manifest import PluginManifest
 from orchestrator._process import tree_rss_bytes
 from orchestrator._replica import Replica
 from orchestrator._resilience import Resilience
 from sidecars import sandbox
-from sidemesh.core import MESH_SOCKET
+from sidemesh.core import MESH_SOCKET, UnavailableError
 from sidemesh.v1 import mesh_pb2
 
 S = mesh_pb2
@@ -85,6 +84,12 @@ class PluginRuntime:
         self._rr = itertools.count()
         self.config: dict[str, Any] = {}
         self.sandbox_layers: list[mesh_pb2.SandboxLayer] = []
+        #: The host paths its sidecars see (set by the launcher), for ``plugins -v``.
+        self.granted_paths: list[mesh_pb2.SandboxPath] = []
+        #: The operator's mounts by name, at the paths the plugin sees them.
+        self.mount_paths: dict[str, str] = {}
+        #: The host uid its sandboxed sidecars run as (None: the orchestrator's own).
+        self.host_uid: int | None = None
         #: Its data dir quota in force (set by the launcher), and its last measurement.
         self.data_quota: sandbox.DataQuota | None = None
         self.data_usage: sandbox.DataUsage | None = None
@@ -233,7 +238,10 @@ class PluginRuntime:
             directory=self.directory,
             sandbox=self.sandbox_layers,
             routing=self.routing,
+            paths=self.granted_paths,
         )
+        if self.host_uid is not None:
+            status.host_uid = self.host_uid
         if self.data_quota is not None:
             status.data_dir.CopyFrom(self._data_dir_status(self.data_quota))
         for r in self.replicas:

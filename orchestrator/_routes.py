@@ -15,8 +15,8 @@ from typing import Any, Literal, Protocol
 
 from google.protobuf.message import DecodeError
 
-from clients import InvalidArgumentError
 from orchestrator._catalog import Catalog, Entry
+from sidemesh.core import InvalidArgumentError
 from sidemesh.v1 import agent_pb2, mcp_pb2, tool_pb2
 
 AGENT_SERVICE = "sidemesh.v1.AgentService"

@@ -24,15 +24,21 @@ from typing import Any
 
 import sidemesh_dataplane as dp
 
-from clients import InvalidArgumentError, ResourceExhaustedError, SidemeshError, UnavailableError
 from orchestrator._access import Access
 from orchestrator._authz import AccessDenied
 from orchestrator._catalog import Catalog, Entry
+from orchestrator._interceptors import CallInput, Chain
 from orchestrator._plugin import PluginRuntime
 from orchestrator._principals import ANONYMOUS, Principal, TransportIdentity
 from orchestrator._process import process_tree
 from orchestrator._replica import Replica
 from orchestrator._routes import BY_PATH, MCP_SERVICE, NO_FIRST_MESSAGE, ROUTES, Route
+from sidemesh.core import (
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    SidemeshError,
+    UnavailableError,
+)
 from sidemesh.v1 import tool_pb2
 
 log = logging.getLogger("sidemesh.router")
@@ -134,6 +140,8 @@ class Decider:
         self.replicas: dict[str, Replica] = {}
         #: Set when the mesh shuts down: calls cut off then say so.
         self.closing = False
+        #: The operator's hooks on every routed call (``interceptors:`` in the config).
+        self.interceptors = Chain()
         self._policies: dict[tuple[str, bool, str], dp.RetryPolicy] = {}
         self._attributes: dict[tuple[str, str], dp.SpanAttributes] = {}
 
@@ -147,8 +155,11 @@ class Decider:
             text = NO_FIRST_MESSAGE.get(route.method, "the call ended before its request")
             return _refusal(InvalidArgumentError(text))
         resolving = _Resolving(self, call, self.identity(call))
+        annotations = None
         try:
             entry, payload = route.resolve(resolving, message)
+            if self.interceptors.active:
+                annotations = self._intercept(call, entry, resolving.principal, message)
             plugin = self._plugins[entry.plugin]
             replica = plugin.pick()
             key = replica.upstream_key
@@ -172,8 +183,21 @@ class Decider:
             message=payload if payload is not message else None,
             context=CallContext(route, entry, plugin, replica, call.caller, principal),
             retry=self._policy(route, entry, plugin),
-            span_attributes=self._span_attributes(entry.qualified, name),
+            span_attributes=self._span_attributes(entry.qualified, name, annotations),
         )
+
+    def _intercept(
+        self, call: dp.Call, entry: Entry[Any], principal: Principal | None, message: bytes
+    ) -> dict[str, str] | None:
+        """Runs the interceptors' ``before_call``; their annotations, or None."""
+        hook = CallInput(
+            method=call.path, target=entry.qualified, plugin=entry.plugin,
+            principal=principal.name if principal is not None else "", caller=call.caller,
+            trace_id=call.trace_id or "", header=lambda name: _text(call.header(name)),
+            request=message,
+        )  # fmt: skip
+        self.interceptors.before_call(hook)
+        return hook.attributes or None
 
     def identity(self, call: dp.Call) -> TransportIdentity:
         """What the listener proved about the call's peer."""
@@ -206,7 +230,14 @@ class Decider:
             self._policies[key] = policy
         return policy
 
-    def _span_attributes(self, target: str, principal: str) -> dp.SpanAttributes:
+    def _span_attributes(
+        self, target: str, principal: str, annotations: dict[str, str] | None = None
+    ) -> dp.SpanAttributes:
+        if annotations:  # an interceptor's, for this call only
+            values = {**annotations, "sidemesh.target": target}
+            if principal:
+                values["sidemesh.principal"] = principal
+            return dp.SpanAttributes(values)
         attributes = self._attributes.get((target, principal))
         if attributes is None:
             values = {"sidemesh.target": target}

@@ -26,8 +26,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from clients import InvalidArgumentError, NotFoundError
 from orchestrator._span_rows import CLIENT, ORCHESTRATOR, PLUGIN_PREFIX, ROW_OVERHEAD, Row
+from sidemesh.core import InvalidArgumentError, NotFoundError
 from sidemesh.v1 import mesh_pb2
 
 log = logging.getLogger("sidemesh.traces")

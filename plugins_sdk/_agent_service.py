@@ -8,7 +8,6 @@ from typing import Any
 
 import grpc
 
-from clients import InvalidArgumentError
 from plugins_sdk._agents import AgentSpec
 from plugins_sdk._chat import ChatSession, first_message
 from plugins_sdk._context import (
@@ -19,11 +18,11 @@ from plugins_sdk._context import (
     mark_cancelled,
     response,
 )
-from plugins_sdk._failures import end_call
+from plugins_sdk._interceptors import CallInput, Chain, StreamNext
 from plugins_sdk._pump import EventPump
 from plugins_sdk._runtime import PluginRuntime
-from plugins_sdk._structs import struct_to_dict
 from plugins_sdk._tracing import CallSpan, ServerSpans
+from sidemesh.core import InvalidArgumentError, struct_to_dict
 from sidemesh.v1 import agent_pb2, agent_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -35,24 +34,28 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     def __init__(self, runtime: PluginRuntime) -> None:
         self._runtime = runtime
-        #: Starts the SERVER span of each call.
-        self.spans = ServerSpans(runtime.app, SERVICE)
+        #: The interceptors around each call: its span and its status first.
+        self.chain = Chain(
+            ServerSpans(runtime.app.name, runtime.app.version, SERVICE), runtime.app.interceptors
+        )
 
     async def Invoke(
         self, request: agent_pb2.InvokeRequest, context: Context
     ) -> AsyncIterator[agent_pb2.InvokeResponse]:
         """Runs one turn and streams its events, the last one its result."""
-        info = CallInfo.from_grpc(context)
-        span = self.spans.start("Invoke", info, request.agent)
-        try:
-            with span:
-                async with aclosing(self.invoke(request, info, span)) as events:
-                    async for event in events:
-                        span.messages += 1
-                        yield event
-        except Exception as error:
-            what = f"agent {request.agent or request.capability!r}"
-            await end_call(context, error, what, info.call_id, span=span)
+        what = f"agent {request.agent or request.capability!r}"
+        call = self.chain.input("Invoke", context, request.agent, what)
+        async with aclosing(self.serve_invoke(request, call)) as responses:
+            async for response in responses:
+                yield response
+
+    def serve_invoke(
+        self, request: agent_pb2.InvokeRequest, call: CallInput
+    ) -> AsyncGenerator[agent_pb2.InvokeResponse, None]:
+        """One ``Invoke`` through the interceptors (the harness's router calls it too)."""
+        return self.chain.stream(
+            call, lambda call: self.invoke(request, call.info, call.started_span())
+        )
 
     async def invoke(
         self, request: agent_pb2.InvokeRequest, info: CallInfo, span: CallSpan
@@ -89,22 +92,27 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self, request_iterator: AsyncIterator[agent_pb2.ChatRequest], context: Context
     ) -> AsyncIterator[agent_pb2.ChatResponse]:
         """A conversation: each input starts a turn, or feeds the running one."""
-        info = CallInfo.from_grpc(context)
-        span = self.spans.start("Chat", info)
-        what = "chat"
-        try:
-            with span:
-                start = await first_message(request_iterator)
-                what = f"agent {start.agent or start.capability!r}"
-                spec = self.resolve(start.agent, start.capability)
-                span.set_target(spec.name)
-                session = ChatSession(self._runtime, spec, start, info, span)
-                async with aclosing(session.run(request_iterator)) as events:
-                    async for event in events:
-                        span.messages += 1
-                        yield event
-        except Exception as error:
-            await end_call(context, error, what, info.call_id, span=span)
+        async with aclosing(
+            self.chain.stream(
+                self.chain.input("Chat", context, what="chat"), self._chat(request_iterator)
+            )
+        ) as responses:
+            async for response in responses:
+                yield response
+
+    def _chat(self, request_iterator: AsyncIterator[agent_pb2.ChatRequest]) -> StreamNext:
+        async def handler(call: CallInput) -> AsyncGenerator[agent_pb2.ChatResponse, None]:
+            start = await first_message(request_iterator)
+            call.what = f"agent {start.agent or start.capability!r}"
+            spec = self.resolve(start.agent, start.capability)
+            span = call.started_span()
+            span.set_target(spec.name)
+            session = ChatSession(self._runtime, spec, start, call.info, span)
+            async with aclosing(session.run(request_iterator)) as events:
+                async for event in events:
+                    yield event
+
+        return handler
 
     def resolve(self, agent: str, capability: str) -> AgentSpec:
         """The agent a request names, or the first with its capability."""

@@ -12,7 +12,7 @@ import pydantic
 from plugins_sdk._context import AgentContext, Emit, Event
 from plugins_sdk._events import AgentInput, Log, Progress, Result, log_levels
 from plugins_sdk._schema import invalid_argument, type_hints
-from plugins_sdk._structs import dict_to_struct, jsonable, to_struct
+from sidemesh.core import dict_to_struct, jsonable, to_struct
 from sidemesh.v1 import agent_pb2
 
 _YIELDABLE = "a str, a dict, a pydantic model, Progress, Log or Result"

@@ -17,14 +17,13 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from clients import InvalidArgumentError
 from plugins_sdk._agents import AgentSpec
 from plugins_sdk._context import AgentContext, CallInfo, Event, mark_cancelled, response
 from plugins_sdk._events import AgentInput, cancelled_result
 from plugins_sdk._pump import CANCEL_GRACE, Outbox
 from plugins_sdk._runtime import PluginRuntime
-from plugins_sdk._structs import struct_to_dict
 from plugins_sdk._tracing import CallSpan
+from sidemesh.core import InvalidArgumentError, struct_to_dict
 from sidemesh.v1 import agent_pb2
 
 _CLOSED: Any = object()

@@ -14,10 +14,9 @@ import grpc
 from google.protobuf.message import Message
 from opentelemetry import trace
 
-from clients import SidemeshError, ToolCallResult
+from clients import AsyncMeshClient, ToolCallResult
 from plugins_sdk._events import AgentInput, log_levels
-from plugins_sdk._mesh import CallMesh
-from plugins_sdk._structs import to_struct
+from sidemesh.core import SidemeshError, to_struct
 from sidemesh.v1 import agent_pb2, common_pb2
 
 if TYPE_CHECKING:
@@ -105,7 +104,7 @@ class CallContext:
         self._runtime = runtime
         self._info = info
         self._emit = emit
-        self._mesh: CallMesh | None = None
+        self._mesh: AsyncMeshClient | None = None
         #: Set when the call is cancelled (by the client, its deadline or ``cancel_turn``).
         self._cancelled = False
         #: The tool's or agent's name within its plugin.
@@ -154,15 +153,15 @@ class CallContext:
         return self._runtime.tracer
 
     @property
-    def mesh(self) -> CallMesh:
-        """The mesh, for calling other tools and agents.
+    def mesh(self) -> AsyncMeshClient:
+        """The mesh, for calling other tools and agents: the plugin's ``AsyncMeshClient``.
 
-        Callbacks inherit this call's deadline, and join its trace: the call's
+        Callbacks inherit this call's deadline (``with_deadline``), and join its trace: the call's
         span is current while the handler runs, and the client's tracing
         interceptors make each callback a child of it.
         """
         if self._mesh is None:
-            self._mesh = CallMesh(self._runtime.mesh_client(), self.time_remaining)
+            self._mesh = self._runtime.mesh_client().with_deadline(self.time_remaining)
         return self._mesh
 
     async def report_progress(

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from plugins_sdk._structs import struct_to_dict, to_struct
+from sidemesh.core import struct_to_dict, to_struct
 from sidemesh.v1 import agent_pb2, common_pb2
 
 #: Log levels as MCP and ``sidemesh.v1.LogLevel`` name them.

@@ -8,8 +8,8 @@ from typing import Any, NoReturn
 
 import grpc
 
-from clients import SidemeshError, UnknownError
 from plugins_sdk._tracing import CallSpan
+from sidemesh.core import SidemeshError, UnknownError
 
 log = logging.getLogger("plugins_sdk")
 

@@ -13,12 +13,12 @@ from typing import Any, Self
 
 import grpc
 
-from clients import AsyncMeshClient, SidemeshError, server_options
+from clients import AsyncMeshClient
 from plugins_sdk._mesh_endpoint import EndpointCatalog, Routes, add_endpoint
 from plugins_sdk._plugin import Plugin
 from plugins_sdk._runner import serve_runtime
 from plugins_sdk._runtime import PluginRuntime
-from plugins_sdk._structs import to_struct
+from sidemesh.core import SidemeshError, server_options, to_struct
 from sidemesh.v1 import mesh_pb2_grpc, plugin_pb2, plugin_pb2_grpc
 
 #: How long the harness waits for the app to serve.

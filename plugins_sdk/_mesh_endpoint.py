@@ -11,21 +11,21 @@ balance: the real orchestrator does that.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
 
-from clients import InvalidArgumentError, NotFoundError, UnimplementedError
 from plugins_sdk._agent_service import AgentServicer
 from plugins_sdk._chat import ChatSession, first_message
 from plugins_sdk._context import CallInfo
 from plugins_sdk._failures import end_call
+from plugins_sdk._interceptors import CallInput
 from plugins_sdk._runtime import PluginRuntime
 from plugins_sdk._tool_service import ToolServicer
-from plugins_sdk._tracing import CallSpan
+from sidemesh.core import InvalidArgumentError, NotFoundError, UnimplementedError
 from sidemesh.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -108,17 +108,16 @@ class EndpointTools(tool_pb2_grpc.ToolServiceServicer):
     ) -> AsyncIterator[tool_pb2.CallToolResponse]:
         """Routes the call to the app that owns the tool."""
         info = self._routes.info(context)
-        span: CallSpan | None = None
+        what = f"tool {request.tool!r}"
         try:
             member, name = self._routes.resolve("tool", request.tool)
-            local = tool_pb2.CallToolRequest(tool=name, arguments=request.arguments)
-            with member.tools.spans.start("CallTool", info, name) as span:
-                async with aclosing(member.tools.call(local, info, span)) as events:
-                    async for event in events:
-                        span.messages += 1
-                        yield event
         except Exception as error:
-            await end_call(context, error, f"tool {request.tool!r}", info.call_id, span=span)
+            await end_call(context, error, what, info.call_id)
+        local = tool_pb2.CallToolRequest(tool=name, arguments=request.arguments)
+        call = member.tools.chain.input("CallTool", context, name, what, info=info)
+        async with aclosing(member.tools.serve_call(local, call)) as responses:
+            async for response in responses:
+                yield response
 
 
 class EndpointAgents(agent_pb2_grpc.AgentServiceServicer):
@@ -132,39 +131,40 @@ class EndpointAgents(agent_pb2_grpc.AgentServiceServicer):
     ) -> AsyncIterator[agent_pb2.InvokeResponse]:
         """Routes the turn to the app that owns the agent."""
         info = self._routes.info(context)
-        span: CallSpan | None = None
+        what = f"agent {request.agent or request.capability!r}"
         try:
             member, name = self._resolve(request.agent, request.capability)
-            local = agent_pb2.InvokeRequest()
-            local.CopyFrom(request)
-            local.agent, local.capability = name, ""
-            with member.agents.spans.start("Invoke", info, name) as span:
-                async with aclosing(member.agents.invoke(local, info, span)) as events:
-                    async for event in events:
-                        span.messages += 1
-                        yield event
         except Exception as error:
-            what = f"agent {request.agent or request.capability!r}"
-            await end_call(context, error, what, info.call_id, span=span)
+            await end_call(context, error, what, info.call_id)
+        local = agent_pb2.InvokeRequest()
+        local.CopyFrom(request)
+        local.agent, local.capability = name, ""
+        call = member.agents.chain.input("Invoke", context, name, what, info=info)
+        async with aclosing(member.agents.serve_invoke(local, call)) as responses:
+            async for response in responses:
+                yield response
 
     async def Chat(
         self, request_iterator: AsyncIterator[agent_pb2.ChatRequest], context: Context
     ) -> AsyncIterator[agent_pb2.ChatResponse]:
         """Routes the conversation to the app that owns the agent."""
         info = self._routes.info(context)
-        span: CallSpan | None = None
         try:
             start = await first_message(request_iterator)
             member, name = self._resolve(start.agent, start.capability)
             spec = member.runtime.agent(name)
-            with member.agents.spans.start("Chat", info, name) as span:
-                session = ChatSession(member.runtime, spec, start, info, span)
-                async with aclosing(session.run(request_iterator)) as events:
-                    async for event in events:
-                        span.messages += 1
-                        yield event
         except Exception as error:
-            await end_call(context, error, "chat", info.call_id, span=span)
+            await end_call(context, error, "chat", info.call_id)
+
+        def session(call: CallInput) -> AsyncGenerator[agent_pb2.ChatResponse, None]:
+            chat = ChatSession(member.runtime, spec, start, call.info, call.started_span())
+            return chat.run(request_iterator)
+
+        chain = member.agents.chain
+        call = chain.input("Chat", context, name, "chat", info=info)
+        async with aclosing(chain.stream(call, session)) as responses:
+            async for response in responses:
+                yield response
 
     def _resolve(self, agent: str, capability: str) -> tuple[_Member, str]:
         if agent:

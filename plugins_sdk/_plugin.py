@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import pydantic
+import yaml
 
-from clients import FieldViolation, InvalidArgumentError
 from plugins_sdk._agents import AgentSpec
 from plugins_sdk._schema import json_path
 from plugins_sdk._tools import ToolSpec
-from sidemesh.core import CONTRACT_VERSION, SidecarEnv
+from sidemesh.core import (
+    CONTRACT_VERSION,
+    FieldViolation,
+    InvalidArgumentError,
+    SidecarEnv,
+    is_item_name,
+    is_plugin_name,
+)
 from sidemesh.v1 import plugin_pb2, tool_pb2
+
+if TYPE_CHECKING:
+    from plugins_sdk._interceptors import Interceptor
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,30 +36,45 @@ PLUGIN_ENV = SidecarEnv.PLUGIN
 #: The SDK's name and version, reported in ``PluginInfo.runtime``.
 RUNTIME = "sidemesh-python/0.1.0"
 
-_PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-_ITEM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+#: The manifest's file name, beside the plugin's module.
+MANIFEST_FILE = "plugin.yaml"
+_MAX_MANIFEST = 1 << 20
 
 
 class Plugin:
     """A plugin: a named set of tools and agents, served by ``run`` or the sidecar runtime.
 
-    ``name`` defaults to ``$SIDEMESH_PLUGIN`` (set by the orchestrator). The
-    operator's config is validated with ``config_model`` when given, and is
-    then ``ctx.config``; without one, ``ctx.config`` is the config as a dict.
+    Each fact is written once. The plugin's identity is its manifest's: ``name``
+    defaults to ``$SIDEMESH_PLUGIN`` (set by the orchestrator from the manifest),
+    and ``version`` and ``description``, when left out, are the manifest's too.
+    What it implements is the code's: its tools and agents, and ``config_model``,
+    the schema of the operator's config (validated at start, then ``ctx.config``;
+    without one, ``ctx.config`` is the config as a dict). ``sidemesh validate``
+    checks the two against each other (``facts``). ``interceptors`` run around
+    every call the plugin serves (see ``Interceptor``).
     """
 
     def __init__(
         self,
         name: str | None = None,
         *,
-        version: str = "0.0.0",
+        version: str = "",
         description: str = "",
         config_model: type[pydantic.BaseModel] | None = None,
+        interceptors: Sequence[Interceptor] = (),
     ) -> None:
-        name = name or os.environ.get(PLUGIN_ENV, "")
+        #: What the code states itself, rather than leaving it to the manifest.
+        self._in_code = {"name": name, "version": version, "description": description}
+        manifest = _manifest_beside(sys._getframe(1).f_globals.get("__file__"))
+        name = name or os.environ.get(PLUGIN_ENV, "") or str(manifest.get("name") or "")
         if not name:
-            raise ValueError(f"give the plugin a name: Plugin('my-plugin'), or set ${PLUGIN_ENV}")
-        if not _PLUGIN_NAME.match(name):
+            raise ValueError(
+                f"give the plugin a name: in a plugin.yaml beside its module, Plugin('my-plugin'), "
+                f"or ${PLUGIN_ENV}"
+            )
+        version = version or str(manifest.get("version") or "")
+        description = description or str(manifest.get("description") or "")
+        if not is_plugin_name(name):
             raise ValueError(
                 f"plugin name {name!r} must be lowercase letters, digits and '-', "
                 "starting with a letter (at most 63 characters)"
@@ -58,6 +83,8 @@ class Plugin:
         self.version = version
         self.description = description
         self.config_model = config_model
+        #: Hooks around every call the plugin serves, outermost first (``plugins_sdk.Interceptor``).
+        self.interceptors: tuple[Interceptor, ...] = tuple(interceptors)
         self._tools: dict[str, ToolSpec] = {}
         self._agents: dict[str, AgentSpec] = {}
 
@@ -190,7 +217,7 @@ class Plugin:
 
     @staticmethod
     def _check_new(name: str, existing: Mapping[str, object], kind: str) -> None:
-        if not _ITEM_NAME.match(name):
+        if not is_item_name(name):
             raise ValueError(f"{kind} name {name!r} must match [A-Za-z0-9_.-]{{1,128}}")
         if name in existing:
             raise ValueError(f"{kind} {name!r} is declared twice")
@@ -210,6 +237,21 @@ class Plugin:
             agents=[spec.descriptor for spec in self._agents.values()],
             tools=[spec.descriptor for spec in self._tools.values()],
         )
+
+    def facts(self) -> dict[str, Any]:
+        """What the code states about the plugin, for checking against its manifest.
+
+        ``name``, ``version`` and ``description`` are None where the code leaves
+        them to the manifest; ``config_schema`` is ``config_model``'s JSON Schema.
+        """
+        return {
+            **{fact: said or None for fact, said in self._in_code.items()},
+            "tools": list(self._tools),
+            "agents": list(self._agents),
+            "config_schema": (
+                self.config_model.model_json_schema() if self.config_model is not None else None
+            ),
+        }
 
     def validate_config(self, data: Mapping[str, Any]) -> Any:
         """The config ``ctx.config`` shows: a ``config_model`` instance, else a dict.
@@ -235,6 +277,22 @@ class Plugin:
 
 def _doc(fn: Callable[..., Any]) -> str:
     return inspect.getdoc(fn) or ""
+
+
+def _manifest_beside(module_file: object) -> dict[str, Any]:
+    """The ``plugin.yaml`` in the directory of the module making the Plugin, as a dict.
+
+    Identity is stated once, in the manifest: what the code leaves out comes from
+    there. Nothing (an empty dict) when there is no readable manifest.
+    """
+    if not isinstance(module_file, str):
+        return {}
+    try:
+        text = (Path(module_file).resolve().parent / MANIFEST_FILE).read_text(encoding="utf-8")
+        data = yaml.safe_load(text[:_MAX_MANIFEST])
+    except (OSError, UnicodeError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _caller_locals() -> dict[str, Any]:

@@ -6,9 +6,8 @@ from typing import Any
 
 import grpc
 
-from clients import SidemeshError
 from plugins_sdk._runtime import DEFAULT_GRACE, PluginRuntime
-from plugins_sdk._structs import struct_to_dict
+from sidemesh.core import SidemeshError, struct_to_dict
 from sidemesh.v1 import plugin_pb2, plugin_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -10,7 +10,7 @@ import pydantic
 import pydantic_core
 
 from plugins_sdk._schema import output_schema
-from plugins_sdk._structs import dict_to_struct, jsonable
+from sidemesh.core import dict_to_struct, jsonable
 from sidemesh.v1 import common_pb2, tool_pb2
 
 _OCTET_STREAM = "application/octet-stream"

@@ -1,4 +1,5 @@
-"""Serving a plugin: ``serve`` (async, until shutdown) and ``run`` (a process's main)."""
+"""Serving a plugin: ``serve`` (async, until shutdown) and ``run`` (a process's main), and the
+parts every sidecar runtime serves with (its gRPC server, its listening socket, its signals)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,17 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from clients import normalize_address, run_loop, server_options
 from plugins_sdk._agent_service import AgentServicer
 from plugins_sdk._plugin import Plugin
 from plugins_sdk._plugin_service import PluginServicer
 from plugins_sdk._runtime import PluginRuntime
 from plugins_sdk._tool_service import ToolServicer
-from sidemesh.core import SidecarEnv
+from sidemesh.core import SidecarEnv, normalize_address, run_loop, server_options
 from sidemesh.v1 import agent_pb2_grpc, plugin_pb2_grpc, tool_pb2_grpc
 
 log = logging.getLogger("plugins_sdk")
@@ -32,9 +32,43 @@ SIGNAL_GRACE = 3.0
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
+def sidecar_server() -> grpc.aio.Server:
+    """An empty gRPC server with the options every sidecar serves with."""
+    return grpc.aio.server(options=server_options(MAX_MESSAGE_BYTES))
+
+
+def listen(server: grpc.aio.Server, address: str) -> str:
+    """Adds ``address`` (normalized, which it returns) as the server's listening socket.
+
+    Raises ``OSError`` saying so when it cannot listen there.
+    """
+    address = normalize_address(address)
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError:
+        raise OSError(f"cannot listen on {address}: is its directory there and writable?") from None
+    return address
+
+
+def stop_on_signals(plugin: str, request_stop: Callable[[float], Awaitable[None]]) -> None:
+    """On SIGTERM or SIGINT, logs it and calls ``request_stop(SIGNAL_GRACE)`` on the running
+    loop."""
+    loop = asyncio.get_running_loop()
+    stopping: set[asyncio.Future[None]] = set()
+
+    def on_signal(signum: int) -> None:
+        log.info("plugin %s got %s", plugin, signal.Signals(signum).name)
+        task = asyncio.ensure_future(request_stop(SIGNAL_GRACE))
+        stopping.add(task)
+        task.add_done_callback(stopping.discard)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
 def build_server(runtime: PluginRuntime) -> grpc.aio.Server:
     """A gRPC server with every service a sidecar serves, for ``runtime``."""
-    server = grpc.aio.server(options=server_options(MAX_MESSAGE_BYTES))
+    server = sidecar_server()
     plugin_pb2_grpc.add_PluginServiceServicer_to_server(PluginServicer(runtime), server)
     health_pb2_grpc.add_HealthServicer_to_server(runtime.health, server)
     tool_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(runtime), server)
@@ -63,14 +97,10 @@ async def serve_runtime(
     ``extra`` adds more services to the server; ``ready`` is set once it serves.
     Raises ``OSError`` when it cannot listen on ``address``.
     """
-    address = normalize_address(address)
     server = build_server(runtime)
     if extra is not None:
         extra(server)
-    try:
-        server.add_insecure_port(address)
-    except RuntimeError:
-        raise OSError(f"cannot listen on {address}: is its directory there and writable?") from None
+    address = listen(server, address)
     await server.start()
     try:
         await runtime.start()
@@ -108,15 +138,5 @@ def run(app: Plugin) -> None:
 
 
 async def _main(runtime: PluginRuntime, address: str) -> None:
-    loop = asyncio.get_running_loop()
-    stopping: set[asyncio.Task[None]] = set()
-
-    def on_signal(signum: int) -> None:
-        log.info("plugin %s got %s", runtime.app.name, signal.Signals(signum).name)
-        task = loop.create_task(runtime.request_stop(SIGNAL_GRACE))
-        stopping.add(task)
-        task.add_done_callback(stopping.discard)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    stop_on_signals(runtime.app.name, runtime.request_stop)
     await serve_runtime(runtime, address)

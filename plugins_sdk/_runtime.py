@@ -10,15 +10,11 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from opentelemetry import trace
 
-from clients import (
-    AsyncMeshClient,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
-)
+from clients import AsyncMeshClient
 from plugins_sdk._agents import AgentSpec
 from plugins_sdk._plugin import Plugin
 from plugins_sdk._tools import ToolSpec
+from sidemesh.core import FailedPreconditionError, InvalidArgumentError, NotFoundError
 
 #: Config not given yet and the config model has required fields.
 _UNCONFIGURED: Any = object()

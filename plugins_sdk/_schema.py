@@ -19,7 +19,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
-from clients import FieldViolation, InvalidArgumentError
+from sidemesh.core import FieldViolation, InvalidArgumentError
 
 #: How many bad fields an error message spells out (all of them are in the details).
 _MAX_LISTED = 5

@@ -9,12 +9,12 @@ from typing import Any
 import grpc
 
 from plugins_sdk._context import CallInfo, ToolContext, mark_cancelled, response
-from plugins_sdk._failures import end_call
+from plugins_sdk._interceptors import CallInput, Chain
 from plugins_sdk._pump import EventPump
 from plugins_sdk._runtime import PluginRuntime
-from plugins_sdk._structs import struct_to_dict
 from plugins_sdk._tools import ToolSpec
 from plugins_sdk._tracing import CallSpan, ServerSpans
+from sidemesh.core import struct_to_dict
 from sidemesh.v1 import tool_pb2, tool_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -26,8 +26,10 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
 
     def __init__(self, runtime: PluginRuntime) -> None:
         self._runtime = runtime
-        #: Starts the SERVER span of each call.
-        self.spans = ServerSpans(runtime.app, SERVICE)
+        #: The interceptors around each call: its span and its status first.
+        self.chain = Chain(
+            ServerSpans(runtime.app.name, runtime.app.version, SERVICE), runtime.app.interceptors
+        )
         self._list = tool_pb2.ListToolsResponse(
             tools=sorted(
                 (spec.descriptor for spec in runtime.app.tools.values()), key=lambda d: d.name
@@ -38,26 +40,33 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
         self, request: tool_pb2.ListToolsRequest, context: Context
     ) -> tool_pb2.ListToolsResponse:
         """The plugin's tools, by name; none when the request names another plugin."""
-        with self.spans.start("ListTools", CallInfo.from_grpc(context)) as span:
-            span.messages = 1
+
+        async def handler(call: CallInput) -> tool_pb2.ListToolsResponse:
             if request.plugin and request.plugin != self._runtime.app.name:
                 return tool_pb2.ListToolsResponse()
             return self._list
+
+        response: tool_pb2.ListToolsResponse = await self.chain.unary(
+            self.chain.input("ListTools", context), handler
+        )
+        return response
 
     async def CallTool(
         self, request: tool_pb2.CallToolRequest, context: Context
     ) -> AsyncIterator[tool_pb2.CallToolResponse]:
         """Validates the arguments, runs the tool, streams progress and logs, then the result."""
-        info = CallInfo.from_grpc(context)
-        span = self.spans.start("CallTool", info, request.tool)
-        try:
-            with span:
-                async with aclosing(self.call(request, info, span)) as events:
-                    async for response in events:
-                        span.messages += 1
-                        yield response
-        except Exception as error:
-            await end_call(context, error, f"tool {request.tool!r}", info.call_id, span=span)
+        call = self.chain.input("CallTool", context, request.tool, f"tool {request.tool!r}")
+        async with aclosing(self.serve_call(request, call)) as responses:
+            async for response in responses:
+                yield response
+
+    def serve_call(
+        self, request: tool_pb2.CallToolRequest, call: CallInput
+    ) -> AsyncGenerator[tool_pb2.CallToolResponse, None]:
+        """One ``CallTool`` through the interceptors (the harness's router calls it too)."""
+        return self.chain.stream(
+            call, lambda call: self.call(request, call.info, call.started_span())
+        )
 
     async def call(
         self, request: tool_pb2.CallToolRequest, info: CallInfo, span: CallSpan

@@ -12,7 +12,7 @@ from typing import Any
 from plugins_sdk._context import ToolContext
 from plugins_sdk._results import ResultConverter, ToolError
 from plugins_sdk._schema import Arguments, read_signature, type_hints
-from plugins_sdk._structs import to_struct
+from sidemesh.core import to_struct
 from sidemesh.v1 import tool_pb2
 
 

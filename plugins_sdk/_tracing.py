@@ -21,9 +21,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from clients import SidemeshError
 from plugins_sdk._context import CallInfo
-from plugins_sdk._plugin import RUNTIME, Plugin
+from plugins_sdk._plugin import RUNTIME
+from sidemesh.core import SidemeshError
 from sidemesh.v1 import agent_pb2, tool_pb2
 
 #: The instrumentation scope of the SDK's spans.
@@ -38,9 +38,11 @@ _FAILED = agent_pb2.AGENT_RESULT_STATUS_FAILED
 class ServerSpans:
     """Starts the SERVER spans of one plugin's calls to one service."""
 
-    def __init__(self, app: Plugin, service: str) -> None:
+    def __init__(self, plugin: str, version: str, service: str) -> None:
+        #: The gRPC service whose calls these are, ``sidemesh.v1.ToolService``.
+        self.service = service
         self._service = service
-        self._plugin = {"sidemesh.plugin": app.name, "sidemesh.plugin.version": app.version}
+        self._plugin = {"sidemesh.plugin": plugin, "sidemesh.plugin.version": version}
         #: Span name and start attributes per method, built once.
         self._methods: dict[str, tuple[str, dict[str, Any]]] = {}
 

@@ -234,8 +234,14 @@ async def run_kills(
     concurrency: int = 16,
     stream_concurrency: int = 4,
     time_limit: float = 300.0,
+    min_kills: int = 0,
 ) -> Report:
-    """Unary calls and streams while one replica is SIGKILLed every ``kill_every`` seconds."""
+    """Unary calls and streams while one replica is SIGKILLed every ``kill_every`` seconds.
+
+    The load goes on past ``calls``, in batches, until ``min_kills`` kills were
+    made (a slow machine restarts replicas slowly, and the killer always leaves
+    two READY), within ``time_limit``.
+    """
     report = Report()
     t0 = time.monotonic()
     async with AsyncMeshClient(address) as client:
@@ -247,6 +253,8 @@ async def run_kills(
         ]
         try:
             await unary_load(client, report, calls, concurrency, t0 + time_limit, rate)
+            while len(report.kills) < min_kills and time.monotonic() - t0 < time_limit:
+                await unary_load(client, report, 50, concurrency, t0 + time_limit, rate)
         finally:
             stop.set()
             await asyncio.wait_for(asyncio.gather(*background, return_exceptions=True), 30)

@@ -9,7 +9,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from clients import AsyncMeshClient, ToolCallResult, struct_to_dict
+from clients import AsyncMeshClient, ToolCallResult
 from orchestrator.cli._common import (
     EXIT_OK,
     EXIT_TASK_FAILED,
@@ -19,6 +19,7 @@ from orchestrator.cli._common import (
     to_json,
     usage_error,
 )
+from sidemesh.core import struct_to_dict
 from sidemesh.v1 import agent_pb2, common_pb2
 
 _NOT_STRINGS = {"integer", "number", "boolean", "array", "object", "null"}

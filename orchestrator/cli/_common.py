@@ -14,18 +14,17 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from clients import (
-    DEFAULT_TCP_ADDRESS,
-    AsyncMeshClient,
-    SidemeshError,
-    TlsOptions,
-    UnauthenticatedError,
-    UnavailableError,
-)
+from clients import AsyncMeshClient, TlsOptions
 from orchestrator._config import MeshConfig, load_config
 from orchestrator._orchestrator import endpoints
 from orchestrator._yaml_models import ConfigError
 from orchestrator.cli._tracing import traced_command
+from sidemesh.core import (
+    DEFAULT_TCP_ADDRESS,
+    SidemeshError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 
 #: Exit codes scripts can rely on.
 EXIT_OK = 0

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from clients import AsyncMeshClient, struct_to_dict
+from clients import AsyncMeshClient
 from orchestrator._plugin import state_name
 from orchestrator.cli._common import (
     EXIT_OK,
@@ -17,6 +17,7 @@ from orchestrator.cli._common import (
     run_client,
     to_json,
 )
+from sidemesh.core import struct_to_dict
 from sidemesh.v1 import mesh_pb2
 
 
@@ -95,6 +96,10 @@ async def _plugins(client: AsyncMeshClient, args: argparse.Namespace) -> int:
                       + (f", last exit: {r.last_exit}" if r.last_exit else ""))  # fmt: skip
             for layer in p.sandbox:
                 print(f"  sandbox {layer.name}: {'on' if layer.active else 'OFF'} {layer.detail}")
+            if p.HasField("host_uid"):
+                print(f"  runs as host uid {p.host_uid} (the same every run)")
+            for path in p.paths:
+                print(f"  {sandbox_path(path)}")
             if p.HasField("data_dir"):
                 print(f"  {data_dir_summary(p.data_dir)}")
             if p.HasField("trace_usage"):
@@ -123,6 +128,21 @@ def trace_usage(usage: mesh_pb2.TraceUsage) -> str:
     if usage.last_refusal:
         line += f"\n    last refusal: {usage.last_refusal}"
     return line
+
+
+def sandbox_path(path: mesh_pb2.SandboxPath) -> str:
+    """``mount repo: /home/me/project -> /mnt/repo (ro)``, and what is wrong with it."""
+    kind = {
+        mesh_pb2.SANDBOX_PATH_KIND_PLUGIN_DIR: "plugin dir",
+        mesh_pb2.SANDBOX_PATH_KIND_DATA_DIR: "data dir",
+        mesh_pb2.SANDBOX_PATH_KIND_MANIFEST: "manifest path",
+        mesh_pb2.SANDBOX_PATH_KIND_MOUNT: f"mount {path.name}",
+    }.get(path.kind, "path")
+    where = path.host_path
+    if path.sandbox_path and path.sandbox_path != path.host_path:
+        where += f" -> {path.sandbox_path}"
+    line = f"path {kind}: {where} ({'rw' if path.writable else 'ro'})"
+    return f"{line}: {path.problem}" if path.problem else line
 
 
 def data_dir_summary(data: mesh_pb2.DataDirStatus) -> str:

@@ -16,11 +16,11 @@ import logging
 import os
 import sys
 
-from clients import run_loop
 from orchestrator._config import load_config
 from orchestrator._yaml_models import ConfigError
 from orchestrator.cli._common import add_mesh_options, mesh_address, mesh_client, usage_error
 from orchestrator.gateway import MeshMcpServer, View, stdio_streams
+from sidemesh.core import run_loop
 
 log = logging.getLogger("sidemesh.mcp")
 

@@ -6,7 +6,7 @@ import argparse
 import base64
 import sys
 
-from clients import AsyncMeshClient, NotFoundError
+from clients import AsyncMeshClient
 from orchestrator.cli._common import (
     EXIT_OK,
     add_mesh_options,
@@ -16,6 +16,7 @@ from orchestrator.cli._common import (
     usage_error,
 )
 from orchestrator.cli._inspect import table
+from sidemesh.core import NotFoundError
 from sidemesh.v1 import common_pb2, mcp_pb2
 
 

@@ -9,11 +9,11 @@ import signal
 import sys
 from pathlib import Path
 
-from clients import run_loop
 from orchestrator._config import load_config
 from orchestrator._logging import configure_logging
 from orchestrator._orchestrator import Orchestrator
 from orchestrator._yaml_models import ConfigError
+from sidemesh.core import run_loop
 
 log = logging.getLogger("sidemesh.serve")
 
@@ -46,9 +46,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"sidemesh: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
+    source = str(args.config.resolve()) if args.config else "the Sidemesh config"
     try:
-        source = str(args.config.resolve()) if args.config else "the Sidemesh config"
-        return run_loop(_serve(Orchestrator(config, source=source)))
+        orchestrator = Orchestrator(config, source=source)
+    except ConfigError as exc:  # what only making it finds out: interceptors that do not load
+        print(f"sidemesh: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run_loop(_serve(orchestrator))
     except OSError as exc:
         log.error("%s", exc)
         return 1

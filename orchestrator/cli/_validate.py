@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from orchestrator._config import load_config
 from orchestrator._discovery import discover
-from orchestrator._manifest import MANIFEST_FILE, load_manifest, start_problem
+from orchestrator._host_paths import mount_problems
+from orchestrator._manifest import MANIFEST_FILE, PluginManifest, load_manifest, start_problem
 from orchestrator._plugin import PluginRuntime
 from orchestrator._yaml_models import ConfigError, Problem
+from orchestrator.cli._code_facts import CodeUnreadable, code_facts, disagreements
 from orchestrator.cli._common import EXIT_OK, EXIT_USAGE
 
 
@@ -47,15 +50,34 @@ def _check_plugin(directory: Path) -> str:
     problem = start_problem(manifest)
     if problem:
         raise ConfigError(directory / MANIFEST_FILE, "plugin manifest", [problem])
-    provides = (
-        [f"agents: {', '.join(manifest.provides.agents)}"] if manifest.provides.agents else []
-    )
-    if manifest.provides.tools:
-        provides.append(f"tools: {', '.join(manifest.provides.tools)}")
+    facts = _code_facts(manifest, directory)
+    declared = {"agents": manifest.provides.agents, "tools": manifest.provides.tools}
+    provides = []
+    for kind in ("agents", "tools"):
+        if declared[kind]:
+            provides.append(f"{kind}: {', '.join(declared[kind])}")
+        elif facts.get(kind):
+            provides.append(f"{kind}: {', '.join(facts[kind])} (from the code)")
     if manifest.provides.mcp:
         provides.append("an MCP server")
     summary = "; ".join(provides) or "provides nothing declared"
     return f"{directory}: plugin {manifest.name} {manifest.version} ({summary})"
+
+
+def _code_facts(manifest: PluginManifest, directory: Path) -> dict[str, Any]:
+    """A Python plugin's facts from its code, checked against its manifest; {} for others."""
+    if manifest.runtime != "python":
+        return {}
+    try:
+        facts = code_facts(manifest)
+    except CodeUnreadable as exc:
+        problem = Problem("app", f"cannot read the plugin's code: {exc}",
+                          "fix the module, or 'app' in plugin.yaml")  # fmt: skip
+        raise ConfigError(directory / MANIFEST_FILE, "plugin manifest", [problem]) from None
+    problems = disagreements(manifest, facts)
+    if problems:
+        raise ConfigError(directory / MANIFEST_FILE, "plugin manifest", problems)
+    return facts
 
 
 def _check_config(path: Path) -> str:
@@ -67,7 +89,15 @@ def _check_config(path: Path) -> str:
     for found in plugins:
         if found.manifest is None:
             continue
-        runtime = PluginRuntime(found.name, found.manifest, config.override(found.name),
+        override = config.override(found.name)
+        missing = mount_problems(found.manifest, override) if override.enabled else []
+        if missing:
+            manifest_file = found.manifest.directory / MANIFEST_FILE
+            raise ConfigError(path, "Sidemesh config", [
+                Problem(f"plugins.{found.name}.sandbox.mounts", f"{manifest_file}: {p}")
+                for p in missing
+            ])  # fmt: skip
+        runtime = PluginRuntime(found.name, found.manifest, override,
                                 config, None, str(found.directory))  # fmt: skip
         try:
             runtime.effective_config()

@@ -10,6 +10,7 @@ from orchestrator.gateway._auth import (
     JwtAuthenticator,
     Unauthenticated,
 )
+from orchestrator.gateway._http import McpHttpEndpoint
 from orchestrator.gateway._server import MeshMcpServer
 from orchestrator.gateway._stdio import stdio_streams
 from orchestrator.gateway._view import View, mcp_name
@@ -21,6 +22,7 @@ __all__ = [
     "Authenticator",
     "Authorizer",
     "JwtAuthenticator",
+    "McpHttpEndpoint",
     "MeshMcpServer",
     "Unauthenticated",
     "View",

@@ -33,9 +33,10 @@ from mcp.shared.message import ServerMessageMetadata
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel
 
-from clients import AsyncMeshClient, McpRequestError, McpToolCall, struct_to_dict
+from clients import AsyncMeshClient, McpRequestError, McpToolCall
 from orchestrator.gateway import _convert as convert
 from orchestrator.gateway._catalog import Target
+from sidemesh.core import struct_to_dict
 from sidemesh.v1 import agent_pb2, common_pb2, mcp_pb2
 
 #: Seconds a 2026 client has to retry a call that answered ``input_required``.

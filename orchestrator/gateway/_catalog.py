@@ -21,10 +21,11 @@ from typing import Any
 
 import mcp_types as types
 
-from clients import AsyncMeshClient, SidemeshError, struct_to_dict
+from clients import AsyncMeshClient
 from orchestrator.gateway import _convert as convert
 from orchestrator.gateway._auth import Authorizer
 from orchestrator.gateway._view import View
+from sidemesh.core import SidemeshError, struct_to_dict
 from sidemesh.v1 import agent_pb2
 
 log = logging.getLogger("sidemesh.mcp")

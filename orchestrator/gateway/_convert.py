@@ -8,7 +8,7 @@ from typing import Any, Literal
 import mcp_types as types
 from google.protobuf import json_format
 
-from clients import struct_to_dict
+from sidemesh.core import struct_to_dict
 from sidemesh.v1 import common_pb2, mcp_pb2, tool_pb2
 
 

@@ -41,7 +41,7 @@ from mcp.shared.subscriptions import (
 )
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIONS
 
-from clients import AsyncMeshClient, NotFoundError, SidemeshError
+from clients import AsyncMeshClient
 from orchestrator.gateway import _calls as calls
 from orchestrator.gateway import _convert as convert
 from orchestrator.gateway._auth import ANONYMOUS, AllowAll, Authorizer
@@ -49,6 +49,7 @@ from orchestrator.gateway._catalog import Catalog, Target
 from orchestrator.gateway._tasks import Tasks
 from orchestrator.gateway._view import View
 from orchestrator.gateway._watches import Watches
+from sidemesh.core import NotFoundError, SidemeshError
 from sidemesh.v1 import common_pb2, mcp_pb2
 
 log = logging.getLogger("sidemesh.mcp")

@@ -14,7 +14,8 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from clients import AsyncMeshClient, SidemeshError
+from clients import AsyncMeshClient
+from sidemesh.core import SidemeshError
 from sidemesh.v1 import mcp_pb2
 
 log = logging.getLogger("sidemesh.mcp")

@@ -15,7 +15,7 @@ import jsonschema
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
-from clients import FieldViolation, InvalidArgumentError
+from sidemesh.core import FieldViolation, InvalidArgumentError
 
 log = logging.getLogger("sidecars.mcp")
 

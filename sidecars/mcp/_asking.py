@@ -31,8 +31,8 @@ from typing import Any
 import mcp_types as types
 from pydantic import ValidationError
 
-from clients import struct_to_dict, to_struct
-from plugins_sdk._context import Event
+from plugins_sdk.serving import Event
+from sidemesh.core import struct_to_dict, to_struct
 from sidemesh.v1 import common_pb2, mcp_pb2
 
 log = logging.getLogger("sidecars.mcp")

@@ -10,16 +10,12 @@ import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
-from clients import struct_to_dict
-from plugins_sdk import Plugin
-from plugins_sdk._context import CallInfo, Event, response
-from plugins_sdk._failures import end_call
-from plugins_sdk._pump import EventPump
-from plugins_sdk._tracing import CallSpan, ServerSpans
+from plugins_sdk.serving import CallInput, CallSpan, Chain, Event, EventPump, ServerSpans, response
 from sidecars.mcp import _convert as convert
 from sidecars.mcp._arguments import check_arguments
 from sidecars.mcp._asking import CallSlot
 from sidecars.mcp._link import ServerLink
+from sidemesh.core import struct_to_dict
 
 Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
@@ -36,33 +32,33 @@ def call_timeout(context: Context, link: ServerLink) -> float:
     return link.spec.request_timeout
 
 
-def server_spans(link: ServerLink, service: str) -> ServerSpans:
-    """The SDK's SERVER spans, named after the plugin and versioned like its MCP server."""
-    return ServerSpans(Plugin(link.plugin, version=link.info.version or "0.0.0"), service)
+def server_chain(link: ServerLink, service: str) -> Chain:
+    """The SDK's interceptors (SERVER spans named after the plugin and versioned like its MCP
+    server; failures as statuses) around each call to ``service``."""
+    return Chain(ServerSpans(link.plugin, link.info.version or "0.0.0", service))
 
 
 async def unary(
-    spans: ServerSpans,
+    chain: Chain,
     method: str,
     context: Context,
     target: str,
     body: Callable[[float], Awaitable[R]],
     link: ServerLink,
 ) -> R:
-    """Runs ``body(timeout)`` in the call's SERVER span; a failure ends the call with its status."""
-    info = CallInfo.from_grpc(context)
-    span = spans.start(method, info, target)
-    try:
-        with span, span.current():
-            result = await body(call_timeout(context, link))
-            span.messages = 1
-            return result
-    except Exception as error:
-        await end_call(context, error, f"{method} {target}".strip(), info.call_id, span=span)
+    """Runs ``body(timeout)`` through the chain: in the call's SERVER span, a failure ending the
+    call with its status."""
+
+    async def handler(call: CallInput) -> R:
+        return await body(call_timeout(context, link))
+
+    call = chain.input(method, context, target, f"{method} {target}".strip())
+    result: R = await chain.unary(call, handler)
+    return result
 
 
 async def stream_tool_call(
-    spans: ServerSpans,
+    chain: Chain,
     link: ServerLink,
     context: Context,
     name: str,
@@ -79,18 +75,19 @@ async def stream_tool_call(
     ``answers``: the server requests the caller can answer (``CallToolInteractive``;
     ``None`` for a plain ``CallTool``);
     ``on_slot`` receives the call's slot, to deliver the answers to."""
-    info = CallInfo.from_grpc(context)
-    span = spans.start(method, info, name)
     timeout = call_timeout(context, link)
-    try:
-        with span:
-            events = tool_call_events(link, name, arguments, timeout, span, answers, on_slot)
-            async with aclosing(events):
-                async for event in events:
-                    span.messages += 1
-                    yield response(response_cls, event)
-    except Exception as error:
-        await end_call(context, error, f"tool {name!r}", info.call_id, span=span)
+
+    async def handler(call: CallInput) -> AsyncGenerator[M, None]:
+        span = call.started_span()
+        events = tool_call_events(link, name, arguments, timeout, span, answers, on_slot)
+        async with aclosing(events):
+            async for event in events:
+                yield response(response_cls, event)
+
+    call = chain.input(method, context, name, f"tool {name!r}")
+    async with aclosing(chain.stream(call, handler)) as responses:
+        async for message in responses:
+            yield message
 
 
 async def tool_call_events(

@@ -13,9 +13,9 @@ import mcp_types as types
 from jsonschema.protocols import Validator
 from mcp.client.session import ClientSession
 
-from clients import NotFoundError
 from sidecars.mcp._arguments import compile_schema
 from sidecars.mcp._convert import tool_descriptor
+from sidemesh.core import NotFoundError
 from sidemesh.v1 import tool_pb2
 
 #: Most pages read when listing tools: a server whose cursors never end cannot hang the bridge.

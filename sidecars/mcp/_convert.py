@@ -16,7 +16,7 @@ import mcp_types as types
 from google.protobuf import struct_pb2
 from pydantic import BaseModel
 
-from clients import to_struct
+from sidemesh.core import to_struct
 from sidemesh.v1 import common_pb2, mcp_pb2, tool_pb2
 
 _ROLES = {"user": mcp_pb2.PROMPT_ROLE_USER, "assistant": mcp_pb2.PROMPT_ROLE_ASSISTANT}

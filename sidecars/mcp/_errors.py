@@ -22,7 +22,7 @@ import mcp_types as types
 from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
-from clients import (
+from sidemesh.core import (
     DeadlineExceededError,
     InternalError,
     InvalidArgumentError,

@@ -32,7 +32,6 @@ import mcp_types as types
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 
-from clients import UnavailableError
 from sidecars.mcp._asking import Callbacks, InFlight
 from sidecars.mcp._catalog import Catalog, list_all_tools
 from sidecars.mcp._convert import server_info
@@ -42,6 +41,7 @@ from sidecars.mcp._process import SERVER_LOG, SpawnError
 from sidecars.mcp._spec import RUNTIME, ServerSpec
 from sidecars.mcp._transport import ServerTransport
 from sidecars.mcp._watchers import Watchers
+from sidemesh.core import UnavailableError
 from sidemesh.v1 import mcp_pb2
 
 log = logging.getLogger("sidecars.mcp")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -13,19 +12,20 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from clients import normalize_address, run_loop, server_options
-from plugins_sdk._plugin import PLUGIN_ENV
-from plugins_sdk._runner import LISTEN_ENV, MAX_MESSAGE_BYTES, SIGNAL_GRACE
+from plugins_sdk.serving import SIGNAL_GRACE, listen, sidecar_server, stop_on_signals
+from sidecars._logging import LOG_LEVEL_ENV, configure_logging
+from sidecars._telemetry import configure_tracing
 from sidecars.mcp._link import ServerLink, StartupError
 from sidecars.mcp._mcp_service import McpServicer
 from sidecars.mcp._services import PluginServicer, ToolServicer
 from sidecars.mcp._spec import ServerSpec, SpecError
 from sidecars.mcp._watchers import Watchers
-from sidecars.python._logging import LOG_LEVEL_ENV, configure_logging
-from sidecars.python._telemetry import configure_tracing
+from sidemesh.core import SidecarEnv, normalize_address, run_loop
 from sidemesh.v1 import mcp_pb2_grpc, plugin_pb2_grpc, tool_pb2_grpc
 
 log = logging.getLogger("sidecars.mcp")
+
+LISTEN_ENV, PLUGIN_ENV = SidecarEnv.LISTEN, SidecarEnv.PLUGIN
 
 #: Exit statuses: the sidecar cannot run (bad environment), the MCP server failed.
 EXIT_UNUSABLE, EXIT_SERVER_FAILED = 2, 3
@@ -76,7 +76,7 @@ class _Bridge:
 
     def build_server(self) -> grpc.aio.Server:
         """The gRPC server with every service of the bridge."""
-        server = grpc.aio.server(options=server_options(MAX_MESSAGE_BYTES))
+        server = sidecar_server()
         plugin_pb2_grpc.add_PluginServiceServicer_to_server(
             PluginServicer(self.link, self.request_stop), server
         )
@@ -101,9 +101,7 @@ class _Bridge:
 
 async def _serve(plugin: str, spec: ServerSpec, address: str) -> int:
     bridge = _Bridge(plugin, spec)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: loop.create_task(bridge.request_stop(SIGNAL_GRACE)))
+    stop_on_signals(plugin, bridge.request_stop)
     try:
         await bridge.link.start()
     except StartupError as exc:
@@ -111,10 +109,10 @@ async def _serve(plugin: str, spec: ServerSpec, address: str) -> int:
         return EXIT_SERVER_FAILED
     server = bridge.build_server()
     try:
-        server.add_insecure_port(address)
-    except RuntimeError:
+        listen(server, address)
+    except OSError as exc:
         await bridge.link.close()
-        print(f"sidecar: cannot listen on {address}", file=sys.stderr)
+        print(f"sidecar: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     await server.start()
     try:

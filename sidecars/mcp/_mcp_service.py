@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import TypeVar
 
@@ -16,14 +16,13 @@ import grpc
 import mcp_types as types
 from mcp import Client
 
-from clients import UnavailableError
-from plugins_sdk._context import CallInfo
-from plugins_sdk._failures import end_call
+from plugins_sdk.serving import CallInput
 from sidecars.mcp import _convert as convert
 from sidecars.mcp._asking import CallSlot, capabilities
-from sidecars.mcp._calls import Context, call_timeout, server_spans, stream_tool_call, unary
+from sidecars.mcp._calls import Context, call_timeout, server_chain, stream_tool_call, unary
 from sidecars.mcp._errors import Lookup
 from sidecars.mcp._link import ServerLink
+from sidemesh.core import UnavailableError
 from sidemesh.v1 import mcp_pb2, mcp_pb2_grpc
 
 R = TypeVar("R")
@@ -48,7 +47,7 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
 
     def __init__(self, link: ServerLink) -> None:
         self._link = link
-        self._spans = server_spans(link, "sidemesh.v1.McpService")
+        self._chain = server_chain(link, "sidemesh.v1.McpService")
 
     async def GetServerInfo(
         self, request: mcp_pb2.GetServerInfoRequest, context: Context
@@ -79,7 +78,7 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
     ) -> AsyncIterator[mcp_pb2.McpServiceCallToolResponse]:
         """Calls a tool: progress events in order, then its result (``is_error`` included)."""
         calls = stream_tool_call(
-            self._spans, self._link, context, request.name, request.arguments,
+            self._chain, self._link, context, request.name, request.arguments,
             mcp_pb2.McpServiceCallToolResponse,
         )  # fmt: skip
         async with aclosing(calls):
@@ -101,7 +100,7 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
         slots: list[CallSlot] = []
         reader = asyncio.create_task(_read_answers(requests, slots))
         calls = stream_tool_call(
-            self._spans, self._link, context, start.call.name, start.call.arguments,
+            self._chain, self._link, context, start.call.name, start.call.arguments,
             mcp_pb2.CallToolInteractiveResponse, answers=capabilities(start.client_capabilities),
             on_slot=slots.append, method="CallToolInteractive",
         )  # fmt: skip
@@ -239,26 +238,25 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
         self, request: mcp_pb2.WatchRequest, context: Context
     ) -> AsyncIterator[mcp_pb2.WatchResponse]:
         """The server's notifications until the client leaves or the plugin stops."""
-        info = CallInfo.from_grpc(context)
-        span = self._spans.start("Watch", info)
         notifications = self._link.notifications
-        try:
-            with span:
-                watcher = await notifications.watch(
-                    list(request.resource_uris), call_timeout(context, self._link),
-                    logs=request.logs,
-                )  # fmt: skip
-                try:
-                    while (event := await watcher.next()) is not None:
-                        span.messages += 1
-                        yield event
-                finally:
-                    await notifications.unwatch(watcher)
-                raise UnavailableError(
-                    f"plugin {self._link.plugin!r} is stopping", reason="PLUGIN_STOPPING"
-                )
-        except Exception as error:
-            await end_call(context, error, "Watch", info.call_id, span=span)
+
+        async def handler(call: CallInput) -> AsyncGenerator[mcp_pb2.WatchResponse, None]:
+            watcher = await notifications.watch(
+                list(request.resource_uris), call_timeout(context, self._link), logs=request.logs
+            )
+            try:
+                while (event := await watcher.next()) is not None:
+                    yield event
+            finally:
+                await notifications.unwatch(watcher)
+            raise UnavailableError(
+                f"plugin {self._link.plugin!r} is stopping", reason="PLUGIN_STOPPING"
+            )
+
+        call = self._chain.input("Watch", context, what="Watch")
+        async with aclosing(self._chain.stream(call, handler)) as responses:
+            async for response in responses:
+                yield response
 
     async def _unary(
         self,
@@ -274,4 +272,4 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
         async def body(timeout: float) -> R:
             return await self._link.request(what, send, timeout, lookup=lookup)
 
-        return await unary(self._spans, method, context, what, body, self._link)
+        return await unary(self._chain, method, context, what, body, self._link)

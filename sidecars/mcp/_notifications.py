@@ -38,10 +38,10 @@ from mcp.client.subscriptions import (
 from mcp.shared.exceptions import MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from clients import UnimplementedError
 from sidecars.mcp._catalog import list_all_tools
 from sidecars.mcp._errors import to_status
 from sidecars.mcp._watchers import Event, Watcher, Watchers, list_changed, resource_updated
+from sidemesh.core import UnimplementedError
 from sidemesh.v1 import common_pb2, mcp_pb2
 
 if TYPE_CHECKING:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
-from plugins_sdk._plugin_service import grace_period
-from sidecars.mcp._calls import Context, server_spans, stream_tool_call, unary
+from plugins_sdk.serving import grace_period
+from sidecars.mcp._calls import Context, server_chain, stream_tool_call, unary
 from sidecars.mcp._link import ServerLink
 from sidecars.mcp._spec import RUNTIME
 from sidemesh.core import CONTRACT_VERSION
@@ -56,7 +56,7 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
 
     def __init__(self, link: ServerLink) -> None:
         self._link = link
-        self._spans = server_spans(link, "sidemesh.v1.ToolService")
+        self._chain = server_chain(link, "sidemesh.v1.ToolService")
 
     async def ListTools(
         self, request: tool_pb2.ListToolsRequest, context: Context
@@ -68,14 +68,14 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
                 return tool_pb2.ListToolsResponse()
             return tool_pb2.ListToolsResponse(tools=self._link.catalog.descriptors())
 
-        return await unary(self._spans, "ListTools", context, "", body, self._link)
+        return await unary(self._chain, "ListTools", context, "", body, self._link)
 
     async def CallTool(
         self, request: tool_pb2.CallToolRequest, context: Context
     ) -> AsyncIterator[tool_pb2.CallToolResponse]:
         """Checks the arguments, calls the MCP tool, streams its progress, then its result."""
         calls = stream_tool_call(
-            self._spans, self._link, context, request.tool, request.arguments,
+            self._chain, self._link, context, request.tool, request.arguments,
             tool_pb2.CallToolResponse,
         )  # fmt: skip
         async with aclosing(calls):

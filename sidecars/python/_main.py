@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
 import traceback
 from collections.abc import Sequence
 
-from clients import normalize_address
 from plugins_sdk import Plugin, run
-from plugins_sdk._plugin import PLUGIN_ENV
-from plugins_sdk._runner import LISTEN_ENV
-from sidecars.python._logging import LOG_LEVEL_ENV, configure_logging
-from sidecars.python._telemetry import configure_tracing
+from sidecars._logging import LOG_LEVEL_ENV, configure_logging
+from sidecars._telemetry import configure_tracing
+from sidemesh.core import SidecarEnv, normalize_address
 
 log = logging.getLogger("sidecars.python")
 
+LISTEN_ENV, PLUGIN_ENV = SidecarEnv.LISTEN, SidecarEnv.PLUGIN
+
 #: Exit status when the sidecar cannot start: bad usage, or an app that cannot be loaded.
 EXIT_UNUSABLE = 2
-_USAGE = "usage: python -m sidecars.python MODULE:ATTR  (run in the plugin's directory)"
+_USAGE = (
+    "usage: python -m sidecars.python [--describe] MODULE:ATTR  (run in the plugin's directory;"
+    " --describe prints what the code states about the plugin, as JSON, and serves nothing)"
+)
 
 
 class LoadError(Exception):
@@ -69,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the sidecar; returns the process's exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     configure_logging(os.environ.get(LOG_LEVEL_ENV))
+    if args[:1] == ["--describe"] and len(args) == 2:
+        return _describe(args[1])
     if len(args) != 1 or args[0] in ("-h", "--help"):
         print(_USAGE, file=sys.stderr)
         return EXIT_UNUSABLE
@@ -94,4 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if tracing is not None:
             tracing.shutdown()
+    return 0
+
+
+def _describe(target: str) -> int:
+    """Prints ``Plugin.facts`` of the app as one JSON line (for ``sidemesh validate``)."""
+    try:
+        app = load_app(target, os.getcwd())
+    except LoadError as exc:
+        print(f"cannot load the plugin app: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    print(json.dumps(app.facts()))
     return 0

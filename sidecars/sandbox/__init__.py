@@ -4,11 +4,13 @@ Layers, each reported per plugin (``sidemesh plugins -v``):
 
 - ``namespaces``: bubblewrap (user, mount, PID, IPC, UTS, network, cgroup), all
   capabilities dropped, ``--die-with-parent``, ``--new-session``; uid 65534
-  inside, and its own unprivileged host uid when the orchestrator is root;
+  inside, and its own unprivileged host uid when the orchestrator is root (the
+  same every run: see ``_uids``);
 - ``filesystem``: read-only binds of only the interpreter, its packages and
-  the plugin's directory; a private ``/tmp`` and the plugin's data directory,
-  held to its quota (an ext4 image of that size as root, else accounted: read-only
-  while over);
+  the plugin's directory, plus the operator's mounts (``sandbox.mounts``, ro or
+  rw) and the manifest's granted ``read_paths``/``write_paths``; a private
+  ``/tmp`` and the plugin's data directory, held to its quota (an ext4 image
+  of that size as root, else accounted: read-only while over);
 - ``network``: none (its own loopback) unless the manifest asks and the
   operator grants;
 - ``rlimits``: address space, CPU time, processes, open files, file size;
@@ -23,8 +25,17 @@ from sidecars.sandbox._cgroups import remove_mesh_cgroups
 from sidecars.sandbox._command import INSIDE_LISTEN, INSIDE_MESH, PreparedSidecar, prepare
 from sidecars.sandbox._host import HostSupport, probe
 from sidecars.sandbox._image import DataImage, ImageUnavailable
-from sidecars.sandbox._policy import LAYERS, Layer, Limits, Policy, SandboxRequest, policy
+from sidecars.sandbox._policy import (
+    LAYERS,
+    Bind,
+    Layer,
+    Limits,
+    Policy,
+    SandboxRequest,
+    policy,
+)
 from sidecars.sandbox._quota import ACCOUNTED, IMAGE, DataQuota, DataUsage, QuotaError
+from sidecars.sandbox._uids import REGISTRY_FILE as UID_REGISTRY_FILE
 from sidecars.sandbox._uids import UidAllocator
 
 __all__ = [
@@ -33,6 +44,8 @@ __all__ = [
     "INSIDE_LISTEN",
     "INSIDE_MESH",
     "LAYERS",
+    "UID_REGISTRY_FILE",
+    "Bind",
     "DataAccount",
     "DataImage",
     "DataQuota",

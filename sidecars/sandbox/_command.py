@@ -236,7 +236,7 @@ def _bwrap_options(
             opts += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             opts += ["--ro-bind", top, top]
-    binds = [*runtime_paths, req.plugin_dir, req.data_dir]
+    binds = [*runtime_paths, req.plugin_dir, req.data_dir, *(Path(m.target) for m in req.mounts)]
     if req.paths_granted:
         binds += [Path(p) for p in (*req.read_paths, *req.write_paths)]
     # Directories bwrap makes on its own are 0700 (as root): the plugin's uid could
@@ -247,6 +247,10 @@ def _bwrap_options(
         opts += ["--perms", "0755", "--dir", str(parent)]
     for etc in _SYSTEM_ETC + (_NETWORK_ETC if policy.network else ()):
         opts += ["--ro-bind-try", etc, etc]
+    # The operator's mounts first: what the sandbox binds itself goes over them.
+    for mount in req.mounts:
+        opts += ["--bind-fd" if mount.writable else "--ro-bind-fd", _bind_fd(fds, mount.source),
+                 mount.target]  # fmt: skip
     for path in runtime_paths:
         opts += ["--ro-bind-fd", _bind_fd(fds, path), str(path)]
     opts += ["--ro-bind-fd", _bind_fd(fds, req.plugin_dir), str(req.plugin_dir)]
@@ -280,9 +284,11 @@ def _landlock_options(
     (read_only if data_read_only else read_write).append(str(req.data_dir))
     if not bwrapped:
         read_only.append(str(replica_dir.parent))  # the mesh socket lives there
-    if req.paths_granted:
-        read_only += list(req.read_paths)
-        read_write += list(req.write_paths)
+    if req.paths_granted:  # the missing ones are reported by the policy, not bound
+        read_only += [p for p in req.read_paths if os.path.exists(p)]
+        read_write += [p for p in req.write_paths if os.path.exists(p)]
+    for mount in req.mounts:
+        (read_write if mount.writable else read_only).append(policy.mount_path(mount))
     opts = ["--abi", str(host.landlock_abi)]
     for path in read_only:
         opts += ["--ro", path]

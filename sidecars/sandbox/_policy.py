@@ -51,6 +51,18 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Bind:
+    """A host path the operator mounts into the plugin's sandbox (``sandbox.mounts``)."""
+
+    #: The mount's name (``${mount:NAME}``).
+    name: str
+    #: The host path, and where the plugin sees it.
+    source: Path
+    target: str
+    writable: bool = False
+
+
+@dataclass(frozen=True)
 class SandboxRequest:
     """Everything the sandbox needs to know about one plugin."""
 
@@ -65,6 +77,8 @@ class SandboxRequest:
     read_paths: tuple[str, ...] = ()
     write_paths: tuple[str, ...] = ()
     paths_granted: bool = False
+    #: The operator's mounts (``plugins.<name>.sandbox.mounts``).
+    mounts: tuple[Bind, ...] = ()
     #: Environment variables declared by the manifest, and how many the operator provides.
     env_declared: tuple[str, ...] = ()
     env_provided: int = 0
@@ -97,6 +111,22 @@ class Policy:
     unavailable: dict[str, str] = field(default_factory=dict)
     #: How the data dir quota is enforced: ``ext4 image``, ``accounted``, or "" (no sandbox).
     data_quota: str = ""
+
+    @property
+    def binds_paths(self) -> bool:
+        """The sandbox shows the plugin only what it binds (so a mount may move a path)."""
+        return self.active("namespaces")
+
+    def mount_path(self, bind: Bind) -> str:
+        """Where the plugin sees ``bind``: its target in a sandbox, else the host path."""
+        return bind.target if self.binds_paths else str(bind.source)
+
+    def missing_paths(self) -> list[str]:
+        """The manifest's granted read_paths and write_paths that do not exist on this host."""
+        req = self.request
+        if not req.paths_granted:
+            return []
+        return [p for p in (*req.read_paths, *req.write_paths) if not Path(p).exists()]
 
     def active(self, name: str) -> bool:
         """Whether layer ``name`` is applied."""
@@ -167,9 +197,22 @@ def policy(request: SandboxRequest, host: HostSupport, host_uid: int | None) -> 
     writable = ["/tmp (private)", "its data dir"]
     if request.write_paths and request.paths_granted:
         writable += list(request.write_paths)
+    writable += [f"mount {m.name}" for m in request.mounts if m.writable]
     fs_detail = f"read-only runtime and plugin dir; writable: {', '.join(writable)}"
+    read_only = [f"mount {m.name}" for m in request.mounts if not m.writable]
+    if request.read_paths and request.paths_granted:
+        read_only[:0] = list(request.read_paths)
+    if read_only:
+        fs_detail += f"; read-only: {', '.join(read_only)}"
     if (request.read_paths or request.write_paths) and not request.paths_granted:
         fs_detail += "; extra paths requested but not granted (plugins.<name>.sandbox.allow_paths)"
+    missing = [
+        p
+        for p in (*request.read_paths, *request.write_paths)
+        if request.paths_granted and not Path(p).exists()
+    ]
+    if missing:
+        fs_detail += f"; MISSING on this host, not bound: {', '.join(missing)}"
     image = request.data_image is not None and not host.data_image_why
     quota = f"data dir quota {lim.data_quota_mb} MiB, {max_files(lim.data_quota_bytes)} files"
     if image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -280,13 +281,17 @@ def unprivileged_python() -> Path:
     """
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     system = Path("/usr/bin") / version
-    shim = Path(tempfile.gettempdir()) / f"sidemesh-venv-{os.getuid()}-{version}"
+    site = Path(sys.prefix) / "lib" / version / "site-packages"
+    # One shim per venv: a shim left by another checkout's venv (its packages, its
+    # source tree) would run that checkout's code in the sidecars, not this one's.
+    venv = hashlib.sha256(str(site.resolve()).encode()).hexdigest()[:12]
+    shim = Path(tempfile.gettempdir()) / f"sidemesh-venv-{os.getuid()}-{version}-{venv}"
     python = shim / "bin" / "python"
-    if python.exists():
+    if python.exists() and (shim / "lib" / version / "site-packages").resolve() == site.resolve():
         return python
     if not system.exists():
         raise AssertionError(f"{system} is missing: an unprivileged mesh needs a system {version}")
-    site = Path(sys.prefix) / "lib" / version / "site-packages"
+    shutil.rmtree(shim, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix="sidemesh-venv-", dir=tempfile.gettempdir()))
     (tmp / "bin").mkdir()
     (tmp / "lib" / version).mkdir(parents=True)

@@ -41,10 +41,12 @@ async def test_replicas_killed_under_load_fail_no_idempotent_call_and_truncate_n
     make_mesh: MakeMesh,
 ) -> None:
     mesh = _chaos_mesh(make_mesh)
-    report = await run_kills(mesh.address, calls=400, kill_every=0.8, rate=60, time_limit=60)
+    report = await run_kills(
+        mesh.address, calls=400, kill_every=0.8, rate=60, time_limit=90, min_kills=5
+    )
     summary = report.as_dict()
     assert len(report.kills) >= 5, summary
-    assert report.unary_calls == 400 and report.unary_ok == 400, summary
+    assert report.unary_calls >= 400 and report.unary_ok == report.unary_calls, summary
     assert report.streams_truncated == 0, summary
     assert report.hangs == 0, summary
     assert not report.streams_other_failures, summary

@@ -126,11 +126,20 @@ async def call(mesh: Mesh, tool: str, **arguments: Any) -> dict[str, Any] | None
         return None
 
 
+#: The directories of this test's unprivileged meshes (``make_user_mesh``).
+_user_bases: list[Path] = []
+
+
 @pytest.fixture(autouse=True)
 def nothing_left_mounted(tmp_path: Path) -> Iterator[None]:
-    """After the test's meshes stopped: no mount and no loop device of theirs is left."""
+    """After the test's meshes stopped: no mount and no loop device of theirs is left.
+
+    Only this test's own directories are looked at (and cleaned up): another mesh
+    on the machine, a concurrent test run's, is not this test's to judge or unmount.
+    """
+    _user_bases.clear()
     yield
-    roots = [tmp_path, Path(tempfile.gettempdir())]
+    roots = [tmp_path, *_user_bases]
 
     def left() -> tuple[list[tuple[str, str, str, str]], list[str]]:
         mounts = [m for m in mounts_under(*roots) if "/state/data/" in m[0]]
@@ -350,6 +359,7 @@ def make_user_mesh(unprivileged: User) -> Iterator[Callable[..., Mesh]]:
     """Meshes run by the unprivileged user; each is stopped, and checked for orphans, after."""
     base = Path(tempfile.mkdtemp(prefix="smq", dir="/tmp"))
     base.chmod(0o755)
+    _user_bases.append(base)
     meshes: list[Mesh] = []
 
     def make(**config: Any) -> Mesh:

@@ -63,13 +63,20 @@ def test_orchestrator_accepts_the_manifests() -> None:
         assert manifest.name == name
 
 
-def test_permissions_and_config_schema() -> None:
+def test_permissions_and_each_fact_once() -> None:
     assert TOOLS_MANIFEST["permissions"]["tools"] == []
     assert ASSISTANT_MANIFEST["permissions"]["tools"] == ["tools-demo/*"]
-    declared = ASSISTANT_MANIFEST["config_schema"]["properties"]["token_delay"]
+    # The config is the code's; identity is the manifest's, which Plugin() read.
+    assert "config_schema" not in ASSISTANT_MANIFEST
     assert ASSISTANT.config_model is not None
-    field = ASSISTANT.config_model.model_fields["token_delay"]
-    assert declared["default"] == field.default == 0.02
+    assert ASSISTANT.config_model.model_fields["token_delay"].default == 0.02
+    for app, manifest in ((ASSISTANT, ASSISTANT_MANIFEST), (TOOLS, TOOLS_MANIFEST)):
+        assert (app.name, app.version, app.description) == (
+            manifest["name"],
+            manifest["version"],
+            manifest["description"],
+        )
+        assert app.facts()["name"] is None and app.facts()["version"] is None
 
 
 # -- tools-demo --------------------------------------------------------------------

@@ -7,7 +7,7 @@ import asyncio
 import mcp_types as types
 import pytest
 
-from plugins_sdk._context import Event
+from plugins_sdk.serving import Event
 from sidecars.mcp._asking import ROOTS, SAMPLING, CallSlot, InFlight, Refused, capabilities
 from sidemesh.v1 import mcp_pb2
 

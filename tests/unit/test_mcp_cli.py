@@ -13,8 +13,8 @@ from mcp import Client
 from mcp.client.session import IncomingMessage
 from mcp.shared.subscriptions import ToolsListChanged
 
-from clients import to_struct
 from orchestrator.gateway import _server as mesh_mcp
+from sidemesh.core import to_struct
 from sidemesh.v1 import tool_pb2
 
 

@@ -19,9 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from clients import ToolCallResult, to_struct
+from clients import ToolCallResult
 from orchestrator._mcp_config import McpGatewaySettings
-from orchestrator.gateway._http import McpHttpEndpoint
+from orchestrator.gateway import McpHttpEndpoint
+from sidemesh.core import to_struct
 from sidemesh.v1 import common_pb2, mesh_pb2, tool_pb2
 
 ISSUER = "https://auth.example.test"

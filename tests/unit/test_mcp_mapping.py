@@ -1,5 +1,6 @@
 """The MCP mappings, without processes: MCP types to the mesh's messages and back, errors,
-argument checks, watchers, the bridge's instructions, and the names ``sidemesh mcp`` gives."""
+argument checks, watchers and the bridge's instructions (the gateway's side, the mesh as MCP:
+test_mcp_gateway_mapping.py)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,15 @@ import mcp_types as types
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from clients import InvalidArgumentError, NotFoundError, SidemeshError, struct_to_dict, to_struct
-from orchestrator.gateway import View, mcp_name
-from orchestrator.gateway._catalog import tool_targets
-from orchestrator.gateway._convert import content
-from orchestrator.gateway._server import mcp_error
+from clients import InvalidArgumentError, NotFoundError
 from sidecars.mcp import _convert as convert
 from sidecars.mcp._arguments import check_arguments, compile_schema
 from sidecars.mcp._catalog import Catalog
 from sidecars.mcp._errors import Lookup, to_status
 from sidecars.mcp._spec import ServerSpec, SpecError
 from sidecars.mcp._watchers import Watchers, list_changed, resource_updated
-from sidemesh.v1 import agent_pb2, common_pb2, mcp_pb2, tool_pb2
+from sidemesh.core import struct_to_dict
+from sidemesh.v1 import mcp_pb2
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -250,48 +248,3 @@ def test_spec_reads_the_manifest_section_and_says_what_is_wrong() -> None:
         ServerSpec.from_json('{"command": "x", "transport": "streamable-http"}')
     with pytest.raises(SpecError, match="not JSON"):
         ServerSpec.from_json("{")
-
-
-# -- the MCP gateway (sidemesh mcp, the HTTP endpoint) ----------------------------------------
-
-
-def test_mcp_names_are_unambiguous_and_within_mcps_limits() -> None:
-    assert mcp_name("tools-demo/add") == "tools-demo.add"
-    assert mcp_name("mcp-time/get.time") == "mcp-time.get.time"  # split at the first dot
-    assert mcp_name("assistant/assistant", agent=True) == "agent_assistant.assistant"
-    long_a, long_b = "p/" + "a" * 130, "p/" + "a" * 129 + "b"
-    short_a, short_b = mcp_name(long_a), mcp_name(long_b)
-    assert len(short_a) == len(short_b) == 128
-    assert short_a != short_b and short_a == mcp_name(long_a)
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-    assert set(short_a) <= allowed
-
-
-def test_mesh_catalog_as_mcp_tools() -> None:
-    tool = tool_pb2.ToolDescriptor(
-        name="add", qualified_name="tools-demo/add", description="Adds",
-        input_schema=to_struct({"type": "object", "properties": {"a": {"type": "integer"}}}),
-        annotations=tool_pb2.ToolAnnotations(read_only=True),
-    )  # fmt: skip
-    agent = agent_pb2.AgentDescriptor(name="assistant", qualified_name="assistant/assistant")
-    targets = tool_targets([tool], [agent], set(), View())
-    assert list(targets) == ["agent_assistant.assistant", "tools-demo.add"]
-    added = targets["tools-demo.add"]
-    assert (added.qualified, added.agent) == ("tools-demo/add", False)
-    assert added.tool.annotations is not None and added.tool.annotations.read_only_hint
-    assert added.tool.annotations.idempotent_hint is None
-    assistant = targets["agent_assistant.assistant"]
-    assert assistant.agent and assistant.tool.input_schema["required"] == ["text"]
-
-
-def test_mesh_content_and_errors_as_mcp() -> None:
-    image = content(common_pb2.Content(blob=common_pb2.Blob(data=PNG, mime_type="image/png")))
-    assert isinstance(image, types.ImageContent) and base64.b64decode(image.data) == PNG
-    other = content(common_pb2.Content(blob=common_pb2.Blob(data=b"z", mime_type="x/y")))
-    assert isinstance(other, types.EmbeddedResource)
-    link = content(common_pb2.Content(resource_link=common_pb2.ResourceLink(uri="u")))
-    assert isinstance(link, types.ResourceLink) and link.name == "u"
-    bad = mcp_error(InvalidArgumentError("invalid arguments for tool 'x': a: missing"))
-    assert bad.code == types.INVALID_PARAMS and bad.message.startswith("INVALID_ARGUMENT: ")
-    down = mcp_error(SidemeshError("boom"))
-    assert down.code == types.INTERNAL_ERROR and "UNKNOWN: boom" in down.message

@@ -168,8 +168,13 @@ def test_writes_past_the_quota_freeze_the_plugin_until_a_walk_decides(tmp_path: 
         writer = _children(sidecar.pid)[0]
         if "\nwrite_bytes: 0\n" in Path(f"/proc/{writer}/io").read_text():
             pytest.skip("writes to tmp_path's filesystem are not counted (tmpfs?)")
-        _until(lambda: quota.due([sidecar.pid], time.monotonic()), "a walk to be due")
-        assert _state(sidecar.pid) == "T" and _state(writer) == "T"
+        # The tripwire stops them and asks for a walk at once (a periodic walk may come
+        # due before the tripwire thread gets its turn on a loaded machine: wait for both).
+        _until(
+            lambda: _state(sidecar.pid) == "T" and quota.due([sidecar.pid], time.monotonic()),
+            "the tripwire to stop the sidecar and ask for a walk",
+        )
+        assert _state(writer) == "T"
         usage = quota.measure()
         assert usage.problem == "data dir quota (1 MiB) exceeded: 2.0 MiB in 1 files", usage
         assert _state(writer) == "T"  # over: stopped until the orchestrator kills it

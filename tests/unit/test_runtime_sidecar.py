@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from clients import AsyncMeshClient, UnknownError
-from sidecars.python._telemetry import Tracing
+from sidecars._telemetry import Tracing
 from sidemesh.v1 import plugin_pb2, plugin_pb2_grpc
 
 tracer = trace.get_tracer("tests")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -191,7 +192,32 @@ def test_two_meshes_never_get_the_same_uid(tmp_path: Path) -> None:
     assert a != b
     assert first.uid_for("tools-demo") == a  # stable for the mesh's life
     first.release()
-    assert sandbox.UidAllocator(62000, 10, tmp_path).uid_for("x") == a  # freed
+    assert sandbox.UidAllocator(62000, 10, tmp_path).uid_for("tools-demo") == a  # freed
+
+
+def test_a_plugin_gets_the_same_uid_every_run(tmp_path: Path) -> None:
+    """Derived from its name, remembered in the state dir: its files stay its own."""
+    locks, registry = tmp_path / "locks", tmp_path / "state" / sandbox.UID_REGISTRY_FILE
+    first = sandbox.UidAllocator(62000, 1000, locks, registry)
+    uids = {name: first.uid_for(name) for name in ("mcp-git", "tools-demo", "assistant")}
+    assert len(set(uids.values())) == 3
+    first.release()
+    # Another mesh (its own state dir) holds mcp-git's uid: this one takes the next free.
+    other = sandbox.UidAllocator(62000, 1000, locks, tmp_path / "other.json")
+    assert other.uid_for("mcp-git") == uids["mcp-git"]
+    again = sandbox.UidAllocator(62000, 1000, locks, registry)
+    assert again.uid_for("tools-demo") == uids["tools-demo"]  # the same in a new run
+    moved = again.uid_for("mcp-git")
+    assert moved != uids["mcp-git"] and moved not in uids.values()
+    assert json.loads(registry.read_text())["mcp-git"] == moved  # remembered...
+    other.release()
+    again.release()
+    third = sandbox.UidAllocator(62000, 1000, locks, registry)
+    assert third.uid_for("mcp-git") == moved  # ...so it stays where it moved
+    assert third.uid_for("assistant") == uids["assistant"]
+    third.release()
+    # Without a state dir the name alone decides.
+    assert sandbox.UidAllocator(62000, 1000, locks).uid_for("tools-demo") == uids["tools-demo"]
 
 
 def test_the_seccomp_filter_compiles_with_the_deny_list() -> None:

@@ -1,47 +1,68 @@
 """plugins_sdk ``ctx.mesh``: callbacks inherit the call's deadline.
 
-(That they join the call's trace is in ``test_sdk_tracing``: the client's
-interceptors do it, not this view.)
+``ctx.mesh`` is the plugin's ``AsyncMeshClient`` seen through ``with_deadline``:
+the same API, written once. (That callbacks join the call's trace is in
+``test_sdk_tracing``: the client's interceptors do it, not this view.)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from plugins_sdk._mesh import CallMesh
+from clients import AsyncMeshClient
+from sidemesh.v1 import mesh_pb2
 
 
-class RecordingClient:
-    """Stands in for ``AsyncMeshClient``, recording what each call was given."""
+class _Recorded:
+    """A stub method recording the deadline and metadata each call was given."""
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+    def __init__(self, calls: list[dict[str, Any]]) -> None:
+        self._calls = calls
 
-    async def call_tool(self, *args: Any, **kwargs: Any) -> str:
-        self.calls.append(("call_tool", args, kwargs))
-        return "result"
+    def __call__(self, request: Any, **kwargs: Any) -> Any:
+        self._calls.append(kwargs)
 
-    def invoke(self, *args: Any, **kwargs: Any) -> str:
-        self.calls.append(("invoke", args, kwargs))
-        return "stream"
+        async def reply() -> mesh_pb2.MeshServiceListToolsResponse:
+            return mesh_pb2.MeshServiceListToolsResponse()
+
+        return reply()
+
+
+class _Stubs:
+    def __init__(self, calls: list[dict[str, Any]]) -> None:
+        self.mesh = type("Mesh", (), {"ListTools": _Recorded(calls)})()
+
+
+def _client(calls: list[dict[str, Any]]) -> AsyncMeshClient:
+    client = AsyncMeshClient("unix:/nonexistent/mesh.sock", timeout=30, token="t")
+    client._connect = lambda: (None, _Stubs(calls))  # type: ignore[method-assign,assignment,return-value]
+    return client
 
 
 async def test_callbacks_default_to_the_remaining_deadline() -> None:
-    client = RecordingClient()
-    mesh = CallMesh(client, lambda: 2.5)  # type: ignore[arg-type]
-    assert await mesh.call_tool("tools-demo/add", {"a": 1}, b=2) == "result"
-    name, args, kwargs = client.calls[-1]
-    assert name == "call_tool"
-    assert args == ("tools-demo/add", {"a": 1})
-    assert kwargs == {"timeout": 2.5, "metadata": (), "b": 2}
+    calls: list[dict[str, Any]] = []
+    owner = _client(calls)
+    view = owner.with_deadline(lambda: 2.5)
+    await view.list_tools()
+    assert calls[-1]["timeout"] == 2.5
+    assert view.timeout == 2.5 and owner.timeout == 30
+    assert dict(calls[-1]["metadata"])["authorization"] == "Bearer t"  # the owner's credentials
+    await owner.list_tools()
+    assert calls[-1]["timeout"] == 30
 
 
-async def test_an_explicit_timeout_and_metadata_are_kept() -> None:
-    client = RecordingClient()
-    mesh = CallMesh(client, lambda: None)  # type: ignore[arg-type]
-    mesh.invoke("assistant", "hi", timeout=1.0, metadata=[("k", "v")])
-    _, args, kwargs = client.calls[-1]
-    assert args == ("assistant", "hi")
-    assert kwargs == {"timeout": 1.0, "metadata": [("k", "v")]}
-    await mesh.call_tool("add")
-    assert client.calls[-1][2]["timeout"] is None  # no deadline: none for the callback
+async def test_an_explicit_timeout_is_kept_and_no_deadline_is_none() -> None:
+    calls: list[dict[str, Any]] = []
+    view = _client(calls).with_deadline(lambda: None)
+    await view.list_tools(timeout=1.0, metadata=[("k", "v")])
+    assert calls[-1]["timeout"] == 1.0 and ("k", "v") in calls[-1]["metadata"]
+    await view.list_tools()
+    assert calls[-1]["timeout"] is None  # no deadline: none for the callback
+
+
+async def test_closing_the_view_leaves_the_plugins_client_open() -> None:
+    calls: list[dict[str, Any]] = []
+    owner = _client(calls)
+    await owner.with_deadline(lambda: 1.0).close()
+    await owner.list_tools()
+    assert len(calls) == 1

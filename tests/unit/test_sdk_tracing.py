@@ -23,7 +23,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from clients import CallCancelledError, DeadlineExceededError, NotFoundError, UnknownError
 from plugins_sdk import AgentContext, AgentInput, Plugin, Result, ToolContext, ToolError
 from plugins_sdk.testing import PluginHarness
-from sidecars.python._logging import log_handler
+from sidecars._logging import log_handler
 from sidemesh.v1 import tool_pb2, tool_pb2_grpc
 
 tracer = trace.get_tracer("tests")
@@ -307,8 +307,8 @@ async def test_exceptions_are_recorded_with_the_code_they_end_the_call_with(
     assert [s.events[0].name for s in servers] == ["exception"] * 3
     assert [(s.events[0].attributes or {})["exception.type"] for s in servers] == [
         "ValueError",
-        "clients._errors.NotFoundError",
-        "clients._errors.NotFoundError",
+        "sidemesh.core.NotFoundError",
+        "sidemesh.core.NotFoundError",
     ]
     assert servers[0].status.description == "ValueError: secret-token-123"
     assert attrs(servers[2])["sidemesh.target"] == "no-such-tool"

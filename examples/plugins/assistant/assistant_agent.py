@@ -22,17 +22,12 @@ _TOKEN = re.compile(r"\S+\s*")
 
 
 class Config(BaseModel):
-    """The operator's config (``config_schema`` in plugin.yaml says the same)."""
+    """The operator's config (``plugins.assistant.config``), declared only here."""
 
     token_delay: float = Field(0.02, ge=0, le=1, description="Seconds between streamed tokens")
 
 
-app = Plugin(
-    "assistant",
-    version="0.1.0",
-    description="A small assistant that adds numbers and counts words with tools-demo's tools",
-    config_model=Config,
-)
+app = Plugin(config_model=Config)  # its name, version and description are in plugin.yaml
 
 
 @app.agent(capabilities=["chat", "math"])

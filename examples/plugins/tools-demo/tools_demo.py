@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from plugins_sdk import Plugin, ToolContext, ToolError
 
-app = Plugin("tools-demo", version="0.1.0", description="Typed example tools")
+app = Plugin()  # its name, version and description are in plugin.yaml
 
 
 class Counts(BaseModel):

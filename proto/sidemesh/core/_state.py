@@ -15,6 +15,9 @@ from typing import Any
 ENDPOINTS_FILE = "endpoints.json"
 #: The owner's bearer token of that mesh (mode 0600).
 TOKEN_FILE = "token"
+#: A client's bearer token, and the file holding one (read by clients and the CLI).
+TOKEN_ENV = "SIDEMESH_TOKEN"
+TOKEN_FILE_ENV = "SIDEMESH_TOKEN_FILE"
 
 
 def default_state_dir() -> Path:

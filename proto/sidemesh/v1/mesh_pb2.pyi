@@ -135,6 +135,42 @@ refused (for example, its sandbox could not be set up in strict mode).
 """
 Global___ReplicaState: _TypeAlias = ReplicaState  # noqa: Y015
 
+class _SandboxPathKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SandboxPathKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SandboxPathKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SANDBOX_PATH_KIND_UNSPECIFIED: _SandboxPathKind.ValueType  # 0
+    """Not set."""
+    SANDBOX_PATH_KIND_PLUGIN_DIR: _SandboxPathKind.ValueType  # 1
+    """The plugin's directory (read-only)."""
+    SANDBOX_PATH_KIND_DATA_DIR: _SandboxPathKind.ValueType  # 2
+    """Its data dir, `SIDEMESH_DATA_DIR` (writable, kept across restarts)."""
+    SANDBOX_PATH_KIND_MANIFEST: _SandboxPathKind.ValueType  # 3
+    """The manifest's `sandbox.read_paths` or `sandbox.write_paths`, granted by
+    the operator's `plugins.<name>.sandbox.allow_paths`.
+    """
+    SANDBOX_PATH_KIND_MOUNT: _SandboxPathKind.ValueType  # 4
+    """An operator's mount, `plugins.<name>.sandbox.mounts.<mount>`."""
+
+class SandboxPathKind(_SandboxPathKind, metaclass=_SandboxPathKindEnumTypeWrapper):
+    """Where a path a plugin sees comes from."""
+
+SANDBOX_PATH_KIND_UNSPECIFIED: SandboxPathKind.ValueType  # 0
+"""Not set."""
+SANDBOX_PATH_KIND_PLUGIN_DIR: SandboxPathKind.ValueType  # 1
+"""The plugin's directory (read-only)."""
+SANDBOX_PATH_KIND_DATA_DIR: SandboxPathKind.ValueType  # 2
+"""Its data dir, `SIDEMESH_DATA_DIR` (writable, kept across restarts)."""
+SANDBOX_PATH_KIND_MANIFEST: SandboxPathKind.ValueType  # 3
+"""The manifest's `sandbox.read_paths` or `sandbox.write_paths`, granted by
+the operator's `plugins.<name>.sandbox.allow_paths`.
+"""
+SANDBOX_PATH_KIND_MOUNT: SandboxPathKind.ValueType  # 4
+"""An operator's mount, `plugins.<name>.sandbox.mounts.<mount>`."""
+Global___SandboxPathKind: _TypeAlias = SandboxPathKind  # noqa: Y015
+
 class _DataQuotaMechanism:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -346,6 +382,8 @@ class PluginStatus(_message.Message):
     ROUTING_FIELD_NUMBER: _builtins.int
     DATA_DIR_FIELD_NUMBER: _builtins.int
     TRACE_USAGE_FIELD_NUMBER: _builtins.int
+    PATHS_FIELD_NUMBER: _builtins.int
+    HOST_UID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The plugin's name."""
     version: _builtins.str
@@ -366,6 +404,11 @@ class PluginStatus(_message.Message):
     """The directory the plugin was loaded from."""
     routing: _builtins.str
     """Routing strategy: `round_robin` or `least_loaded`."""
+    host_uid: _builtins.int
+    """The host uid its sandboxed sidecars run as, the same every run (the
+    owner of the files it writes); unset when they run as the orchestrator's
+    own uid (the orchestrator is not root, or the plugin has no sandbox).
+    """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]:
         """The replicas."""
@@ -394,6 +437,13 @@ class PluginStatus(_message.Message):
         refused; unset for a plugin without a callback socket (a remote one).
         """
 
+    @_builtins.property
+    def paths(self) -> _containers.RepeatedCompositeFieldContainer[Global___SandboxPath]:
+        """The host paths its sidecars see besides their runtime: its plugin dir,
+        its data dir, the manifest's `sandbox.read_paths` and `write_paths`, and
+        the operator's mounts (`plugins.<name>.sandbox.mounts`).
+        """
+
     def __init__(
         self,
         *,
@@ -412,14 +462,70 @@ class PluginStatus(_message.Message):
         routing: _builtins.str = ...,
         data_dir: Global___DataDirStatus | None = ...,
         trace_usage: Global___TraceUsage | None = ...,
+        paths: _abc.Iterable[Global___SandboxPath] | None = ...,
+        host_uid: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data_dir", b"data_dir", "trace_usage", b"trace_usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_host_uid", b"_host_uid", "data_dir", b"data_dir", "host_uid", b"host_uid", "trace_usage", b"trace_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "data_dir", b"data_dir", "description", b"description", "directory", b"directory", "error", b"error", "mcp", b"mcp", "name", b"name", "replicas", b"replicas", "restarts", b"restarts", "routing", b"routing", "sandbox", b"sandbox", "state", b"state", "tools", b"tools", "trace_usage", b"trace_usage", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_host_uid", b"_host_uid", "agents", b"agents", "data_dir", b"data_dir", "description", b"description", "directory", b"directory", "error", b"error", "host_uid", b"host_uid", "mcp", b"mcp", "name", b"name", "paths", b"paths", "replicas", b"replicas", "restarts", b"restarts", "routing", b"routing", "sandbox", b"sandbox", "state", b"state", "tools", b"tools", "trace_usage", b"trace_usage", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__host_uid: _TypeAlias = _typing.Literal["host_uid"]  # noqa: Y015
+    _WhichOneofArgType__host_uid: _TypeAlias = _typing.Literal["_host_uid", b"_host_uid"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__host_uid) -> _WhichOneofReturnType__host_uid | None: ...
+
+Global___PluginStatus: _TypeAlias = PluginStatus  # noqa: Y015
+
+@_typing.final
+class SandboxPath(_message.Message):
+    """A host path a plugin's sidecars see."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    HOST_PATH_FIELD_NUMBER: _builtins.int
+    SANDBOX_PATH_FIELD_NUMBER: _builtins.int
+    WRITABLE_FIELD_NUMBER: _builtins.int
+    GRANTED_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    kind: Global___SandboxPathKind.ValueType
+    """Where the grant comes from."""
+    name: _builtins.str
+    """The mount's name (`${mount:NAME}` in the manifest); empty for other kinds."""
+    host_path: _builtins.str
+    """The path on the host."""
+    sandbox_path: _builtins.str
+    """Where the plugin sees it (equal to `host_path` unless a mount moves it,
+    and always so without a sandbox).
+    """
+    writable: _builtins.bool
+    """The plugin may write it."""
+    granted: _builtins.bool
+    """False when the manifest asks for the path but the operator has not
+    granted it (`allow_paths`): the plugin does not see it.
+    """
+    problem: _builtins.str
+    """What is wrong with it, e.g. that it does not exist on this host (then it
+    is not bound); empty when nothing is.
+    """
+    def __init__(
+        self,
+        *,
+        kind: Global___SandboxPathKind.ValueType = ...,
+        name: _builtins.str = ...,
+        host_path: _builtins.str = ...,
+        sandbox_path: _builtins.str = ...,
+        writable: _builtins.bool = ...,
+        granted: _builtins.bool = ...,
+        problem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "host_path", b"host_path", "kind", b"kind", "name", b"name", "problem", b"problem", "sandbox_path", b"sandbox_path", "writable", b"writable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PluginStatus: _TypeAlias = PluginStatus  # noqa: Y015
+Global___SandboxPath: _TypeAlias = SandboxPath  # noqa: Y015
 
 @_typing.final
 class DataDirStatus(_message.Message):

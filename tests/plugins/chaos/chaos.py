@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from plugins_sdk import AgentContext, Plugin
 
-app = Plugin("chaos", version="0.1.0", description="Chaos test plugin")
+app = Plugin()  # named by its plugin.yaml
 REPLICA = int(os.environ.get("SIDEMESH_REPLICA", "0"))
 
 

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from plugins_sdk import Plugin
 
-app = Plugin("filler", version="0.0.1", description="Writes past its data dir quota")
+app = Plugin()  # named by its plugin.yaml
 
 MIB = 1 << 20
 CHUNK = b"\xa5" * MIB

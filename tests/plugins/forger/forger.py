@@ -24,7 +24,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from plugins_sdk import Plugin, ToolContext
 from sidemesh.v1 import tool_pb2, tool_pb2_grpc
 
-app = Plugin("forger", version="0.0.1", description="Forges spans")
+app = Plugin()  # named by its plugin.yaml
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 

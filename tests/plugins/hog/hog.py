@@ -20,7 +20,7 @@ from pydantic import Field
 
 from plugins_sdk import Plugin
 
-app = Plugin("hog", version="0.0.1", description="Goes past its limits")
+app = Plugin()  # named by its plugin.yaml
 
 MIB = 1 << 20
 PAGE = os.sysconf("SC_PAGE_SIZE")

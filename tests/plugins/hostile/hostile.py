@@ -27,7 +27,7 @@ from typing import Any
 from clients import SidemeshError
 from plugins_sdk import Plugin, ToolContext
 
-app = Plugin("hostile", version="0.0.1", description="Attacks its sandbox")
+app = Plugin()  # named by its plugin.yaml
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long

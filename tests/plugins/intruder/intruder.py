@@ -19,7 +19,7 @@ import grpc
 from plugins_sdk import Plugin
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-app = Plugin("intruder", version="0.0.1", description="Attacks the mesh")
+app = Plugin()  # named by its plugin.yaml
 
 LISTEN = Path(os.environ.get("SIDEMESH_LISTEN", "unix:/run/sidemesh/plugin.sock")[5:])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from plugins_sdk import AgentContext, AgentInput, Plugin, ToolContext
 
-app = Plugin("workers", version="0.1.0", description="Integration test workers")
+app = Plugin()  # named by its plugin.yaml
 
 
 def _mark(name: str) -> None:

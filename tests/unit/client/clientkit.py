@@ -14,12 +14,8 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from clients import (
-    FieldViolation,
-    InvalidArgumentError,
-    NotFoundError,
-    UnavailableError,
-)
+from clients import InvalidArgumentError, NotFoundError, UnavailableError
+from sidemesh.core import FieldViolation
 from sidemesh.v1 import (
     agent_pb2,
     agent_pb2_grpc,

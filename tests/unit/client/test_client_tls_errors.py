@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from clients import UnavailableError, from_status
+from sidemesh.core import UnavailableError, from_status
 
 
 def test_a_failed_handshake_says_what_to_check() -> None:

@@ -1,7 +1,8 @@
 """One exception hierarchy for the whole mesh, each class keeping its gRPC status.
 
-Clients raise these from failed calls; servers (the orchestrator, sidecars, and
-plugin code through the SDK) raise them to end a call with the right status.
+Clients raise these from failed calls (``clients`` re-exports them); servers (the
+orchestrator, sidecars, and plugin code through the SDK) raise them to end a call
+with the right status.
 Rich details travel as a ``google.rpc.Status`` in the ``grpc-status-details-bin``
 trailer, the standard that grpcio-status and other languages read.
 """
@@ -16,11 +17,35 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from clients._credentials import HOW_TO_AUTHENTICATE, TLS_HANDSHAKE_HINT, tls_handshake_failed
+from sidemesh.core._state import TOKEN_ENV, TOKEN_FILE_ENV
 
 #: ``ErrorInfo.domain`` of every error the mesh itself raises.
 ERROR_DOMAIN = "sidemesh.dev"
 _DETAILS_KEY = "grpc-status-details-bin"
+
+#: How to authenticate, for an ``UNAUTHENTICATED`` error whose message does not say.
+HOW_TO_AUTHENTICATE = (
+    "authenticate with a bearer token (clients: token= or token_file=; the sidemesh CLI: "
+    f"--token-file or ${TOKEN_FILE_ENV} / ${TOKEN_ENV}; a mesh on this machine keeps its "
+    "owner's token in <state_dir>/token) or a TLS client certificate (clients: "
+    "tls=TlsOptions(ca=..., cert=..., key=...); the CLI: --tls-ca, --tls-cert, --tls-key)"
+)
+
+#: Added to ``UNAVAILABLE`` when grpc's message shows a failed TLS handshake, which it
+#: words only as ``Unwrap failed (TSI_DATA_CORRUPTED)`` or ``Ssl handshake failed``.
+TLS_HANDSHAKE_HINT = (
+    "the TLS handshake with the mesh failed: a mesh with auth.tls.require_client_cert takes "
+    "only a client certificate signed by its client_ca (clients: tls=TlsOptions(ca=..., "
+    "cert=..., key=...); the CLI: --tls-cert and --tls-key, or $SIDEMESH_TLS_CERT and "
+    "$SIDEMESH_TLS_KEY), and the mesh's certificate must be signed by the CA this client "
+    "trusts (--tls-ca, $SIDEMESH_TLS_CA) for the name it connects to"
+)
+_HANDSHAKE_MARKERS = ("TSI_", "Ssl handshake failed", "SSL_ERROR", "CERTIFICATE_VERIFY_FAILED")
+
+
+def tls_handshake_failed(message: str) -> bool:
+    """Whether grpc's ``UNAVAILABLE`` message says the TLS handshake failed."""
+    return any(marker in message for marker in _HANDSHAKE_MARKERS)
 
 
 @dataclass(frozen=True)
@@ -115,7 +140,7 @@ def from_status(code: grpc.StatusCode, message: str, trailers: Iterable[Any] = (
     ``trailers`` holds ``(key, value)`` pairs, as both grpc APIs return them.
     """
     cls = _BY_CODE.get(code, UnknownError)
-    if code == grpc.StatusCode.UNAUTHENTICATED and "SIDEMESH_TOKEN" not in message:
+    if code == grpc.StatusCode.UNAUTHENTICATED and TOKEN_ENV not in message:
         message = f"{message}; {HOW_TO_AUTHENTICATE}"  # a terse server: say how here
     elif code == grpc.StatusCode.UNAVAILABLE and tls_handshake_failed(message):
         message = f"{message}; {TLS_HANDSHAKE_HINT}"
@@ -267,3 +292,8 @@ _BY_CODE: dict[grpc.StatusCode, type[SidemeshError]] = {
         UnauthenticatedError,
     )
 }
+
+# Traces and tracebacks name the classes where users import them (``exception.type`` is
+# ``sidemesh.core.NotFoundError``), not this private module.
+for _cls in (SidemeshError, FieldViolation, *_BY_CODE.values()):
+    _cls.__module__ = "sidemesh.core"

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace import TracerProvider
 
-log = logging.getLogger("sidecars.python")
+log = logging.getLogger("sidecars")
 
 SDK_DISABLED_ENV = "OTEL_SDK_DISABLED"
 #: Where spans go; the signal-specific variable wins, as in the exporter.
