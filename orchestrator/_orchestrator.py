@@ -386,6 +386,23 @@ class Orchestrator:
             lambda: [Observation(1, {"sidemesh.plugin": n, "sidemesh.state": s})
                      for n, s in self.plugin_states().items()],
         )  # fmt: skip
+        tel.observe(
+            "sidemesh.auth.calls",
+            "Calls per principal since start: admitted, or refused by its rate or its "
+            "calls-in-flight limit (sidemesh.outcome)", "{call}",
+            self._auth_observations,
+        )  # fmt: skip
+
+    def _auth_observations(self) -> list[Observation]:
+        if self.access is None:
+            return []
+        out = []
+        for principal, counts in self.access.limits.counts().items():
+            for outcome, count in zip(_LIMIT_OUTCOMES, counts, strict=True):
+                if count or outcome == "admitted":
+                    attributes = {"sidemesh.principal": principal, "sidemesh.outcome": outcome}
+                    out.append(Observation(count, attributes))
+        return out
 
     def _write_endpoints(self) -> None:
         path = self.config.state_dir / ENDPOINTS_FILE
@@ -459,6 +476,10 @@ class Orchestrator:
                 for replica in plugin.replicas:
                     replica.withdraw()  # its calls end UNAVAILABLE: the mesh is shutting down
         return max(0.5, deadline - loop.time())
+
+
+#: ``sidemesh.outcome`` of ``sidemesh.auth.calls``, in the order of ``Limits.counts``.
+_LIMIT_OUTCOMES = ("admitted", "rate_limited", "concurrency_limited")
 
 
 def _listen(plane: dp.DataPlane, address: str, **options: Any) -> str:

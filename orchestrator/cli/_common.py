@@ -19,7 +19,12 @@ from orchestrator._config import MeshConfig, load_config
 from orchestrator._orchestrator import endpoints
 from orchestrator._yaml_models import ConfigError
 from orchestrator.cli._tracing import traced_command
-from sidemesh.core import DEFAULT_TCP_ADDRESS, SidemeshError, UnauthenticatedError
+from sidemesh.core import (
+    DEFAULT_TCP_ADDRESS,
+    SidemeshError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 
 #: Exit codes scripts can rely on.
 EXIT_OK = 0
@@ -146,7 +151,9 @@ def _run(main: Coroutine[Any, Any, int], client: AsyncMeshClient) -> int:
         print(f"sidemesh: {err.code.name}: {err.message}", file=sys.stderr)
         for violation in err.field_violations:
             print(f"  {violation.field}: {violation.description}", file=sys.stderr)
-        if isinstance(err, UnauthenticatedError):
+        if isinstance(err, UnauthenticatedError) or (
+            isinstance(err, UnavailableError) and client.credentials.tls is not None
+        ):
             print(f"  this command sent {client.credentials.describe()}", file=sys.stderr)
         return EXIT_CALL_FAILED
     except KeyboardInterrupt:

@@ -31,6 +31,22 @@ HOW_TO_AUTHENTICATE = (
     "tls=TlsOptions(ca=..., cert=..., key=...); the CLI: --tls-ca, --tls-cert, --tls-key)"
 )
 
+#: Added to ``UNAVAILABLE`` when grpc's message shows a failed TLS handshake, which it
+#: words only as ``Unwrap failed (TSI_DATA_CORRUPTED)`` or ``Ssl handshake failed``.
+TLS_HANDSHAKE_HINT = (
+    "the TLS handshake with the mesh failed: a mesh with auth.tls.require_client_cert takes "
+    "only a client certificate signed by its client_ca (clients: tls=TlsOptions(ca=..., "
+    "cert=..., key=...); the CLI: --tls-cert and --tls-key, or $SIDEMESH_TLS_CERT and "
+    "$SIDEMESH_TLS_KEY), and the mesh's certificate must be signed by the CA this client "
+    "trusts (--tls-ca, $SIDEMESH_TLS_CA) for the name it connects to"
+)
+_HANDSHAKE_MARKERS = ("TSI_", "Ssl handshake failed", "SSL_ERROR", "CERTIFICATE_VERIFY_FAILED")
+
+
+def tls_handshake_failed(message: str) -> bool:
+    """Whether grpc's ``UNAVAILABLE`` message says the TLS handshake failed."""
+    return any(marker in message for marker in _HANDSHAKE_MARKERS)
+
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -126,6 +142,8 @@ def from_status(code: grpc.StatusCode, message: str, trailers: Iterable[Any] = (
     cls = _BY_CODE.get(code, UnknownError)
     if code == grpc.StatusCode.UNAUTHENTICATED and TOKEN_ENV not in message:
         message = f"{message}; {HOW_TO_AUTHENTICATE}"  # a terse server: say how here
+    elif code == grpc.StatusCode.UNAVAILABLE and tls_handshake_failed(message):
+        message = f"{message}; {TLS_HANDSHAKE_HINT}"
     kwargs: dict[str, object] = {}
     for key, value in trailers:
         if key == _DETAILS_KEY and isinstance(value, bytes):
