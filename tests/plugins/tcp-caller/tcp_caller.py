@@ -17,7 +17,7 @@ from google.rpc import error_details_pb2, status_pb2
 from plugins_sdk import Plugin
 from sidemesh.v1 import tool_pb2, tool_pb2_grpc
 
-app = Plugin("tcp-caller", version="0.0.1", description="Calls the mesh over TCP")
+app = Plugin()  # named by its plugin.yaml
 
 
 @app.tool()
