@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -62,11 +62,13 @@ class Tracing:
             worker.join(timeout)
 
 
-def configure_tracing(plugin: str) -> Tracing | None:
+def configure_tracing(plugin: str, *, root_sampler: Any = None) -> Tracing | None:
     """Sets the global propagator and, when spans have somewhere to go, the SDK.
 
     ``service.name`` is ``OTEL_SERVICE_NAME`` (or ``OTEL_RESOURCE_ATTRIBUTES``'),
-    else ``plugin``. Returns ``None`` when no SDK was set up; never raises.
+    else ``plugin``. ``root_sampler`` decides about spans with no parent (their
+    children follow their parent), unless ``OTEL_TRACES_SAMPLER`` says otherwise.
+    Returns ``None`` when no SDK was set up; never raises.
     """
     propagate.set_global_textmap(
         CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
@@ -87,7 +89,12 @@ def configure_tracing(plugin: str) -> Tracing | None:
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: plugin}))
         # The sampler comes from OTEL_TRACES_SAMPLER[_ARG]; exit is handled by shutdown().
-        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        sampler = None
+        if root_sampler is not None and not os.environ.get("OTEL_TRACES_SAMPLER"):
+            from opentelemetry.sdk.trace.sampling import ParentBased
+
+            sampler = ParentBased(root=root_sampler)
+        provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
         exporter = OTLPSpanExporter()
         provider.add_span_processor(BatchSpanProcessor(exporter))
     except Exception:

@@ -7,10 +7,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 
 from plugins_sdk.serving import SIGNAL_GRACE, listen, sidecar_server, stop_on_signals
 from sidecars._logging import LOG_LEVEL_ENV, configure_logging
@@ -47,12 +49,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sidecar: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     plugin = os.environ.get(PLUGIN_ENV) or "mcp"
-    tracing = configure_tracing(plugin)
+    tracing = configure_tracing(plugin, root_sampler=_NoBackgroundMcpTraffic())
     try:
         return run_loop(_serve(plugin, spec, address))
     finally:
         if tracing is not None:
             tracing.shutdown()
+
+
+class _NoBackgroundMcpTraffic(Sampler):
+    """Drops the MCP SDK's spans of the bridge's own traffic with its server.
+
+    The MCP SDK traces each request it sends (``MCP send <method>``). Inside a
+    mesh call those are children of the call's span, and kept; outside any (the
+    handshake, list refreshes after a change) no mesh call caused them, so the
+    mesh would refuse their traces: they are not recorded at all.
+    """
+
+    def should_sample(
+        self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
+        attributes: Any = None, links: Any = None, trace_state: Any = None,
+    ) -> SamplingResult:  # fmt: skip
+        if name.startswith("MCP send "):
+            return SamplingResult(Decision.DROP)
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+
+    def get_description(self) -> str:
+        return "NoBackgroundMcpTraffic"
 
 
 class _Bridge:
