@@ -40,8 +40,8 @@ MAX_ATTRIBUTE_BYTES = 1024
 
 
 @dataclasses.dataclass(slots=True)
-class CallInput:
-    """One routed call, before it is forwarded."""
+class _Call:
+    """What both hooks are told of a call."""
 
     #: The gRPC method, e.g. ``/sidemesh.v1.ToolService/CallTool``.
     method: str
@@ -55,6 +55,12 @@ class CallInput:
     caller: str
     #: The call's trace id (32 hex digits), or "".
     trace_id: str
+
+
+@dataclasses.dataclass(slots=True)
+class CallInput(_Call):
+    """One routed call, before it is forwarded."""
+
     #: Reads one request header (metadata), e.g. ``header("x-tenant")``.
     header: Callable[[str], str | None]
     #: The first request message as sent, serialized (parse it with the route's type).
@@ -63,16 +69,10 @@ class CallInput:
     attributes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class CallOutcome:
+@dataclasses.dataclass(slots=True)
+class CallOutcome(_Call):
     """One forwarded call, once it ended."""
 
-    method: str
-    target: str
-    plugin: str
-    principal: str
-    caller: str
-    trace_id: str
     #: The gRPC status code the caller got (0 is OK), and its message.
     code: int
     message: str
