@@ -17,7 +17,7 @@ The listeners (the data plane) call, per routed call::
 with its status and rich details (``await err.abort(context)``) and carries
 what the ``permission_denied`` event and the log need. Listings use
 ``access.authenticate`` and ``access.policy.visible``. The parts are usable on
-their own: :class:`Authenticator`, :class:`Policy`, :class:`Limits`.
+their own: :class:`Authenticator`, :class:`Policy`, :class:`PrincipalLimits`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 from orchestrator._auth_config import AuthConfig, PolicyConfig
 from orchestrator._authn import Authenticator, Metadata
 from orchestrator._authz import PluginAccess, Policy
-from orchestrator._limits import Limits
+from orchestrator._limits import PrincipalLimits
 from orchestrator._principals import Principal, TransportIdentity
 
 
@@ -46,7 +46,7 @@ class Access:
     ) -> None:
         self.authenticator = Authenticator(auth, state_dir)
         self.policy = Policy(auth, policy, plugins, source=source)
-        self.limits = Limits(self.policy.limits_for, source=source)
+        self.limits = PrincipalLimits(self.policy.limits_for, source=source)
 
     def authenticate(self, identity: TransportIdentity, metadata: Metadata = ()) -> Principal:
         """The caller of a call (``UNAUTHENTICATED`` when it cannot be told)."""

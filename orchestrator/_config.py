@@ -198,7 +198,7 @@ class PluginOverride(_Strict):
         return self
 
 
-class Limits(_Strict):
+class CallLimits(_Strict):
     """Limits that protect the mesh from its clients and plugins."""
 
     max_message_bytes: int = Field(
@@ -355,7 +355,9 @@ class MeshConfig(_Strict):
         description="sidecars already running elsewhere, keyed by plugin name; the mesh "
         "routes to them without launching them",
     )
-    limits: Limits = Field(default_factory=Limits, description="message size and call limits")
+    limits: CallLimits = Field(
+        default_factory=CallLimits, description="message size and call limits"
+    )
     retries: RetryPolicy = Field(
         default_factory=RetryPolicy, description="retries of failed calls, for every plugin"
     )

@@ -238,7 +238,7 @@ class SandboxLauncher:
             plugin=plugin.name,
             plugin_dir=manifest.directory,
             data_dir=plugin.paths.data_dir,
-            limits=sandbox.Limits(
+            limits=sandbox.ResourceLimits(
                 memory_mb=grant.memory_mb or needs.memory_mb,
                 cpu_seconds=grant.cpu_seconds or needs.cpu_seconds,
                 max_processes=grant.max_processes or needs.max_processes,

@@ -2,7 +2,7 @@
 
 ::
 
-    limits = Limits(policy.limits_for, source=str(config_path))
+    limits = PrincipalLimits(policy.limits_for, source=str(config_path))
     limits.enter(principal)      # or RateLimited (RESOURCE_EXHAUSTED with RetryInfo)
     try:
         ...                      # the call
@@ -15,7 +15,7 @@ Each principal has its own bucket of ``burst`` calls refilled at
 principal that sets ``limits``, else ``policy.default_limits``). A refused call
 carries ``RetryInfo`` with the time until the bucket holds a token again.
 
-:meth:`Limits.counts` gives, per principal, the calls admitted and refused by
+:meth:`PrincipalLimits.counts` gives, per principal, the calls admitted and refused by
 rate and by concurrency, for the metrics. ``enter`` and ``leave`` are O(1),
 take one uncontended per-principal lock, and are safe from any thread (the data
 plane's and asyncio's).
@@ -66,7 +66,7 @@ class _State:
         self.lock = threading.Lock()
 
 
-class Limits:
+class PrincipalLimits:
     """The limits of every principal; ``limits_for`` is :meth:`Policy.limits_for`."""
 
     def __init__(

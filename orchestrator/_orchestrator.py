@@ -478,7 +478,7 @@ class Orchestrator:
         return max(0.5, deadline - loop.time())
 
 
-#: ``sidemesh.outcome`` of ``sidemesh.auth.calls``, in the order of ``Limits.counts``.
+#: ``sidemesh.outcome`` of ``sidemesh.auth.calls``, in the order of ``PrincipalLimits.counts``.
 _LIMIT_OUTCOMES = ("admitted", "rate_limited", "concurrency_limited")
 
 

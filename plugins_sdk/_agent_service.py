@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from plugins_sdk._agents import AgentSpec
-from plugins_sdk._chat import ChatSession, first_message
+from plugins_sdk._chat import AgentChat, first_message
 from plugins_sdk._context import (
     AgentContext,
     CallInfo,
@@ -20,7 +20,7 @@ from plugins_sdk._context import (
 )
 from plugins_sdk._interceptors import CallInput, Chain, StreamNext
 from plugins_sdk._pump import EventPump
-from plugins_sdk._runtime import PluginRuntime
+from plugins_sdk._runtime import AppRuntime
 from plugins_sdk._tracing import CallSpan, ServerSpans
 from sidemesh.core import InvalidArgumentError, struct_to_dict
 from sidemesh.v1 import agent_pb2, agent_pb2_grpc
@@ -32,7 +32,7 @@ SERVICE = "sidemesh.v1.AgentService"
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """Serves one plugin's agents."""
 
-    def __init__(self, runtime: PluginRuntime) -> None:
+    def __init__(self, runtime: AppRuntime) -> None:
         self._runtime = runtime
         #: The interceptors around each call: its span and its status first.
         self.chain = Chain(
@@ -107,7 +107,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             spec = self.resolve(start.agent, start.capability)
             span = call.started_span()
             span.set_target(spec.name)
-            session = ChatSession(self._runtime, spec, start, call.info, span)
+            session = AgentChat(self._runtime, spec, start, call.info, span)
             async with aclosing(session.run(request_iterator)) as events:
                 async for event in events:
                     yield event

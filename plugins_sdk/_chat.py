@@ -1,4 +1,4 @@
-"""``ChatSession``: one ``AgentService.Chat`` conversation, turn by turn.
+"""``AgentChat``: one ``AgentService.Chat`` conversation, turn by turn.
 
 The client's messages are read by their own task, so ``cancel_turn`` and more
 input reach a turn while it runs. Turns run one at a time, each as a task
@@ -21,7 +21,7 @@ from plugins_sdk._agents import AgentSpec
 from plugins_sdk._context import AgentContext, CallInfo, Event, mark_cancelled, response
 from plugins_sdk._events import AgentInput, cancelled_result
 from plugins_sdk._pump import CANCEL_GRACE, Outbox
-from plugins_sdk._runtime import PluginRuntime
+from plugins_sdk._runtime import AppRuntime
 from plugins_sdk._tracing import CallSpan
 from sidemesh.core import InvalidArgumentError, struct_to_dict
 from sidemesh.v1 import agent_pb2
@@ -73,12 +73,12 @@ class _Inbox:
         return AgentInput.from_proto(self._items.popleft())
 
 
-class ChatSession:
+class AgentChat:
     """The state of one conversation; :meth:`run` is its response stream."""
 
     def __init__(
         self,
-        runtime: PluginRuntime,
+        runtime: AppRuntime,
         spec: AgentSpec,
         start: agent_pb2.ChatStart,
         info: CallInfo,

@@ -20,7 +20,7 @@ from sidemesh.core import SidemeshError, to_struct
 from sidemesh.v1 import agent_pb2, common_pb2
 
 if TYPE_CHECKING:
-    from plugins_sdk._runtime import PluginRuntime
+    from plugins_sdk._runtime import AppRuntime
 
 #: One event of a response stream: the name of the ``oneof`` field it sets, and its message.
 Event = tuple[str, Message]
@@ -95,7 +95,7 @@ class CallContext:
 
     def __init__(
         self,
-        runtime: PluginRuntime,
+        runtime: AppRuntime,
         name: str,
         info: CallInfo,
         logger: logging.Logger,
@@ -200,7 +200,7 @@ class AgentContext(CallContext):
 
     def __init__(
         self,
-        runtime: PluginRuntime,
+        runtime: AppRuntime,
         name: str,
         info: CallInfo,
         logger: logging.Logger,

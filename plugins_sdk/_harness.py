@@ -17,7 +17,7 @@ from clients import AsyncMeshClient
 from plugins_sdk._mesh_endpoint import EndpointCatalog, Routes, add_endpoint
 from plugins_sdk._plugin import Plugin
 from plugins_sdk._runner import serve_runtime
-from plugins_sdk._runtime import PluginRuntime
+from plugins_sdk._runtime import AppRuntime
 from sidemesh.core import SidemeshError, server_options, to_struct
 from sidemesh.v1 import mesh_pb2_grpc, plugin_pb2, plugin_pb2_grpc
 
@@ -48,7 +48,7 @@ class PluginHarness:
         self._dir = ""
         self._serving: asyncio.Task[None] | None = None
         self._endpoints: list[grpc.aio.Server] = []
-        self._runtimes: list[PluginRuntime] = []
+        self._runtimes: list[AppRuntime] = []
         self._client: AsyncMeshClient | None = None
         self._channel: grpc.aio.Channel | None = None
         #: The app's address, ``unix:/tmp/sm.../plugin.sock``.
@@ -104,7 +104,7 @@ class PluginHarness:
         if len(set(names)) != len(names):
             raise ValueError(f"the harness's apps need distinct names, got {names}")
         self._runtimes = [
-            PluginRuntime(a, mesh_address=f"unix:{self._dir}/{i}.mesh.sock")
+            AppRuntime(a, mesh_address=f"unix:{self._dir}/{i}.mesh.sock")
             for i, a in enumerate(apps)
         ]
         for i, runtime in enumerate(self._runtimes):

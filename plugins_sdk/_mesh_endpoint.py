@@ -19,11 +19,11 @@ from typing import Any, NoReturn
 import grpc
 
 from plugins_sdk._agent_service import AgentServicer
-from plugins_sdk._chat import ChatSession, first_message
+from plugins_sdk._chat import AgentChat, first_message
 from plugins_sdk._context import CallInfo
 from plugins_sdk._failures import end_call
 from plugins_sdk._interceptors import CallInput
-from plugins_sdk._runtime import PluginRuntime
+from plugins_sdk._runtime import AppRuntime
 from plugins_sdk._tool_service import ToolServicer
 from sidemesh.core import InvalidArgumentError, NotFoundError, TargetIndex, UnimplementedError
 from sidemesh.v1 import (
@@ -40,7 +40,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 @dataclass(frozen=True)
 class _Member:
-    runtime: PluginRuntime
+    runtime: AppRuntime
     tools: ToolServicer
     agents: AgentServicer
 
@@ -48,7 +48,7 @@ class _Member:
 class Routes:
     """Qualified and short names of the apps' tools and agents."""
 
-    def __init__(self, runtimes: Iterable[PluginRuntime], caller: str) -> None:
+    def __init__(self, runtimes: Iterable[AppRuntime], caller: str) -> None:
         self.caller = caller
         self.members = {r.app.name: _Member(r, ToolServicer(r), AgentServicer(r)) for r in runtimes}
         self._indexes: dict[str, TargetIndex[tuple[_Member, str]]] = {}
@@ -148,7 +148,7 @@ class EndpointAgents(agent_pb2_grpc.AgentServiceServicer):
             await end_call(context, error, "chat", info.call_id)
 
         def session(call: CallInput) -> AsyncGenerator[agent_pb2.ChatResponse, None]:
-            chat = ChatSession(member.runtime, spec, start, call.info, call.started_span())
+            chat = AgentChat(member.runtime, spec, start, call.info, call.started_span())
             return chat.run(request_iterator)
 
         chain = member.agents.chain

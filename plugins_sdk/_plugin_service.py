@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-from plugins_sdk._runtime import DEFAULT_GRACE, PluginRuntime
+from plugins_sdk._runtime import DEFAULT_GRACE, AppRuntime
 from sidemesh.core import SidemeshError, struct_to_dict
 from sidemesh.v1 import plugin_pb2, plugin_pb2_grpc
 
@@ -23,7 +23,7 @@ def grace_period(request: plugin_pb2.ShutdownRequest) -> float:
 class PluginServicer(plugin_pb2_grpc.PluginServiceServicer):
     """Serves one plugin's identity, takes its config, and starts its shutdown."""
 
-    def __init__(self, runtime: PluginRuntime) -> None:
+    def __init__(self, runtime: AppRuntime) -> None:
         self._runtime = runtime
         self._describe = runtime.app.describe()
 

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2_grpc
 from plugins_sdk._agent_service import AgentServicer
 from plugins_sdk._plugin import Plugin
 from plugins_sdk._plugin_service import PluginServicer
-from plugins_sdk._runtime import PluginRuntime
+from plugins_sdk._runtime import AppRuntime
 from plugins_sdk._tool_service import ToolServicer
 from sidemesh.core import SidecarEnv, normalize_address, run_loop, server_options
 from sidemesh.v1 import agent_pb2_grpc, plugin_pb2_grpc, tool_pb2_grpc
@@ -66,7 +66,7 @@ def stop_on_signals(plugin: str, request_stop: Callable[[float], Awaitable[None]
         loop.add_signal_handler(signum, on_signal, signum)
 
 
-def build_server(runtime: PluginRuntime) -> grpc.aio.Server:
+def build_server(runtime: AppRuntime) -> grpc.aio.Server:
     """A gRPC server with every service a sidecar serves, for ``runtime``."""
     server = sidecar_server()
     plugin_pb2_grpc.add_PluginServiceServicer_to_server(PluginServicer(runtime), server)
@@ -82,11 +82,11 @@ async def serve(app: Plugin, address: str, *, mesh_address: str | None = None) -
     ``mesh_address`` is where callbacks go (``ctx.mesh``); without one, they
     fail with ``FAILED_PRECONDITION``.
     """
-    await serve_runtime(PluginRuntime(app, mesh_address=mesh_address), address)
+    await serve_runtime(AppRuntime(app, mesh_address=mesh_address), address)
 
 
 async def serve_runtime(
-    runtime: PluginRuntime,
+    runtime: AppRuntime,
     address: str,
     *,
     extra: Callable[[grpc.aio.Server], None] | None = None,
@@ -133,10 +133,10 @@ def run(app: Plugin) -> None:
         sys.exit(f"{LISTEN_ENV} is not set: the address to serve on, e.g. unix:/tmp/plugin.sock")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    runtime = PluginRuntime(app, mesh_address=os.environ.get(MESH_ADDRESS_ENV) or None)
+    runtime = AppRuntime(app, mesh_address=os.environ.get(MESH_ADDRESS_ENV) or None)
     run_loop(_main(runtime, address))
 
 
-async def _main(runtime: PluginRuntime, address: str) -> None:
+async def _main(runtime: AppRuntime, address: str) -> None:
     stop_on_signals(runtime.app.name, runtime.request_stop)
     await serve_runtime(runtime, address)

@@ -1,4 +1,4 @@
-"""``PluginRuntime``: one served instance of a plugin: its config, health, mesh client, shutdown."""
+"""``AppRuntime``: one served instance of a plugin: its config, health, mesh client, shutdown."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ DEFAULT_GRACE = 10.0
 _MAX_NAMES = 20
 
 
-class PluginRuntime:
+class AppRuntime:
     """The state shared by all of one served plugin's calls.
 
     Health reports ``SERVING`` once the plugin can take calls: at start when

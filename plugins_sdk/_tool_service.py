@@ -11,7 +11,7 @@ import grpc
 from plugins_sdk._context import CallInfo, ToolContext, mark_cancelled, response
 from plugins_sdk._interceptors import CallInput, Chain
 from plugins_sdk._pump import EventPump
-from plugins_sdk._runtime import PluginRuntime
+from plugins_sdk._runtime import AppRuntime
 from plugins_sdk._tools import ToolSpec
 from plugins_sdk._tracing import CallSpan, ServerSpans
 from sidemesh.core import struct_to_dict
@@ -24,7 +24,7 @@ SERVICE = "sidemesh.v1.ToolService"
 class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
     """Serves one plugin's tools."""
 
-    def __init__(self, runtime: PluginRuntime) -> None:
+    def __init__(self, runtime: AppRuntime) -> None:
         self._runtime = runtime
         #: The interceptors around each call: its span and its status first.
         self.chain = Chain(

@@ -134,7 +134,7 @@ def template_pattern(template: str) -> re.Pattern[str]:
     return re.compile(f"^{regex}$")
 
 
-class Catalog:
+class GatewayCatalog:
     """The tools, prompts and resources of one view, refreshed from the mesh."""
 
     def __init__(self, mesh: AsyncMeshClient, view: View, authorizer: Authorizer) -> None:

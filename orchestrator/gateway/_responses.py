@@ -35,7 +35,7 @@ from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.types import Message, Receive
 
-from orchestrator.gateway._catalog import Catalog
+from orchestrator.gateway._catalog import GatewayCatalog
 
 #: Whether the POST being served is answered with one JSON body.
 JSON_POST: ContextVar[bool] = ContextVar("sidemesh_mcp_json_post", default=False)
@@ -85,7 +85,9 @@ class Sessions:
         self.answers[session] = any(k in caps for k in ("sampling", "elicitation", "roots"))
 
 
-def wants_stream(message: Any, session: str | None, sessions: Sessions, catalog: Catalog) -> bool:
+def wants_stream(
+    message: Any, session: str | None, sessions: Sessions, catalog: GatewayCatalog
+) -> bool:
     """Whether this POST's JSON-RPC message needs an SSE answer (see the module docstring)."""
     if not isinstance(message, dict) or "id" not in message:
         return False  # a notification or a response: answered 202, no body

@@ -45,7 +45,7 @@ from clients import AsyncMeshClient
 from orchestrator.gateway import _calls as calls
 from orchestrator.gateway import _convert as convert
 from orchestrator.gateway._auth import ANONYMOUS, AllowAll, Authorizer
-from orchestrator.gateway._catalog import Catalog, Target
+from orchestrator.gateway._catalog import GatewayCatalog, Target
 from orchestrator.gateway._tasks import Tasks
 from orchestrator.gateway._view import View
 from orchestrator.gateway._watches import Watches
@@ -83,7 +83,7 @@ class MeshMcpServer:
     ) -> None:
         self._mesh = mesh
         self.view = view or View()
-        self.catalog = Catalog(mesh, self.view, authorizer or AllowAll())
+        self.catalog = GatewayCatalog(mesh, self.view, authorizer or AllowAll())
         #: The principal of stdio clients (HTTP requests carry their own).
         self.principal = principal
         self._digest = ""

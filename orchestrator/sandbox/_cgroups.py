@@ -104,7 +104,7 @@ class ReplicaCgroup:
         return _counter(self.dirs["pids"] / "pids.events", "max")
 
     def new_events(self) -> list[str]:
-        """Limits reached since the last call, in words."""
+        """ResourceLimits reached since the last call, in words."""
         events = []
         kills, hits = self.oom_kills(), self.pid_limit_hits()
         if kills > self._oom_kills:

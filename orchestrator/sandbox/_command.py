@@ -106,7 +106,7 @@ class PreparedSidecar:
         return f"exit code {returncode}"
 
     def new_events(self) -> list[str]:
-        """Limits the sidecar ran into since the last call."""
+        """ResourceLimits the sidecar ran into since the last call."""
         return self.cgroup.new_events() if self.cgroup is not None else []
 
     def release(self) -> None:

@@ -23,7 +23,7 @@ SANDBOX_UID = 65534
 
 
 @dataclass(frozen=True)
-class Limits:
+class ResourceLimits:
     """Resource limits of each sidecar process (tree) of a plugin."""
 
     memory_mb: int
@@ -69,7 +69,7 @@ class SandboxRequest:
     plugin: str
     plugin_dir: Path
     data_dir: Path
-    limits: Limits
+    limits: ResourceLimits
     #: The manifest asks for network access / the operator grants it.
     wants_network: bool = False
     network_granted: bool = False

@@ -25,7 +25,7 @@ _MAX_NAMES = 20
 
 
 @dataclass(frozen=True, slots=True)
-class ToolEntry:
+class ServerTool:
     """One MCP tool: as MCP describes it, as the mesh describes it, and its argument check."""
 
     tool: types.Tool
@@ -46,17 +46,17 @@ async def list_all_tools(session: ClientSession) -> list[types.Tool]:
     return tools
 
 
-class Catalog:
+class ServerCatalog:
     """The tools of the plugin's MCP server, by name."""
 
     def __init__(self, plugin: str) -> None:
         self._plugin = plugin
-        self._tools: dict[str, ToolEntry] = {}
+        self._tools: dict[str, ServerTool] = {}
 
     def replace(self, tools: list[types.Tool]) -> None:
         """Takes a fresh listing (the last tool of a name wins)."""
         self._tools = {
-            t.name: ToolEntry(t, tool_descriptor(t), compile_schema(t.name, t.input_schema))
+            t.name: ServerTool(t, tool_descriptor(t), compile_schema(t.name, t.input_schema))
             for t in sorted(tools, key=lambda t: t.name)
         }
 
@@ -67,7 +67,7 @@ class Catalog:
     def __len__(self) -> int:
         return len(self._tools)
 
-    def tool(self, target: str) -> ToolEntry:
+    def tool(self, target: str) -> ServerTool:
         """The tool a request names (``name`` or ``plugin/name``); ``NotFoundError`` if none."""
         plugin, sep, name = target.rpartition("/")
         entry = self._tools.get(name if sep and plugin == self._plugin else target)

@@ -33,7 +33,7 @@ from mcp import Client
 from mcp.shared.exceptions import MCPError
 
 from sidecars.mcp._asking import Callbacks, InFlight
-from sidecars.mcp._catalog import Catalog, list_all_tools
+from sidecars.mcp._catalog import ServerCatalog, list_all_tools
 from sidecars.mcp._convert import server_info
 from sidecars.mcp._errors import Lookup, server_gone, to_status
 from sidecars.mcp._notifications import Notifications
@@ -71,7 +71,7 @@ class ServerLink:
         self.spec = spec
         self.plugin = plugin
         #: The server's tools, refreshed on every session and list change.
-        self.catalog = Catalog(plugin)
+        self.catalog = ServerCatalog(plugin)
         #: The server's identity and capabilities (``McpServerInfo``).
         self.info = mcp_pb2.McpServerInfo()
         #: Set when the link gave up on the server (it keeps failing); see ``failure``.

@@ -19,7 +19,7 @@ from sidecars._logging import LOG_LEVEL_ENV, configure_logging
 from sidecars._telemetry import configure_tracing
 from sidecars.mcp._link import ServerLink, StartupError
 from sidecars.mcp._mcp_service import McpServicer
-from sidecars.mcp._services import PluginServicer, ToolServicer
+from sidecars.mcp._services import McpPluginServicer, McpToolServicer
 from sidecars.mcp._spec import ServerSpec, SpecError
 from sidecars.mcp._watchers import Watchers
 from sidemesh.core import SidecarEnv, normalize_address, run_loop
@@ -101,10 +101,10 @@ class _Bridge:
         """The gRPC server with every service of the bridge."""
         server = sidecar_server()
         plugin_pb2_grpc.add_PluginServiceServicer_to_server(
-            PluginServicer(self.link, self.request_stop), server
+            McpPluginServicer(self.link, self.request_stop), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        tool_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(self.link), server)
+        tool_pb2_grpc.add_ToolServiceServicer_to_server(McpToolServicer(self.link), server)
         mcp_pb2_grpc.add_McpServiceServicer_to_server(McpServicer(self.link), server)
         return server
 

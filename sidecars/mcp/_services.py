@@ -13,7 +13,7 @@ from sidemesh.core import CONTRACT_VERSION
 from sidemesh.v1 import plugin_pb2, plugin_pb2_grpc, tool_pb2, tool_pb2_grpc
 
 
-class PluginServicer(plugin_pb2_grpc.PluginServiceServicer):
+class McpPluginServicer(plugin_pb2_grpc.PluginServiceServicer):
     """The plugin's identity (the MCP server's), its tools, and its shutdown."""
 
     def __init__(self, link: ServerLink, stop: Callable[[float], Awaitable[None]]) -> None:
@@ -51,7 +51,7 @@ class PluginServicer(plugin_pb2_grpc.PluginServiceServicer):
         return plugin_pb2.ShutdownResponse()
 
 
-class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
+class McpToolServicer(tool_pb2_grpc.ToolServiceServicer):
     """The MCP server's tools as ``plugin/tool`` in the mesh."""
 
     def __init__(self, link: ServerLink) -> None:

@@ -11,7 +11,7 @@ from google.rpc import error_details_pb2
 from clients import ResourceExhaustedError
 from orchestrator._auth_config import AuthConfig, PolicyConfig
 from orchestrator._authz import Policy
-from orchestrator._limits import Limits, RateLimited
+from orchestrator._limits import PrincipalLimits, RateLimited
 from orchestrator._principals import Principal
 
 SOURCE = "/etc/sidemesh/sidemesh.yaml"
@@ -28,7 +28,7 @@ class Clock:
         return self.now
 
 
-def limits(clock: Clock, **default: Any) -> Limits:
+def limits(clock: Clock, **default: Any) -> PrincipalLimits:
     policy = Policy(
         AuthConfig(),
         PolicyConfig.model_validate(
@@ -42,10 +42,10 @@ def limits(clock: Clock, **default: Any) -> Limits:
             }
         ),
     )  # fmt: skip
-    return Limits(policy.limits_for, source=SOURCE, clock=clock)
+    return PrincipalLimits(policy.limits_for, source=SOURCE, clock=clock)
 
 
-def over(limits: Limits, principal: Principal) -> RateLimited:
+def over(limits: PrincipalLimits, principal: Principal) -> RateLimited:
     with pytest.raises(ResourceExhaustedError) as caught:
         limits.enter(principal)
     assert isinstance(caught.value, RateLimited)

@@ -15,7 +15,7 @@ from mcp.shared.exceptions import MCPError
 from clients import InvalidArgumentError, NotFoundError
 from sidecars.mcp import _convert as convert
 from sidecars.mcp._arguments import check_arguments, compile_schema
-from sidecars.mcp._catalog import Catalog
+from sidecars.mcp._catalog import ServerCatalog
 from sidecars.mcp._errors import Lookup, to_status
 from sidecars.mcp._spec import ServerSpec, SpecError
 from sidecars.mcp._watchers import Watchers, list_changed, resource_updated
@@ -207,7 +207,7 @@ def test_arguments_are_checked_with_field_paths() -> None:
 
 
 def test_catalog_accepts_qualified_names_and_names_the_tools_when_not_found() -> None:
-    catalog = Catalog("mcp-time")
+    catalog = ServerCatalog("mcp-time")
     catalog.replace([types.Tool(name=n, input_schema={"type": "object"}) for n in ("b", "a")])
     assert [d.name for d in catalog.descriptors()] == ["a", "b"]
     assert catalog.tool("mcp-time/a").tool.name == "a"

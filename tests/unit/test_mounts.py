@@ -226,8 +226,9 @@ def _prepare(tmp_path: Path, request: sandbox.SandboxRequest) -> sandbox.Prepare
 
 
 def _request(tmp_path: Path, **fields: object) -> sandbox.SandboxRequest:
-    limits = sandbox.Limits(memory_mb=128, cpu_seconds=5, max_processes=32, max_open_files=64,
-                            max_file_size_mb=2)  # fmt: skip
+    limits = sandbox.ResourceLimits(
+        memory_mb=128, cpu_seconds=5, max_processes=32, max_open_files=64, max_file_size_mb=2
+    )
     return sandbox.SandboxRequest(
         plugin="p",
         plugin_dir=tmp_path / "plugin",

@@ -61,7 +61,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         *("ACCOUNTED", "Bind", "IMAGE", "INSIDE_LISTEN", "INSIDE_MESH", "LAYERS"),
         "UID_REGISTRY_FILE",
         *("DataAccount", "DataImage", "DataQuota", "DataUsage", "HostSupport"),
-        *("ImageUnavailable", "Layer", "Limits", "Policy", "PreparedSidecar", "QuotaError"),
+        *("ImageUnavailable", "Layer", "ResourceLimits", "Policy", "PreparedSidecar", "QuotaError"),
         *("SandboxRequest", "UidAllocator", "policy", "prepare", "probe", "remove_mesh_cgroups"),
     ],
     "orchestrator": [

@@ -19,8 +19,9 @@ FULL = sandbox.HostSupport(
     root=True, bwrap="/usr/bin/bwrap", bwrap_why="", seccomp_why="", landlock_abi=6,
     landlock_why="", cgroup_why="",
 )  # fmt: skip
-LIMITS = sandbox.Limits(memory_mb=128, cpu_seconds=5, max_processes=32, max_open_files=64,
-                        max_file_size_mb=2)  # fmt: skip
+LIMITS = sandbox.ResourceLimits(
+    memory_mb=128, cpu_seconds=5, max_processes=32, max_open_files=64, max_file_size_mb=2
+)
 
 
 def _request(tmp_path: Path, **changes: object) -> sandbox.SandboxRequest:
