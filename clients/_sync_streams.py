@@ -50,12 +50,7 @@ class SyncStream(Iterator[ResponseT]):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.cancel()
 
     def __iter__(self) -> Iterator[ResponseT]:

@@ -8,7 +8,6 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from functools import partial
-from types import TracebackType
 from typing import Any, Self
 
 import grpc
@@ -82,12 +81,7 @@ class PluginHarness:
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *_: object) -> None:
         await self._stop()
 
     async def configure(self, config: Mapping[str, Any]) -> None:

@@ -163,10 +163,5 @@ class _Current:
     def __enter__(self) -> None:
         self._token = otel_context.attach(self._context)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         otel_context.detach(self._token)

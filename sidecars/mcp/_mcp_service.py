@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import mcp_types as types
@@ -25,7 +25,7 @@ from sidecars.mcp._link import ServerLink
 from sidemesh.core import UnavailableError
 from sidemesh.v1 import mcp_pb2, mcp_pb2_grpc
 
-R = TypeVar("R")
+M = TypeVar("M", bound=types.Result)
 
 
 def _page(token: str) -> types.PaginatedRequestParams:
@@ -59,19 +59,15 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
         self, request: mcp_pb2.McpServiceListToolsRequest, context: Context
     ) -> mcp_pb2.McpServiceListToolsResponse:
         """One page of the server's tools, as the server pages them."""
-
-        async def send(client: Client, seconds: float) -> mcp_pb2.McpServiceListToolsResponse:
-            result = await client.session.send_request(
-                types.ListToolsRequest(params=_page(request.page_token)),
-                types.ListToolsResult,
-                request_read_timeout_seconds=seconds,
-            )
-            return mcp_pb2.McpServiceListToolsResponse(
-                tools=[convert.tool_descriptor(t) for t in result.tools],
-                next_page_token=convert.page(result.next_cursor),
-            )
-
-        return await self._unary("ListTools", context, "tools/list", send)
+        result = await self._ask(
+            "ListTools", context, "tools/list",
+            types.ListToolsRequest(params=_page(request.page_token)),
+            types.ListToolsResult,
+        )  # fmt: skip
+        return mcp_pb2.McpServiceListToolsResponse(
+            tools=[convert.tool_descriptor(t) for t in result.tools],
+            next_page_token=convert.page(result.next_cursor),
+        )
 
     async def CallTool(
         self, request: mcp_pb2.McpServiceCallToolRequest, context: Context
@@ -115,124 +111,94 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
         self, request: mcp_pb2.ListResourcesRequest, context: Context
     ) -> mcp_pb2.ListResourcesResponse:
         """One page of the server's resources."""
-
-        async def send(client: Client, seconds: float) -> mcp_pb2.ListResourcesResponse:
-            result = await client.session.send_request(
-                types.ListResourcesRequest(params=_page(request.page_token)),
-                types.ListResourcesResult,
-                request_read_timeout_seconds=seconds,
-            )
-            return mcp_pb2.ListResourcesResponse(
-                resources=[convert.resource(r) for r in result.resources],
-                next_page_token=convert.page(result.next_cursor),
-            )
-
-        return await self._unary("ListResources", context, "resources/list", send)
+        result = await self._ask(
+            "ListResources", context, "resources/list",
+            types.ListResourcesRequest(params=_page(request.page_token)),
+            types.ListResourcesResult,
+        )  # fmt: skip
+        return mcp_pb2.ListResourcesResponse(
+            resources=[convert.resource(r) for r in result.resources],
+            next_page_token=convert.page(result.next_cursor),
+        )
 
     async def ListResourceTemplates(
         self, request: mcp_pb2.ListResourceTemplatesRequest, context: Context
     ) -> mcp_pb2.ListResourceTemplatesResponse:
         """One page of the server's resource templates."""
-
-        async def send(client: Client, seconds: float) -> mcp_pb2.ListResourceTemplatesResponse:
-            result = await client.session.send_request(
-                types.ListResourceTemplatesRequest(params=_page(request.page_token)),
-                types.ListResourceTemplatesResult,
-                request_read_timeout_seconds=seconds,
-            )
-            return mcp_pb2.ListResourceTemplatesResponse(
-                resource_templates=[
-                    convert.resource_template(t) for t in result.resource_templates
-                ],
-                next_page_token=convert.page(result.next_cursor),
-            )
-
-        return await self._unary("ListResourceTemplates", context, "resources/templates/list", send)
+        result = await self._ask(
+            "ListResourceTemplates", context, "resources/templates/list",
+            types.ListResourceTemplatesRequest(params=_page(request.page_token)),
+            types.ListResourceTemplatesResult,
+        )  # fmt: skip
+        return mcp_pb2.ListResourceTemplatesResponse(
+            resource_templates=[convert.resource_template(t) for t in result.resource_templates],
+            next_page_token=convert.page(result.next_cursor),
+        )
 
     async def ReadResource(
         self, request: mcp_pb2.ReadResourceRequest, context: Context
     ) -> mcp_pb2.ReadResourceResponse:
         """A resource's contents, text or bytes; ``NOT_FOUND`` for an unknown URI."""
-
-        async def send(client: Client, seconds: float) -> mcp_pb2.ReadResourceResponse:
-            result = await client.session.send_request(
-                types.ReadResourceRequest(params=types.ReadResourceRequestParams(uri=request.uri)),
-                types.ReadResourceResult,
-                request_read_timeout_seconds=seconds,
-            )
-            return mcp_pb2.ReadResourceResponse(
-                contents=[convert.resource_contents(c) for c in result.contents]
-            )
-
-        return await self._unary(
-            "ReadResource", context, f"resources/read {request.uri}", send, lookup="resource"
+        result = await self._ask(
+            "ReadResource", context, f"resources/read {request.uri}",
+            types.ReadResourceRequest(params=types.ReadResourceRequestParams(uri=request.uri)),
+            types.ReadResourceResult, lookup="resource",
+        )  # fmt: skip
+        return mcp_pb2.ReadResourceResponse(
+            contents=[convert.resource_contents(c) for c in result.contents]
         )
 
     async def ListPrompts(
         self, request: mcp_pb2.ListPromptsRequest, context: Context
     ) -> mcp_pb2.ListPromptsResponse:
         """One page of the server's prompts."""
-
-        async def send(client: Client, seconds: float) -> mcp_pb2.ListPromptsResponse:
-            result = await client.session.send_request(
-                types.ListPromptsRequest(params=_page(request.page_token)),
-                types.ListPromptsResult,
-                request_read_timeout_seconds=seconds,
-            )
-            return mcp_pb2.ListPromptsResponse(
-                prompts=[convert.prompt(p) for p in result.prompts],
-                next_page_token=convert.page(result.next_cursor),
-            )
-
-        return await self._unary("ListPrompts", context, "prompts/list", send)
+        result = await self._ask(
+            "ListPrompts", context, "prompts/list",
+            types.ListPromptsRequest(params=_page(request.page_token)),
+            types.ListPromptsResult,
+        )  # fmt: skip
+        return mcp_pb2.ListPromptsResponse(
+            prompts=[convert.prompt(p) for p in result.prompts],
+            next_page_token=convert.page(result.next_cursor),
+        )
 
     async def GetPrompt(
         self, request: mcp_pb2.GetPromptRequest, context: Context
     ) -> mcp_pb2.GetPromptResponse:
         """A prompt rendered with the arguments; ``NOT_FOUND`` for an unknown prompt."""
-
-        async def send(client: Client, seconds: float) -> mcp_pb2.GetPromptResponse:
-            params = types.GetPromptRequestParams(
-                name=request.name, arguments=dict(request.arguments) or None
-            )
-            result = await client.session.send_request(
-                types.GetPromptRequest(params=params),
-                types.GetPromptResult,
-                request_read_timeout_seconds=seconds,
-            )
-            return convert.prompt_result(result)
-
-        return await self._unary(
-            "GetPrompt", context, f"prompts/get {request.name}", send, lookup="prompt"
+        params = types.GetPromptRequestParams(
+            name=request.name, arguments=dict(request.arguments) or None
         )
+        result = await self._ask(
+            "GetPrompt", context, f"prompts/get {request.name}",
+            types.GetPromptRequest(params=params),
+            types.GetPromptResult, lookup="prompt",
+        )  # fmt: skip
+        return convert.prompt_result(result)
 
     async def Complete(
         self, request: mcp_pb2.CompleteRequest, context: Context
     ) -> mcp_pb2.CompleteResponse:
         """Completions of a prompt argument or a resource template variable."""
-
-        async def send(client: Client, seconds: float) -> mcp_pb2.CompleteResponse:
-            ref: types.PromptReference | types.ResourceTemplateReference
-            if request.WhichOneof("ref") == "resource_template":
-                ref = types.ResourceTemplateReference(uri=request.resource_template)
-            else:
-                ref = types.PromptReference(name=request.prompt)
-            context_args = dict(request.context_arguments)
-            params = types.CompleteRequestParams(
-                ref=ref,
-                argument=types.CompletionArgument(
-                    name=request.argument_name, value=request.argument_value
-                ),
-                context=types.CompletionContext(arguments=context_args) if context_args else None,
-            )
-            result = await client.session.send_request(
-                types.CompleteRequest(params=params),
-                types.CompleteResult,
-                request_read_timeout_seconds=seconds,
-            )
-            return convert.completion(result)
-
-        return await self._unary("Complete", context, "completion/complete", send)
+        ref: types.PromptReference | types.ResourceTemplateReference
+        if request.WhichOneof("ref") == "resource_template":
+            ref = types.ResourceTemplateReference(uri=request.resource_template)
+        else:
+            ref = types.PromptReference(name=request.prompt)
+        context_args = dict(request.context_arguments)
+        params = types.CompleteRequestParams(
+            ref=ref,
+            argument=types.CompletionArgument(
+                name=request.argument_name, value=request.argument_value
+            ),
+            context=types.CompletionContext(arguments=context_args) if context_args else None,
+        )
+        result = await self._ask(
+            "Complete", context, "completion/complete",
+            types.CompleteRequest(params=params),
+            types.CompleteResult,
+        )  # fmt: skip
+        return convert.completion(result)
 
     async def Watch(
         self, request: mcp_pb2.WatchRequest, context: Context
@@ -258,18 +224,25 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
             async for response in responses:
                 yield response
 
-    async def _unary(
+    async def _ask(
         self,
         method: str,
         context: Context,
         what: str,
-        send: Callable[[Client, float], Awaitable[R]],
+        mcp_request: Any,
+        result_type: type[M],
         *,
         lookup: Lookup = "",
-    ) -> R:
-        """A unary call in its SERVER span: ``send`` through the link, failures as statuses."""
+    ) -> M:
+        """One MCP request in the call's SERVER span: sent through the link within the
+        call's deadline, its result parsed as ``result_type``, failures as statuses."""
 
-        async def body(timeout: float) -> R:
+        async def send(client: Client, seconds: float) -> M:
+            return await client.session.send_request(
+                mcp_request, result_type, request_read_timeout_seconds=seconds
+            )
+
+        async def body(timeout: float) -> M:
             return await self._link.request(what, send, timeout, lookup=lookup)
 
         return await unary(self._chain, method, context, what, body, self._link)

@@ -77,12 +77,7 @@ class ServerTransport:
         read, write = streams
         return _ReadStream(read, self.closed.set), _WriteStream(write)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *_: object) -> None:
         await self._close()
 
     async def _close(self) -> None:
