@@ -12,8 +12,10 @@ callbacks the decisions noted are emitted first.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 
 import sidemesh_dataplane as dp
@@ -52,6 +54,9 @@ class Accounting:
         self._telemetry = telemetry
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._unauthenticated_count = 0  # refused since the last log line about them
+        self._unauthenticated_logged = -1.0
+        self._unauthenticated_last = ("", "", "", "", "")
         self._durations = (
             telemetry.meter.create_histogram(
                 "rpc.server.call.duration", unit="s", description="Duration of routed calls"
@@ -90,6 +95,11 @@ class Accounting:
         denied = decider.denied
         while denied:
             self._denied(*denied.popleft())
+        unauthenticated = decider.unauthenticated
+        if unauthenticated:
+            self._unauthenticated(unauthenticated)
+        if self._unauthenticated_count:
+            self._log_unauthenticated()
         for record in self._plane.take_records():
             context = record.context
             if isinstance(context, CallContext):
@@ -170,6 +180,29 @@ class Accounting:
             )  # fmt: skip
 
         self._events.emit(plugin, "call_started", build, also=(caller,) if caller else ())
+
+    def _unauthenticated(self, refused: collections.deque[tuple[str, str, str, str, str]]) -> None:
+        self._unauthenticated_count += len(refused)
+        self._unauthenticated_last = refused[-1]
+        while refused:
+            plugin, target, method, reason, peer = refused.popleft()
+            self._events.emit(
+                plugin,
+                "unauthenticated",
+                mesh_pb2.Unauthenticated(target=target, method=method, reason=reason, peer=peer),
+            )
+
+    def _log_unauthenticated(self) -> None:
+        """One line about the refused unauthenticated calls, at most once a second."""
+        now = time.monotonic()
+        if now - self._unauthenticated_logged < 1.0:
+            return
+        _, target, _, reason, peer = self._unauthenticated_last
+        log.warning(
+            "refused %d unauthenticated call(s) (the last from %s to %s: %s)",
+            self._unauthenticated_count, peer, target, reason,
+        )  # fmt: skip
+        self._unauthenticated_count, self._unauthenticated_logged = 0, now
 
     def _denied(
         self, caller: str, plugin: str, target: str, method: str, reason: str, principal: str

@@ -16,7 +16,9 @@ from sidemesh.v1 import mesh_pb2
 
 log = logging.getLogger("sidemesh.events")
 
-_CALL_EVENTS = frozenset({"call_started", "call_finished", "call_failed", "permission_denied"})
+_CALL_EVENTS = frozenset(
+    {"call_started", "call_finished", "call_failed", "permission_denied", "unauthenticated"}
+)
 _CLOSED = object()
 
 

@@ -37,6 +37,7 @@ from sidemesh.core import (
     InvalidArgumentError,
     ResourceExhaustedError,
     SidemeshError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from sidemesh.v1 import tool_pb2
@@ -101,6 +102,11 @@ class _Resolving:
                 self.identity, _text(self._call.header("authorization")), kind,
                 entry.qualified, method,
             )  # fmt: skip
+        except UnauthenticatedError as refused:
+            self._decider.unauthenticated.append(
+                (entry.plugin, entry.qualified, method, str(refused), self.identity.describe())
+            )
+            raise
         except AccessDenied as denied:
             caller = self._call.caller
             self._decider.denied.append(
@@ -133,6 +139,11 @@ class Decider:
         #: principal): the ``call_started`` events, emitted on the loop.
         self.started: collections.deque[tuple[str, str, str, str, str, int, str, str]] = (
             collections.deque()
+        )
+        #: Calls refused as UNAUTHENTICATED (target plugin, target, method, reason, peer);
+        #: bounded, a flood of them drops the oldest.
+        self.unauthenticated: collections.deque[tuple[str, str, str, str, str]] = collections.deque(
+            maxlen=256
         )
         #: Refused calls (caller plugin, target plugin, target, method, reason, principal).
         self.denied: collections.deque[tuple[str, str, str, str, str, str]] = collections.deque()

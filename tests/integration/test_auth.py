@@ -687,3 +687,14 @@ async def test_auth_off_lets_anyone_on_tcp_call_as_anonymous(make_mesh: MakeMesh
     assert_admitted(mesh, await call_add(mesh.tcp_address, token=owner), "token:owner")
     outcome = await call_add(mesh.tcp_address, token="smt_" + "w" * 43)
     assert_admitted(mesh, outcome, "anonymous")
+
+
+async def test_an_unauthenticated_call_is_an_event_and_a_log_line(plain: Mesh) -> None:
+    outcome = await call_add(plain.tcp_address)
+    assert outcome.code == "UNAUTHENTICATED", f"{outcome.error or outcome.result}"
+    peer = "plain TCP from a loopback address"
+    refused = call_event(plain, "unauthenticated", target="tools-demo/add", peer=peer)
+    assert refused.method == "CallTool"
+    assert "bearer token" in refused.reason
+    wait_until(lambda: "unauthenticated call(s) (the last from" in plain.log(), 10,
+               "the orchestrator to log the refusal")  # fmt: skip

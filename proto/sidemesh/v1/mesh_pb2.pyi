@@ -994,6 +994,7 @@ class WatchEventsResponse(_message.Message):
     SANDBOX_VIOLATION_FIELD_NUMBER: _builtins.int
     REPLICA_EJECTED_FIELD_NUMBER: _builtins.int
     REPLICA_RESTORED_FIELD_NUMBER: _builtins.int
+    UNAUTHENTICATED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Increases by one with every event the orchestrator emits; a gap means
     events were dropped because this client read too slowly.
@@ -1053,6 +1054,12 @@ class WatchEventsResponse(_message.Message):
     def replica_restored(self) -> Global___ReplicaRestored:
         """An ejected replica takes calls again."""
 
+    @_builtins.property
+    def unauthenticated(self) -> Global___Unauthenticated:
+        """A call was refused because its caller did not prove who it is (no
+        credential, or a bad one).
+        """
+
     def __init__(
         self,
         *,
@@ -1070,12 +1077,13 @@ class WatchEventsResponse(_message.Message):
         sandbox_violation: Global___SandboxViolation | None = ...,
         replica_ejected: Global___ReplicaEjected | None = ...,
         replica_restored: Global___ReplicaRestored | None = ...,
+        unauthenticated: Global___Unauthenticated | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call_failed", b"call_failed", "call_finished", b"call_finished", "call_started", b"call_started", "event", b"event", "permission_denied", b"permission_denied", "plugin_state_changed", b"plugin_state_changed", "replica_ejected", b"replica_ejected", "replica_exited", b"replica_exited", "replica_ready", b"replica_ready", "replica_restored", b"replica_restored", "replica_started", b"replica_started", "sandbox_violation", b"sandbox_violation", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call_failed", b"call_failed", "call_finished", b"call_finished", "call_started", b"call_started", "event", b"event", "permission_denied", b"permission_denied", "plugin_state_changed", b"plugin_state_changed", "replica_ejected", b"replica_ejected", "replica_exited", b"replica_exited", "replica_ready", b"replica_ready", "replica_restored", b"replica_restored", "replica_started", b"replica_started", "sandbox_violation", b"sandbox_violation", "time", b"time", "unauthenticated", b"unauthenticated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_failed", b"call_failed", "call_finished", b"call_finished", "call_started", b"call_started", "event", b"event", "permission_denied", b"permission_denied", "plugin", b"plugin", "plugin_state_changed", b"plugin_state_changed", "replica_ejected", b"replica_ejected", "replica_exited", b"replica_exited", "replica_ready", b"replica_ready", "replica_restored", b"replica_restored", "replica_started", b"replica_started", "sandbox_violation", b"sandbox_violation", "sequence", b"sequence", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_failed", b"call_failed", "call_finished", b"call_finished", "call_started", b"call_started", "event", b"event", "permission_denied", b"permission_denied", "plugin", b"plugin", "plugin_state_changed", b"plugin_state_changed", "replica_ejected", b"replica_ejected", "replica_exited", b"replica_exited", "replica_ready", b"replica_ready", "replica_restored", b"replica_restored", "replica_started", b"replica_started", "sandbox_violation", b"sandbox_violation", "sequence", b"sequence", "time", b"time", "unauthenticated", b"unauthenticated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["plugin_state_changed", "replica_started", "replica_ready", "replica_exited", "call_started", "call_finished", "call_failed", "permission_denied", "sandbox_violation", "replica_ejected", "replica_restored"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["plugin_state_changed", "replica_started", "replica_ready", "replica_exited", "call_started", "call_finished", "call_failed", "permission_denied", "sandbox_violation", "replica_ejected", "replica_restored", "unauthenticated"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -1454,6 +1462,42 @@ class PermissionDenied(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PermissionDenied: _TypeAlias = PermissionDenied  # noqa: Y015
+
+@_typing.final
+class Unauthenticated(_message.Message):
+    """A call was refused as `UNAUTHENTICATED`. A flood of them is bounded: at
+    most 256 are recorded every 50 ms, and the orchestrator's log sums them up.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    target: _builtins.str
+    """What it tried to call, as named in the request."""
+    method: _builtins.str
+    """The method called, e.g. `CallTool`."""
+    reason: _builtins.str
+    """Why, and how to authenticate."""
+    peer: _builtins.str
+    """The listener and peer in words, e.g. `plain TCP from a loopback address`."""
+    def __init__(
+        self,
+        *,
+        target: _builtins.str = ...,
+        method: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        peer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "peer", b"peer", "reason", b"reason", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Unauthenticated: _TypeAlias = Unauthenticated  # noqa: Y015
 
 @_typing.final
 class ListTracesRequest(_message.Message):
