@@ -3,7 +3,7 @@
 ```python
 from plugins_sdk import Plugin, ToolContext
 
-app = Plugin("tools-demo", version="0.1.0")
+app = Plugin()  # named, versioned and described by the plugin.yaml beside it
 
 @app.tool(read_only=True)
 async def add(a: int, b: int) -> int:

@@ -65,7 +65,8 @@ class Plugin:
     ) -> None:
         #: What the code states itself, rather than leaving it to the manifest.
         self._in_code = {"name": name, "version": version, "description": description}
-        manifest = _manifest_beside(sys._getframe(1).f_globals.get("__file__"))
+        told = name and version and description  # all stated: no manifest to read
+        manifest = {} if told else _manifest_beside(sys._getframe(1).f_globals.get("__file__"))
         name = name or os.environ.get(PLUGIN_ENV, "") or str(manifest.get("name") or "")
         if not name:
             raise ValueError(

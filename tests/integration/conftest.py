@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshproc import Mesh
+from meshproc import Mesh, stop_all
 
 pytestmark = pytest.mark.integration
 
@@ -23,10 +23,4 @@ def make_mesh(tmp_path: Path) -> Iterator[Callable[..., Mesh]]:
         return mesh
 
     yield make
-    for mesh in meshes:
-        try:
-            mesh.stop()
-            leftovers = mesh.sidecars()
-        finally:
-            mesh.cleanup()
-        assert leftovers == [], f"processes outlived the mesh: {leftovers}\n{mesh.log()}"
+    stop_all(meshes)

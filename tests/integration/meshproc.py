@@ -312,3 +312,24 @@ def unprivileged_python() -> Path:
 
 def _state_name(state: int) -> str:
     return mesh_pb2.PluginState.Name(state).removeprefix("PLUGIN_STATE_")  # type: ignore[arg-type]
+
+
+def stop_all(meshes: Iterable[Mesh]) -> None:
+    """Stops each mesh and cleans up after it; fails when one left processes behind."""
+    for mesh in meshes:
+        try:
+            mesh.stop()
+            leftovers = mesh.sidecars()
+        finally:
+            mesh.cleanup()
+        assert leftovers == [], f"processes outlived the mesh: {leftovers}\n{mesh.log()}"
+
+
+def plugins_verbose(mesh: Mesh) -> str:
+    """``sidemesh plugins -v``, as the operator runs it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "plugins", "-a", mesh.address, "-v"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout

@@ -431,8 +431,6 @@ asyncio.run(main())
 
 def _as_nobody(address: str, workdir: Path) -> dict[str, Any]:
     python = user_python(NOBODY, workdir)
-    if python is None:
-        pytest.skip("no interpreter with this venv's packages that uid 65534 can run")
     done = subprocess.run(
         as_user(NOBODY, python, "-c", _CLIENT, address),
         capture_output=True, text=True, timeout=60, cwd="/",

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshproc import TEST_PLUGINS, Mesh, processes_with, wait_until
+from meshproc import TEST_PLUGINS, Mesh, plugins_verbose, processes_with, stop_all, wait_until
 from sandboxkit import TOOLS_DEMO, MakeMesh, assert_mesh_serves, attack, next_event, watching
 from unprivileged import NOBODY, user_python
 
@@ -96,16 +96,6 @@ def host_usage(path: Path) -> int:
     """Bytes ``path`` takes on the host's disk (``du``: blocks, hard links once)."""
     out = subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[0]) * 1024
-
-
-def plugins_verbose(mesh: Mesh) -> str:
-    """``sidemesh plugins -v``, as the operator runs it."""
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "plugins", "-a", mesh.address, "-v"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 def filler_block(mesh: Mesh) -> str:
@@ -347,8 +337,6 @@ def unprivileged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[User]:
     workdir = Path(tempfile.mkdtemp(prefix="smqpy", dir="/tmp"))
     try:
         python = user_python(NOBODY, workdir)
-        if python is None:
-            pytest.skip("no interpreter the unprivileged user may run with this venv's packages")
         yield User(NOBODY, python)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -370,13 +358,7 @@ def make_user_mesh(unprivileged: User) -> Iterator[Callable[..., Mesh]]:
 
     yield make
     try:
-        for mesh in meshes:
-            try:
-                mesh.stop()
-                leftovers = mesh.sidecars()
-            finally:
-                mesh.cleanup()
-            assert leftovers == [], f"processes outlived the mesh: {leftovers}\n{mesh.log()}"
+        stop_all(meshes)
     finally:
         with contextlib.suppress(OSError):
             subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)

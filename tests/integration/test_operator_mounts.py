@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from meshproc import TEST_PLUGINS, Mesh
+from meshproc import TEST_PLUGINS, Mesh, plugins_verbose, stop_all
 from unprivileged import NOBODY, user_python
 
 from clients import AsyncMeshClient
@@ -64,27 +63,11 @@ def git_mesh(workdir: Path, repo: Path, mesh: dict[str, Any] | None = None, **mo
     )  # fmt: skip
 
 
-def plugins_verbose(mesh: Mesh) -> str:
-    """``sidemesh plugins -v``, as the operator runs it."""
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "plugins", "-a", mesh.address, "-v"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
 @pytest.fixture
 def meshes() -> Iterator[list[Mesh]]:
     started: list[Mesh] = []
     yield started
-    for mesh in started:
-        try:
-            mesh.stop()
-            leftovers = mesh.sidecars()
-        finally:
-            mesh.cleanup()
-        assert leftovers == [], f"processes outlived the mesh: {leftovers}\n{mesh.log()}"
+    stop_all(started)
 
 
 async def call(mesh: Mesh, tool: str, **arguments: Any) -> tuple[bool, str]:
@@ -178,8 +161,6 @@ async def test_an_unprivileged_mesh_mounts_too_and_writes_as_its_own_uid(
     try:
         os.chmod(base, 0o755)
         python = user_python(NOBODY, base)
-        if python is None:
-            pytest.skip("no interpreter the unprivileged user may run with this venv's packages")
         repo = make_repo(base / "project")
         (repo / "one.txt").write_text("written by the operator\n")
         for path in [repo, *repo.rglob("*")]:  # the operator gives it to the mesh's user
