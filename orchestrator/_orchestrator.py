@@ -61,7 +61,7 @@ from orchestrator._telemetry import Telemetry
 from orchestrator._yaml_models import ConfigError
 from orchestrator.gateway import Authenticator, Authorizer, McpHttpEndpoint
 from orchestrator.sandbox import LAYERS, remove_mesh_cgroups
-from sidemesh.core import ENDPOINTS_FILE, SidemeshError, process_alive, running_mesh, server_options
+from sidemesh.core import ENDPOINTS_FILE, SidemeshError, process_alive, server_options
 from sidemesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("sidemesh.orchestrator")
@@ -505,8 +505,3 @@ def _make_run_dir(runtime_dir: Path) -> Path:
     run_dir = runtime_dir / f"m{os.getpid()}"
     shutil.rmtree(run_dir, ignore_errors=True)
     return ensure_private_dir(run_dir)
-
-
-def endpoints(state_dir: Path) -> dict[str, Any] | None:
-    """What a running mesh wrote to ``state_dir``: its pid and addresses."""
-    return running_mesh(state_dir)

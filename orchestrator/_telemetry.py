@@ -41,6 +41,8 @@ log = logging.getLogger("sidemesh.telemetry")
 
 TRACES_FILE = "traces.db"
 _STOP = object()
+#: What a configured OTLP endpoint gets to take the last metrics, and the last spans, at shutdown.
+FLUSH_SECONDS = 2.0
 
 
 def rows_to_otlp(rows: Sequence[tuple[Any, ...]], service: str) -> ExportTraceServiceRequest:
@@ -98,8 +100,8 @@ class _Forwarder(OTLPSpanExporter):
         while (request := self._requests.get()) is not _STOP:
             self._export(request)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Sends what is queued (within ``timeout``), then stops."""
+    def close(self, timeout: float) -> None:
+        """Sends what is queued (within ``timeout``), then stops (abandoning a retry)."""
         self._requests.put(_STOP)
         self._thread.join(timeout)
         self.shutdown()
@@ -226,12 +228,16 @@ class Telemetry:
         )
 
     def shutdown(self) -> None:
-        """Exports what is buffered and stops every exporter and the store."""
+        """Exports what is buffered and stops every exporter and the store.
+
+        An OTLP endpoint that is down or slow gets at most ``FLUSH_SECONDS`` for the
+        metrics and as much for the spans: shutting down never waits on its retries.
+        """
         if self._meter_provider is not None:
-            self._meter_provider.shutdown()
+            self._meter_provider.shutdown(timeout_millis=FLUSH_SECONDS * 1000)
         if self._ingest is not None:
             self._ingest.shutdown(wait=True, cancel_futures=True)
         if self._forwarder is not None:
-            self._forwarder.close()
+            self._forwarder.close(FLUSH_SECONDS)
         if self.store is not None:
             self.store.close()

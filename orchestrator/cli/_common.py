@@ -16,7 +16,6 @@ from google.protobuf.message import Message
 
 from clients import AsyncMeshClient, TlsOptions
 from orchestrator._config import MeshConfig, load_config
-from orchestrator._orchestrator import endpoints
 from orchestrator._yaml_models import ConfigError
 from orchestrator.cli._tracing import traced_command
 from sidemesh.core import (
@@ -24,6 +23,7 @@ from sidemesh.core import (
     SidemeshError,
     UnauthenticatedError,
     UnavailableError,
+    running_mesh,
 )
 
 #: Exit codes scripts can rely on.
@@ -82,7 +82,7 @@ def mesh_address(args: argparse.Namespace) -> str:
     if os.environ.get("SIDEMESH_ADDRESS") and args.config is None:
         return os.environ["SIDEMESH_ADDRESS"]
     config = _config(args)
-    running = endpoints(config.state_dir)
+    running = running_mesh(config.state_dir)
     addresses: list[str] = running["addresses"] if running else config.listen_addresses()
     return next((a for a in addresses if a.startswith("unix:")), addresses[0])
 

@@ -15,12 +15,15 @@ import contextlib
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from orchestrator._config import load_config
 from orchestrator._yaml_models import ConfigError
 from orchestrator.cli._common import add_mesh_options, mesh_address, mesh_client, usage_error
-from orchestrator.gateway import MeshMcpServer, View, stdio_streams
 from sidemesh.core import run_loop
+
+if TYPE_CHECKING:  # the gateway (and the MCP SDK) load only when the command runs
+    from orchestrator.gateway import MeshMcpServer, View
 
 log = logging.getLogger("sidemesh.mcp")
 
@@ -45,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _view(args: argparse.Namespace) -> View:
+    from orchestrator.gateway import View
+
     if not args.server:
         return View()
     try:
@@ -60,6 +65,8 @@ def _view(args: argparse.Namespace) -> View:
 
 async def serve_stdio(server: MeshMcpServer) -> None:
     """Serves MCP on stdin/stdout until the client closes it."""
+    from orchestrator.gateway import stdio_streams
+
     follow = asyncio.create_task(server.follow_catalog())
     try:
         async with stdio_streams() as (read, write):
@@ -69,6 +76,8 @@ async def serve_stdio(server: MeshMcpServer) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from orchestrator.gateway import MeshMcpServer
+
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

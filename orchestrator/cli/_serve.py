@@ -8,12 +8,15 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator._config import load_config
 from orchestrator._logging import configure_logging
-from orchestrator._orchestrator import Orchestrator
 from orchestrator._yaml_models import ConfigError
 from sidemesh.core import run_loop
+
+if TYPE_CHECKING:  # the orchestrator (gRPC, the data plane, the MCP SDK) loads to serve only
+    from orchestrator._orchestrator import Orchestrator
 
 log = logging.getLogger("sidemesh.serve")
 
@@ -46,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"sidemesh: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
+    from orchestrator._orchestrator import Orchestrator
+
     source = str(args.config.resolve()) if args.config else "the Sidemesh config"
     try:
         orchestrator = Orchestrator(config, source=source)

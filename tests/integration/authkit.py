@@ -120,19 +120,25 @@ def recorded_events(mesh: Mesh, replay: int = 1000) -> list[mesh_pb2.WatchEvents
     return got
 
 
-def call_event(mesh: Mesh, kind: str, **want: Any) -> Any:
-    """The recorded ``kind`` event (``call_started``, ``permission_denied``…) matching ``want``."""
-
-    def find() -> Any:
-        for event in recorded_events(mesh):
-            if event.WhichOneof("event") != kind:
-                continue
-            payload = getattr(event, kind)
-            if all(getattr(payload, k) == v for k, v in want.items()):
-                return payload
-        return None
-
-    return wait_until(find, 10, f"a {kind} event with {want}", interval=0.2)
+def call_event(mesh: Mesh, kind: str, timeout: float = 10, **want: Any) -> Any:
+    """The ``kind`` event (``call_started``, ``permission_denied``…) matching ``want``:
+    the first among the replayed ones, or the first live one within ``timeout`` seconds."""
+    with grpc.insecure_channel(mesh.address) as channel:
+        stream = mesh_pb2_grpc.MeshServiceStub(channel).WatchEvents(
+            mesh_pb2.WatchEventsRequest(replay=1000), timeout=timeout
+        )
+        try:
+            for event in stream:
+                if event.WhichOneof("event") != kind:
+                    continue
+                payload = getattr(event, kind)
+                if all(getattr(payload, k) == v for k, v in want.items()):
+                    stream.cancel()
+                    return payload
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+    raise AssertionError(f"timed out after {timeout}s waiting for a {kind} event with {want}")
 
 
 def server_span(mesh: Mesh, trace_id: str) -> mesh_pb2.TraceSpan:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -272,3 +274,21 @@ async def test_spans_and_metrics_reach_a_real_otlp_receiver_and_match_the_store(
         15,
         "the call duration and in-flight metrics",
     )
+
+
+async def test_an_otlp_endpoint_that_is_down_does_not_hold_up_shutdown(make_mesh: MakeMesh) -> None:
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mesh = _mesh(
+        make_mesh,
+        telemetry={"otlp_endpoint": f"http://127.0.0.1:{port}", "metrics_interval": 0.5},
+    )
+    async with AsyncMeshClient(mesh.address) as client:
+        await client.invoke("assistant", "What is 1 + 2?").collect()
+    await asyncio.sleep(1)  # the exporters are retrying by now
+    started = time.monotonic()
+    assert mesh.stop() == 0, mesh.log()
+    # The exporters get 2 s each for their last batch; the exporters' own retries
+    # (1, 2, 4 s... up to 10 s a batch) would take longer.
+    assert time.monotonic() - started < 8, mesh.log()
