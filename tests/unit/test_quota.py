@@ -170,11 +170,17 @@ def test_writes_past_the_quota_freeze_the_plugin_until_a_walk_decides(tmp_path: 
             pytest.skip("writes to tmp_path's filesystem are not counted (tmpfs?)")
         # The tripwire stops them and asks for a walk at once (a periodic walk may come
         # due before the tripwire thread gets its turn on a loaded machine: wait for both).
+        # The writer stops a moment after the sidecar: the tripwire finds the child it
+        # forked, then signals it, and a stop reaches a process running on another core
+        # only once that core has handled it.
         _until(
-            lambda: _state(sidecar.pid) == "T" and quota.due([sidecar.pid], time.monotonic()),
-            "the tripwire to stop the sidecar and ask for a walk",
+            lambda: (
+                _state(sidecar.pid) == "T"
+                and _state(writer) == "T"
+                and quota.due([sidecar.pid], time.monotonic())
+            ),
+            "the tripwire to stop the sidecar and its writer and ask for a walk",
         )
-        assert _state(writer) == "T"
         usage = quota.measure()
         assert usage.problem == "data dir quota (1 MiB) exceeded: 2.0 MiB in 1 files", usage
         assert _state(writer) == "T"  # over: stopped until the orchestrator kills it
